@@ -1,0 +1,1 @@
+"""mtprl.distributed."""
