@@ -1,0 +1,225 @@
+"""CausalLM: embedding -> N decoder blocks -> final RMSNorm -> LM head, plus D MTP layers sharing the
+embedding and the head. A plain nn.Module; checkpoint mapping lives in `hf_io`, parallelism outside.
+
+Two entry points run the same block code (see trunk.py):
+  * `forward` - full sequences (training / teacher forcing), returns trunk logits, hidden, per-depth MTP logits;
+  * `forward_step` / `mtp_step` - incremental with a static KVCache (rollout, speculative drafting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtprl.model.config import ModelConfig
+from mtprl.model.kv_cache import KVCache
+from mtprl.model.mtp import MTPLayer, shift_left
+from mtprl.model.trunk import AttnInputs, DecoderBlock, RMSNorm, full_attn_inputs, rope_cos_sin, rope_inv_freq, step_attn_inputs
+
+
+@dataclass
+class CausalLMOutput:
+    """logits [B,T,V] (position t predicts token t+1); hidden_states [B,T,H] (trunk, after the final norm = h^0);
+    mtp_logits: D tensors [B,T,V], mtp_logits[k-1][:, i] predicts token i+k+1 (positions with i+k >= T are
+    garbage); mtp_hidden_states: D tensors [B,T,H] (h^k)."""
+
+    logits: torch.Tensor
+    hidden_states: torch.Tensor
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    mtp_hidden_states: list[torch.Tensor] = field(default_factory=list)
+
+
+def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B,T] positions: arange per row, or cumsum(attention_mask) - 1 (clamped at 0) when a mask is given,
+    so that left-padded rows start their real tokens at position 0."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM with D MTP layers. Random init (normal(0, initializer_range), zero biases, unit norms);
+    seed with torch.manual_seed before constructing for reproducibility.
+
+    Parameter names: embed_tokens, layers.{i}.{input_layernorm, self_attn.{q,k,v,o}_proj, self_attn.{q,k}_norm,
+    post_attention_layernorm, mlp.{gate,up,down}_proj}, norm, lm_head (absent when tied: the head is
+    embed_tokens.weight), mtp_layers.{k}.{hidden_layernorm, token_layernorm, input_proj, block.*, final_layernorm}.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([DecoderBlock(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp_layers = nn.ModuleList([MTPLayer(config) for _ in range(config.num_mtp_layers)])
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.source_dir: str | None = None  # HF directory this model was loaded from (tokenizer files are copied on save)
+        if not self.embed_tokens.weight.is_meta:
+            self.reset_parameters()
+
+    # ----- init / helpers ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        self.inv_freq.copy_(rope_inv_freq(self.config))
+
+    def head_weight(self) -> torch.Tensor:
+        """The output head [V,H] (embed_tokens.weight when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:  # model.to(bf16) also casts buffers: recompute the fp32 table
+            inv_freq = rope_inv_freq(self.config).to(position_ids.device)
+        return rope_cos_sin(inv_freq, position_ids, dtype)
+
+    # ----- full-sequence forward ----------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        compute_mtp: bool = True,
+        mtp_detach_encoder: bool = False,
+        mtp_detach_head: bool = False,
+    ) -> CausalLMOutput:
+        """input_ids [B,T]; position_ids [B,T] (default: see default_position_ids); attention_mask [B,T] 1 = real.
+
+        compute_mtp: run the MTP layers (False: mtp_logits == []).
+        mtp_detach_encoder: the MTP path sees the trunk hidden h^0 and the embedding lookup detached, so an MTP
+            loss sends no gradient into the trunk or the embedding table (through these inputs).
+        mtp_detach_head: the MTP logits use the head weight detached (with tied embeddings the head IS the
+            embedding table, so set both to keep the MTP loss entirely off the trunk).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B,T], got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask)
+        x = self.embed_tokens(input_ids)  # [B,T,H]
+        cos, sin = self._rope(position_ids, x.dtype)
+        attn = full_attn_inputs(cos, sin, attention_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attn, i)
+        hidden = self.norm(x)  # h^0 [B,T,H]
+        head = self.head_weight()
+        out = CausalLMOutput(logits=F.linear(hidden, head), hidden_states=hidden)
+        if not compute_mtp or not self.mtp_layers:
+            return out
+        emb_weight = self.embed_tokens.weight.detach() if mtp_detach_encoder else self.embed_tokens.weight
+        mtp_head = head.detach() if mtp_detach_head else head
+        prev = hidden.detach() if mtp_detach_encoder else hidden
+        for k, mtp_layer in enumerate(self.mtp_layers, start=1):
+            tok_emb = F.embedding(shift_left(input_ids, k), emb_weight)  # Emb(t_{i+k}) [B,T,H]
+            prev = mtp_layer(prev, tok_emb, attn, k - 1)  # h^k [B,T,H]
+            out.mtp_hidden_states.append(prev)
+            out.mtp_logits.append(F.linear(prev, mtp_head))
+        return out
+
+    # ----- incremental forward (static KV cache) ------------------------------------------------------
+    def new_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> KVCache:
+        """A cache for the trunk layers: [L, batch_size, Hkv, max_seq_len, Dh]; dtype/device default to the model's."""
+        return self._new_cache(self.config.num_hidden_layers, batch_size, max_seq_len, dtype, device)
+
+    def new_mtp_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                         device: torch.device | str | None = None) -> KVCache:
+        """A cache with one layer per MTP layer (layer index = depth, 0-based)."""
+        if self.config.num_mtp_layers == 0:
+            raise ValueError("this model has no MTP layers (num_mtp_layers=0); load with num_mtp_layers=D to add them")
+        return self._new_cache(self.config.num_mtp_layers, batch_size, max_seq_len, dtype, device)
+
+    def _new_cache(self, num_layers: int, batch_size: int, max_seq_len: int, dtype, device) -> KVCache:
+        ref = self.embed_tokens.weight
+        return KVCache.empty(num_layers, batch_size, self.config.num_key_value_heads, max_seq_len,
+                             self.config.resolved_head_dim, dtype=dtype or ref.dtype, device=device or ref.device)
+
+    def forward_step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_slots: torch.Tensor,
+        kv_cache: KVCache,
+        cache_rows: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        *,
+        kv_len: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trunk on new tokens with a static cache.
+
+        input_ids, position_ids, cache_slots: [B,T] (cache_slots = where each token's K/V goes in its cache row);
+        cache_rows: [B] cache row per input row (default arange(B)); attn_mask: [B,T,S] bool, True = query may
+        attend key slot s (default: slot <= the query's slot; the query's own slot is always admitted);
+        kv_len: read only the first kv_len slots (then attn_mask is [B,T,kv_len]; all slots must be < kv_len).
+        Returns logits [B,T,V] and final-normed hidden [B,T,H].
+        """
+        _check_step_shapes(input_ids, position_ids, cache_slots, kv_cache, self.config.num_hidden_layers, "kv_cache")
+        x = self.embed_tokens(input_ids)
+        cos, sin = self._rope(position_ids, x.dtype)
+        attn = step_attn_inputs(cos, sin, kv_cache, cache_slots, cache_rows, attn_mask, kv_len)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attn, i)
+        hidden = self.norm(x)
+        return F.linear(hidden, self.head_weight()), hidden
+
+    def mtp_step(
+        self,
+        depth: int,
+        prev_hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_slots: torch.Tensor,
+        mtp_kv_cache: KVCache,
+        cache_rows: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        *,
+        kv_len: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP layer (depth 0-based) on new positions with its own cache layer (mtp_kv_cache layer `depth`).
+
+        prev_hidden [B,T,H]: h^{depth} at these positions (the trunk hidden for depth 0);
+        input_ids [B,T]: token t_{i+depth+1} for position i; position_ids: the trunk positions i (see mtp.py).
+        Other arguments as forward_step. Returns logits [B,T,V] (shared head) and h^{depth+1} [B,T,H].
+        """
+        if not 0 <= depth < self.config.num_mtp_layers:
+            raise ValueError(f"depth={depth} out of range: this model has {self.config.num_mtp_layers} MTP layers")
+        _check_step_shapes(input_ids, position_ids, cache_slots, mtp_kv_cache, self.config.num_mtp_layers, "mtp_kv_cache")
+        if prev_hidden.shape[:2] != input_ids.shape:
+            raise ValueError(f"prev_hidden {tuple(prev_hidden.shape)} must be [B,T,H] with B,T of input_ids {tuple(input_ids.shape)}")
+        tok_emb = self.embed_tokens(input_ids)
+        cos, sin = self._rope(position_ids, tok_emb.dtype)
+        attn = step_attn_inputs(cos, sin, mtp_kv_cache, cache_slots, cache_rows, attn_mask, kv_len)
+        hidden = self.mtp_layers[depth](prev_hidden, tok_emb, attn, depth)
+        return F.linear(hidden, self.head_weight()), hidden
+
+    # ----- checkpoints ---------------------------------------------------------------------------------
+    def save_pretrained(self, path: str, *, max_shard_bytes: int | None = None) -> None:
+        """Write an HF directory (config.json, safetensors, tokenizer files of the source dir); see hf_io."""
+        from mtprl.model.hf_io.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+
+def _check_step_shapes(input_ids: torch.Tensor, position_ids: torch.Tensor, cache_slots: torch.Tensor,
+                       cache: KVCache, num_layers: int, cache_name: str) -> None:
+    if input_ids.dim() != 2 or position_ids.shape != input_ids.shape or cache_slots.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids, position_ids, cache_slots must all be [B,T]; got {tuple(input_ids.shape)}, "
+            f"{tuple(position_ids.shape)}, {tuple(cache_slots.shape)}")
+    if cache.num_layers != num_layers:
+        raise ValueError(f"{cache_name} has {cache.num_layers} layers, the model needs {num_layers} "
+                         f"(use new_kv_cache for the trunk, new_mtp_kv_cache for MTP layers)")

@@ -1,0 +1,143 @@
+"""Multi-token prediction (MTP) layers and their loss.
+
+Architecture (DeepSeek-V3 §2.2 "Multi-Token Prediction", MiMo-7B report §2; SPEC §5). For depth k = 1..D at
+position i, with h^0 the trunk's final-normed hidden state and t the token ids:
+
+    h'_i^k = W_proj [ RMSNorm_h(h_i^{k-1}) ; RMSNorm_e(Emb(t_{i+k})) ]        (hidden FIRST: MiMo order)
+    h_i^k  = FinalNorm_k( Block_k(h'^k)_i )                                  (causal block of the trunk's type)
+    logits = LMHead(h_i^k)                  -> predicts t_{i+k+1}             (Emb and LMHead shared with trunk)
+
+Positions: the depth-k layer at sequence index i uses the trunk's RoPE position of index i (as Megatron's MTP
+and SGLang/vLLM's MiMo drafters do: the inputs are shifted, the positions are not).
+Where we differ from DeepSeek-V3: its projection input is [emb ; hidden] (we follow MiMo); DeepSeek-V3 has
+a separate shared_head.norm, MiMo (and we) a final_layernorm per MTP layer.
+
+Loss (DeepSeek-V3 eq. 24-25): L_MTP = lambda / D * sum_k mean_i CE(p^k_i, t_{i+k+1}), with lambda the
+`mtp_loss_scaling_factor`. Beyond the papers we offer two targets aimed at speculative acceptance: `kl`
+= KL(p_trunk || p_mtp) to the detached trunk distribution that predicts the same token, and `tv` = total
+variation 0.5 * sum |p_trunk - p_mtp| (1 - TV is exactly the acceptance probability of one draft token
+under speculative sampling, Leviathan et al. 2023, so minimising TV maximises acceptance).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtprl.model.config import ModelConfig
+from mtprl.model.trunk import AttnInputs, DecoderBlock, RMSNorm
+
+MTP_LOSS_TYPES = ("ce", "kl", "tv")
+
+
+class MTPLayer(nn.Module):
+    """One MTP depth: norms + input_proj + a trunk-type DecoderBlock + final_layernorm (no head of its own)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.hidden_layernorm = RMSNorm(h, config.rms_norm_eps)
+        self.token_layernorm = RMSNorm(h, config.rms_norm_eps)
+        self.input_proj = nn.Linear(2 * h, h, bias=False)
+        self.block = DecoderBlock(config)
+        self.final_layernorm = RMSNorm(h, config.rms_norm_eps)
+
+    def forward(self, prev_hidden: torch.Tensor, token_embeds: torch.Tensor, attn: AttnInputs, layer: int) -> torch.Tensor:
+        """prev_hidden h^{k-1} [B,T,H], token_embeds Emb(t_{i+k}) [B,T,H] -> h^k [B,T,H] (final-normed).
+        `layer` indexes attn.cache (the MTP cache) on the incremental path."""
+        x = torch.cat([self.hidden_layernorm(prev_hidden), self.token_layernorm(token_embeds)], dim=-1)
+        return self.final_layernorm(self.block(self.input_proj(x), attn, layer))
+
+
+def shift_left(input_ids: torch.Tensor, k: int, fill: int = 0) -> torch.Tensor:
+    """[B,T] -> [B,T] with out[:, i] = input_ids[:, i+k]; the last k positions get `fill` (garbage inputs)."""
+    if k == 0:
+        return input_ids
+    out = torch.full_like(input_ids, fill)
+    if k < input_ids.shape[1]:
+        out[:, : input_ids.shape[1] - k] = input_ids[:, k:]
+    return out
+
+
+def _depth_valid(loss_mask: torch.Tensor, k: int, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """valid [B,T] bool for depth k (1-based): position i counts iff i+k+1 < T and loss_mask[i+k+1] == 1
+    (and attention_mask[i] == 1 when given)."""
+    b, t = loss_mask.shape
+    valid = torch.zeros(b, t, dtype=torch.bool, device=loss_mask.device)
+    if k + 1 < t:
+        valid[:, : t - k - 1] = loss_mask[:, k + 1:].bool()
+    if attention_mask is not None:
+        valid &= attention_mask.bool()
+    return valid
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """mean of values[valid] (0 when nothing is valid, with a graph so backward still works)."""
+    weights = valid.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def mtp_loss(
+    mtp_logits: list[torch.Tensor],
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    scaling_factor: float = 0.1,
+    loss_type: str = "ce",
+    trunk_logits: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """MTP loss lambda/D * sum_k mean_k and per-depth metrics.
+
+    mtp_logits: D tensors [B,T,V]; mtp_logits[k-1][:, i] predicts token i+k+1.
+    input_ids: [B,T] the sequence (targets are read from it).
+    loss_mask: [B,T] 1 = this position's token is a training target (e.g. response tokens in RL, 0 on padding).
+    Masks used: depth k at position i counts iff i+k+1 < T and loss_mask[:, i+k+1] == 1 (the mask of the
+    TARGET token), and additionally attention_mask[:, i] == 1 when attention_mask [B,T] is given (the input
+    position must be a real token; matters for left padding). Sequences shorter than k+2 contribute nothing
+    to depth k; a depth with no counted position has mean 0 (never NaN).
+    loss_type: "ce" hard cross-entropy on the actual token; "kl" KL(p_trunk || p_mtp) and "tv"
+    0.5 * sum_v |p_trunk - p_mtp|, where p_trunk = softmax(trunk_logits[:, i+k]).detach() predicts the same
+    token i+k+1 (trunk_logits [B,T,V] required for kl / tv).
+    Returns (loss, metrics) with metrics `mtp_losses/mtp_{k}_loss` (the per-depth mean, before scaling) and
+    `mtp/acc_{k}` (fraction of counted positions whose argmax equals the target token), k 1-based.
+    All maths in fp32.
+    """
+    if loss_type not in MTP_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {MTP_LOSS_TYPES}")
+    if loss_type != "ce" and trunk_logits is None:
+        raise ValueError(f"loss_type={loss_type!r} needs trunk_logits (the trunk's [B,T,V] logits)")
+    if len(mtp_logits) == 0:
+        raise ValueError("mtp_logits is empty: the model has no MTP layers (num_mtp_layers=0)")
+    if input_ids.shape != loss_mask.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and loss_mask {tuple(loss_mask.shape)} differ in shape")
+    b, t = input_ids.shape
+    num_depths = len(mtp_logits)
+    total = mtp_logits[0].new_zeros((), dtype=torch.float32)
+    metrics: dict[str, float] = {}
+    for k, logits in enumerate(mtp_logits, start=1):
+        if logits.shape[:2] != (b, t):
+            raise ValueError(f"mtp_logits[{k - 1}] has shape {tuple(logits.shape)}, expected [B,T,V] with B,T={b},{t}")
+        valid = _depth_valid(loss_mask, k, attention_mask)  # [B,T]
+        target = shift_left(input_ids, k + 1)  # [B,T] token i+k+1
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [B,T,V]
+        if loss_type == "ce":
+            per_pos = -logp.gather(-1, target[..., None]).squeeze(-1)
+        else:
+            ref = trunk_logits.detach().float()
+            shifted = torch.zeros_like(ref)
+            if k < t:
+                shifted[:, : t - k] = ref[:, k:]  # trunk logits at i+k predict token i+k+1
+            ref_logp = torch.log_softmax(shifted, dim=-1)
+            if loss_type == "kl":
+                per_pos = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+            else:
+                per_pos = 0.5 * (ref_logp.exp() - logp.exp()).abs().sum(-1)
+        depth_loss = _masked_mean(per_pos, valid)
+        total = total + depth_loss
+        with torch.no_grad():
+            acc = _masked_mean((logits.argmax(-1) == target).float(), valid)
+        metrics[f"mtp_losses/mtp_{k}_loss"] = float(depth_loss.detach())
+        metrics[f"mtp/acc_{k}"] = float(acc)
+    return total * (scaling_factor / num_depths), metrics

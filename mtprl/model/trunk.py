@@ -1,0 +1,216 @@
+"""Decoder trunk building blocks for the Qwen2 / Llama / Qwen3 / MiMo families.
+
+Pre-norm decoder block:  x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNorm(x)),  MLP = down(silu(gate x) * up x).
+Attention: grouped-query attention with RoPE (rotate-half convention, as HF), optional q/k/v bias, optional
+per-head q/k RMSNorm before RoPE (Qwen3), `F.scaled_dot_product_attention` for the softmax(QK^T/sqrt(Dh))V.
+
+The SAME `Attention.forward` serves both paths (one implementation of the maths):
+  * full sequence (training, teacher forcing): K/V come from the input, causal or explicit boolean mask;
+  * incremental (rollout): K/V of the new tokens are written into a static `KVCache` at given slots, and the
+    queries attend over the cache row under a boolean mask.
+
+Numerics follow HF (RMSNorm in fp32 then cast back before the weight; RoPE cos/sin in fp32 then cast to the
+activation dtype), so fp32 logits match `transformers` to ~1e-6 and bf16 runs the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtprl.model.config import ModelConfig, check_rope_scaling
+from mtprl.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """y = w * (x / sqrt(mean(x^2) + eps)), normalisation in fp32 (HF numerics)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [Dh/2] (fp32) for RoPE with optional llama3 / linear scaling (HF formulas)."""
+    check_rope_scaling(config.rope_scaling)
+    dim = config.resolved_head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":  # positions divided by factor == frequencies divided by factor
+        return inv_freq / factor
+    # llama3: long wavelengths divided by factor, short kept, smooth interpolation in between
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B,1,T,Dh] for position_ids [B,T], computed in fp32 and cast to `dtype`."""
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device, torch.float32)  # [B,T,Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class AttnInputs:
+    """Everything attention needs besides the hidden states; built once per forward, shared by all layers.
+
+    cos, sin: [B,1,T,Dh] RoPE tables at the tokens' positions.
+    mask: None (then `is_causal` decides) or bool [B,1,T,S] - True = query t may attend key s.
+    cache: KVCache for the incremental path (None for the full-sequence path);
+    cache_rows [B] | None, cache_slots [B,T], kv_len: where to write / how many slots to read (see KVCache).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    is_causal: bool = False
+    cache: KVCache | None = None
+    cache_rows: torch.Tensor | None = None
+    cache_slots: torch.Tensor | None = None
+    kv_len: int | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.resolved_head_dim
+        h, dq, dkv = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(h, dq, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, dkv, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, dkv, bias=config.attention_bias)
+        self.o_proj = nn.Linear(dq, h, bias=config.attention_out_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(self, x: torch.Tensor, attn: AttnInputs, layer: int) -> torch.Tensor:
+        """x [B,T,H] -> [B,T,H]. `layer` indexes attn.cache on the incremental path."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H*,T,Dh]
+        q = q * attn.cos + rotate_half(q) * attn.sin
+        k = k * attn.cos + rotate_half(k) * attn.sin
+        if attn.cache is not None:  # incremental: keys/values become the whole cache row [B,Hkv,S,Dh]
+            k, v = attn.cache.write_and_read(layer, k, v, attn.cache_rows, attn.cache_slots, attn.kv_len)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        out = self._sdpa(q, k, v, attn)  # [B,Hq,T,Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnInputs) -> torch.Tensor:
+        rep = self.num_heads // self.num_kv_heads
+        if attn.mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=attn.is_causal, enable_gqa=rep > 1)
+        if rep == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask)
+        # GQA under a head-independent mask without copying K/V: fold the `rep` query heads that share a
+        # kv head into the query axis: q [B,Hkv,rep*T,Dh], mask [B,1,rep*T,S].
+        b, _, t, dh = q.shape
+        q_packed = q.reshape(b, self.num_kv_heads, rep * t, dh)
+        mask = attn.mask
+        mask = mask[:, :, None].expand(mask.shape[0], 1, rep, t, mask.shape[-1]).reshape(mask.shape[0], 1, rep * t, -1)
+        out = F.scaled_dot_product_attention(q_packed, k, v, attn_mask=mask)
+        return out.view(b, self.num_heads, t, dh)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm transformer block (the trunk's block type; MTP layers reuse it)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, attn: AttnInputs, layer: int) -> torch.Tensor:
+        """x [B,T,H] -> [B,T,H]; `layer` is this block's index in attn.cache."""
+        x = x + self.self_attn(self.input_layernorm(x), attn, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def full_attn_inputs(cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.Tensor | None) -> AttnInputs:
+    """AttnInputs for the full-sequence path. attention_mask [B,T] (1 = real token) or None (all real).
+
+    With padding, key s is visible to query t iff s <= t and s is real. Every query also sees itself, so
+    padding queries never have an empty softmax (their outputs are garbage but finite, and no real query
+    ever attends to them).
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return AttnInputs(cos=cos, sin=sin, mask=None, is_causal=True)
+    t = attention_mask.shape[1]
+    idx = torch.arange(t, device=attention_mask.device)
+    causal = idx[None, :] <= idx[:, None]  # [T(query), T(key)]
+    mask = causal[None] & attention_mask.bool()[:, None, :]
+    mask = mask | torch.eye(t, dtype=torch.bool, device=attention_mask.device)[None]
+    return AttnInputs(cos=cos, sin=sin, mask=mask[:, None])
+
+
+def step_attn_inputs(cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, cache_slots: torch.Tensor,
+                     cache_rows: torch.Tensor | None, attn_mask: torch.Tensor | None,
+                     kv_len: int | None) -> AttnInputs:
+    """AttnInputs for the incremental path; validates shapes. Default mask: key slot <= query slot.
+    The query's own slot is always admitted (a token attends to itself; avoids empty softmax rows)."""
+    b, t = cache_slots.shape
+    s = cache.max_seq_len if kv_len is None else kv_len
+    if not 0 < s <= cache.max_seq_len:
+        raise ValueError(f"kv_len={kv_len} must be in [1, max_seq_len={cache.max_seq_len}]")
+    if cache_rows is None and b > cache.num_rows:
+        raise ValueError(f"batch of {b} rows but the cache has only {cache.num_rows}; pass cache_rows")
+    if cache_rows is not None and cache_rows.shape != (b,):
+        raise ValueError(f"cache_rows must have shape [B]={(b,)}, got {tuple(cache_rows.shape)}")
+    # bounds are checked on the host only for CPU tensors (a device sync otherwise)
+    if cache_slots.device.type == "cpu" and (int(cache_slots.min()) < 0 or int(cache_slots.max()) >= s):
+        raise ValueError(f"cache_slots must lie in [0, {s}), got range [{int(cache_slots.min())}, {int(cache_slots.max())}]")
+    key = torch.arange(s, device=cache_slots.device)
+    own = key[None, None, :] == cache_slots[:, :, None]  # [B,T,S]
+    if attn_mask is None:
+        mask = key[None, None, :] <= cache_slots[:, :, None]
+    else:
+        if attn_mask.shape != (b, t, s):
+            raise ValueError(f"attn_mask must have shape [B,T,S]={(b, t, s)}, got {tuple(attn_mask.shape)}")
+        mask = attn_mask.bool() | own
+    return AttnInputs(cos=cos, sin=sin, mask=mask[:, None], cache=cache, cache_rows=cache_rows,
+                      cache_slots=cache_slots, kv_len=kv_len)
