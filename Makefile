@@ -1,0 +1,32 @@
+# Set-up and entry points. `make test` and `make demo` create .venv on first use, then reuse it.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mtprl-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+# CPU machines get the local CPU build of torch (no multi-GB CUDA download); with a working
+# nvidia-smi the torch range in pyproject.toml picks the CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if nvidia-smi >/dev/null 2>&1; then echo "CUDA found: torch from pyproject.toml"; \
+	else $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m mtprl demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

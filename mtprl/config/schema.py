@@ -1,0 +1,290 @@
+"""The typed configuration tree: verl's key names, every default in one place.
+
+The tree mirrors verl's ``ppo_trainer.yaml`` so that a verl command line works unchanged
+(``actor_rollout_ref.actor.clip_ratio_high=0.28``). Keys for back-ends mtprl does not have
+(``megatron.*``, ``rollout.name=sglang``, pipeline / context parallelism) are part of the schema so
+that they parse; :mod:`mtprl.config.validate` rejects non-default values with the reason and the
+alternative. Keys marked *ours* are mtprl additions.
+
+Nothing else in the code base may hold a default for these values: code reads them from the
+resolved config object, never with ``cfg.get(key, default)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+# ---------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    train_files: Any = field(default_factory=list)  # str or list of parquet paths
+    val_files: Any = field(default_factory=list)  # str or list of parquet paths
+    tokenizer: Optional[str] = None  # tokenizer dir; None -> actor_rollout_ref.model.path
+    prompt_key: str = "prompt"  # column holding the chat messages
+    reward_fn_key: str = "data_source"  # column selecting the scorer
+    max_prompt_length: int = 512  # tokens, after the chat template
+    max_response_length: int = 512  # tokens generated per sample at most
+    train_batch_size: int = 8  # prompts per RL step (each sampled rollout.n times)
+    gen_batch_size: Optional[int] = None  # prompts per generation batch (DAPO); None -> train_batch_size
+    val_batch_size: Optional[int] = None  # prompts per validation batch; None -> the whole set
+    truncation: str = "error"  # error | left | right | middle, for prompts over max_prompt_length
+    filter_overlong_prompts: bool = True  # drop (and count) prompts over max_prompt_length
+    shuffle: bool = True
+    seed: int = 1  # data shuffling seed
+    return_raw_chat: bool = False  # keep the chat messages on each sample (for custom rewards)
+
+
+# --------------------------------------------------------------------------------------- model
+@dataclass
+class MTPConfig:
+    enable: bool = False  # load / save / keep the MTP layers
+    enable_train: bool = False  # add the MTP loss to the actor update
+    enable_rollout: bool = False  # use the MTP layers as draft heads in the rollout engine
+    mtp_loss_scaling_factor: float = 0.1  # lambda in lambda/D * sum_k L_k
+    detach_encoder: bool = False  # MTP gradients stop at trunk hidden states and embeddings
+    speculative_algorithm: str = "EAGLE"  # EAGLE | MTP | NEXTN: drafts come from the model's MTP layers
+    speculative_num_steps: int = 2  # draft length K (chain depth)
+    speculative_eagle_topk: int = 2  # branching of the draft tree (1 = a chain)
+    speculative_num_draft_tokens: int = 4  # tokens verified per trunk forward (root included)
+    # ours
+    num_layers: Optional[int] = None  # MTP layers to create when the checkpoint has none
+    loss_type: str = "ce"  # ce | kl | tv
+    detach_lm_head: bool = False  # MTP gradients do not reach the shared output head
+    adaptive: bool = False  # choose the number of draft steps per decode step from measured acceptance
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF checkpoint directory
+    tokenizer_path: Optional[str] = None  # None -> path
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    override_config: Dict[str, Any] = field(default_factory=dict)  # applied to the checkpoint's config.json
+    enable_gradient_checkpointing: bool = False
+    use_remove_padding: bool = True  # trim padding columns from every micro-batch before the forward
+    trust_remote_code: bool = False  # passed to the tokenizer loader; mtprl never runs checkpoint code
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+
+
+# ----------------------------------------------------------------------------- actor / ref / rollout
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    lr_warmup_steps: int = -1  # -1 -> use lr_warmup_steps_ratio
+    lr_warmup_steps_ratio: float = 0.0
+    warmup_style: str = "constant"  # constant | cosine (after warmup)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 1.0  # max global grad norm (verl megatron spelling; actor.grad_clip is the FSDP one)
+    total_training_steps: int = -1  # -1 -> filled in by the trainer
+
+
+@dataclass
+class FSDPConfig:
+    param_offload: bool = False
+    optimizer_offload: bool = False
+    fsdp_size: int = -1  # -1 -> all ranks
+
+
+@dataclass
+class MegatronConfig:
+    """Parsed so that verl Megatron scripts load; any non-default value is rejected (no Megatron back-end)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    param_offload: bool = False
+    grad_offload: bool = False
+    optimizer_offload: bool = False
+    use_mbridge: bool = False
+    use_dist_checkpointing: bool = False
+    override_transformer_config: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ActorConfig:
+    strategy: str = "fsdp"  # fsdp (ours: single process or torch.distributed FSDP2) | megatron (not available)
+    ppo_mini_batch_size: int = 4  # prompts per optimizer step (x rollout.n samples)
+    ppo_micro_batch_size_per_gpu: Optional[int] = None  # samples per forward; None -> the whole mini-batch
+    use_dynamic_bsz: bool = False  # pack micro-batches by ppo_max_token_len_per_gpu instead
+    ppo_max_token_len_per_gpu: int = 16384
+    ppo_epochs: int = 1
+    shuffle: bool = False
+    clip_ratio: Optional[float] = None  # verl's symmetric bound: when set, fills low/high unless those are set too
+    clip_ratio_low: float = 0.2  # eps_low
+    clip_ratio_high: float = 0.28  # eps_high (DAPO clip-higher)
+    clip_ratio_c: float = 3.0  # dual-clip bound for negative advantages, > 1
+    loss_agg_mode: str = "token-mean"
+    loss_scale_factor: Optional[int] = None  # fixed T for seq-mean-token-sum-norm
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "low_var_kl"
+    grad_clip: Optional[float] = None  # verl FSDP spelling of optim.clip_grad; must agree when both are set
+    ulysses_sequence_parallel_size: int = 1
+    use_rollout_log_probs: bool = False  # ours: take old logprobs from the rollout instead of recomputing
+    max_bad_steps: int = 3  # ours: consecutive NaN/inf steps before the run stops
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+
+
+@dataclass
+class RefConfig:
+    log_prob_micro_batch_size_per_gpu: Optional[int] = None
+    log_prob_use_dynamic_bsz: bool = False
+    log_prob_max_token_len_per_gpu: int = 16384
+    ulysses_sequence_parallel_size: int = 1
+    fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+
+
+@dataclass
+class ValKwargs:
+    temperature: float = 0.0
+    top_k: int = -1
+    top_p: float = 1.0
+    n: int = 1
+    do_sample: bool = False
+
+
+@dataclass
+class PrometheusConfig:
+    enable: bool = False
+    port: int = 44398
+    host: str = "127.0.0.1"  # ours: bind address; 0.0.0.0 exposes the endpoint to the network
+
+
+@dataclass
+class RolloutConfig:
+    name: str = "native"  # native (ours) | sglang / vllm / hf (not available)
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0
+    top_k: int = -1  # -1 = off
+    top_p: float = 1.0
+    do_sample: bool = True
+    tensor_model_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5  # CUDA: share of free memory for the KV cache
+    max_num_batched_tokens: int = 8192  # KV-token budget of the engine (prompt + response tokens live at once)
+    max_num_seqs: int = 1024  # live sequences at once
+    enable_chunked_prefill: bool = True  # prefill long prompt batches in chunks of max_num_batched_tokens
+    log_prob_micro_batch_size_per_gpu: Optional[int] = None
+    log_prob_use_dynamic_bsz: bool = False
+    log_prob_max_token_len_per_gpu: int = 16384
+    val_kwargs: ValKwargs = field(default_factory=ValKwargs)
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+
+
+@dataclass
+class ActorRolloutRefConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+# ----------------------------------------------------------------------------------- algorithm
+@dataclass
+class KLControlConfig:
+    type: str = "fixed"  # fixed | adaptive
+    kl_coef: float = 0.001
+    horizon: int = 10000
+    target_kl: float = 0.1
+
+
+@dataclass
+class FilterGroupsConfig:
+    enable: bool = False  # DAPO dynamic sampling
+    metric: str = "acc"  # acc | score | seq_reward | seq_final_reward
+    max_num_gen_batches: int = 0  # 0 = unlimited
+
+
+@dataclass
+class AlgorithmConfig:
+    gamma: float = 1.0
+    lam: float = 1.0
+    adv_estimator: str = "grpo"  # grpo | rloo | reinforce_plus_plus
+    norm_adv_by_std_in_grpo: bool = True
+    use_kl_in_reward: bool = False
+    kl_penalty: str = "kl"  # kl (k1) | abs | mse (k2) | low_var_kl (k3)
+    kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+
+
+# -------------------------------------------------------------------------------------- reward
+@dataclass
+class OverlongBufferConfig:
+    enable: bool = False
+    len: int = 0  # B, tokens before max_resp_len where the penalty ramps
+    penalty_factor: float = 1.0  # alpha
+    log: bool = False  # log overlong_reward / overlong per sample
+
+
+@dataclass
+class RewardKwargs:
+    overlong_buffer_cfg: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
+    max_resp_len: Optional[int] = None  # L_max; None -> data.max_response_length
+
+
+@dataclass
+class RewardModelConfig:
+    enable: bool = False  # a learned reward model (not available; rule-based rewards only)
+    reward_manager: str = "naive"  # naive | dapo
+    reward_kwargs: RewardKwargs = field(default_factory=RewardKwargs)
+    num_workers: int = 2  # scoring processes; 0 = in the trainer process
+    timeout_s: float = 10.0  # ours: per-sample scoring deadline
+    failure_score: float = 0.0  # ours: score of a sample whose scorer raised or timed out
+    use_math_verify: bool = False  # ours: math-verify equivalence as a fallback when the string match fails
+
+
+@dataclass
+class CustomRewardFunctionConfig:
+    path: Optional[str] = None  # python file
+    name: str = "compute_score"
+
+
+# ------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig:
+    project_name: str = "mtprl"
+    experiment_name: str = "default"
+    logger: List[str] = field(default_factory=lambda: ["console"])  # console | jsonl | tensorboard
+    log_val_generations: int = 0
+    nnodes: int = 1
+    n_gpus_per_node: int = 1  # processes per node (CPU: 1)
+    device: str = "cpu"  # cpu | cuda | auto
+    total_epochs: int = 1
+    total_training_steps: Optional[int] = None
+    save_freq: int = -1  # -1 = never
+    test_freq: int = -1  # -1 = never
+    val_before_train: bool = True
+    val_only: bool = False
+    critic_warmup: int = 0
+    resume_mode: str = "auto"  # auto | disable | resume_path
+    resume_from_path: Optional[str] = None
+    default_local_dir: str = "checkpoints/${trainer.project_name}/${trainer.experiment_name}"
+    max_actor_ckpt_to_keep: Optional[int] = None
+    seed: int = 1  # ours: model init / sampling seed
+
+
+@dataclass
+class MtprlConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    custom_reward_function: CustomRewardFunctionConfig = field(default_factory=CustomRewardFunctionConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# Dict-typed keys: ``+key.sub=value`` may add new entries below these paths.
+OPEN_DICT_PATHS = (
+    "actor_rollout_ref.model.override_config",
+    "actor_rollout_ref.actor.megatron.override_transformer_config",
+    "actor_rollout_ref.ref.megatron.override_transformer_config",
+)
