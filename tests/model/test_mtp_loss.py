@@ -1,0 +1,122 @@
+"""mtp_loss on a hand-computed tiny case; gradient routing of detach_encoder / detach_head."""
+
+import math
+
+import pytest
+import torch
+
+from mtprl.model import CausalLM, ModelConfig, mtp_loss
+
+LN2, LN3 = math.log(2.0), math.log(3.0)
+GARBAGE = [50.0, -50.0, 7.0]  # values at positions that must not count
+
+
+def _case():
+    """B=1, T=4, V=3, D=2. ids = [0, 1, 2, 1], loss_mask = [0, 1, 1, 1].
+    Depth 1 counts i=0 (target ids[2]=2) and i=1 (target ids[3]=1); depth 2 counts i=0 (target ids[3]=1)."""
+    ids = torch.tensor([[0, 1, 2, 1]])
+    loss_mask = torch.tensor([[0, 1, 1, 1]])
+    d1 = torch.tensor([[[0.0, 0.0, LN2],   # p = [1/4, 1/4, 1/2], target 2: CE = ln 2, argmax hit
+                        [0.0, 0.0, 0.0],   # p = uniform, target 1: CE = ln 3, argmax 0 -> miss
+                        GARBAGE, GARBAGE]])
+    d2 = torch.tensor([[[0.0, LN3, 0.0],   # p = [1/5, 3/5, 1/5], target 1: CE = ln(5/3), hit
+                        GARBAGE, GARBAGE, GARBAGE]])
+    trunk = torch.tensor([[GARBAGE,
+                           [0.0, 0.0, LN2],  # position 1 predicts ids[2]: same as depth 1 @ i=0
+                           [LN2, 0.0, 0.0],  # position 2 predicts ids[3]: p = [1/2, 1/4, 1/4]
+                           GARBAGE]])
+    return [d1, d2], ids, loss_mask, trunk
+
+
+def test_ce_hand_computed():
+    logits, ids, loss_mask, _ = _case()
+    loss, metrics = mtp_loss(logits, ids, loss_mask, scaling_factor=0.1)
+    mean1, mean2 = (LN2 + LN3) / 2, math.log(5 / 3)  # 0.895880, 0.510826
+    assert loss.item() == pytest.approx(0.1 / 2 * (mean1 + mean2), abs=1e-6)  # 0.0703353
+    assert loss.item() == pytest.approx(0.0703353, abs=1e-6)
+    assert metrics["mtp_losses/mtp_1_loss"] == pytest.approx(mean1, abs=1e-6)
+    assert metrics["mtp_losses/mtp_2_loss"] == pytest.approx(mean2, abs=1e-6)
+    assert metrics["mtp/acc_1"] == pytest.approx(0.5)
+    assert metrics["mtp/acc_2"] == pytest.approx(1.0)
+
+
+def test_kl_and_tv_hand_computed():
+    logits, ids, loss_mask, trunk = _case()
+    # depth 1: i=0 identical to trunk@1 (KL = TV = 0); i=1: p_trunk = [1/2,1/4,1/4] vs uniform
+    kl11 = 0.5 * math.log(1.5) + 0.5 * math.log(0.75)  # 0.058892
+    tv11 = 0.5 * (1 / 6 + 2 * (1 / 12))  # 1/6
+    # depth 2: i=0, p_trunk@2 = [1/2,1/4,1/4] vs [1/5,3/5,1/5]
+    kl2 = 0.5 * math.log(2.5) + 0.25 * math.log(5 / 12) + 0.25 * math.log(1.25)  # 0.295064
+    tv2 = 0.5 * (0.3 + 0.35 + 0.05)  # 0.35
+    kl, m_kl = mtp_loss(logits, ids, loss_mask, loss_type="kl", trunk_logits=trunk)
+    tv, m_tv = mtp_loss(logits, ids, loss_mask, loss_type="tv", trunk_logits=trunk)
+    assert kl.item() == pytest.approx(0.05 * ((0 + kl11) / 2 + kl2), abs=1e-6)  # 0.0162255
+    assert tv.item() == pytest.approx(0.05 * ((0 + tv11) / 2 + tv2), abs=1e-6)  # 0.0216667
+    assert m_kl["mtp_losses/mtp_2_loss"] == pytest.approx(kl2, abs=1e-6)
+    assert m_tv["mtp_losses/mtp_1_loss"] == pytest.approx(tv11 / 2, abs=1e-6)
+    assert m_tv["mtp/acc_1"] == pytest.approx(0.5)  # accuracy is always against the actual token
+
+
+def test_kl_does_not_send_gradient_to_trunk_logits():
+    logits, ids, loss_mask, trunk = _case()
+    logits = [x.clone().requires_grad_() for x in logits]
+    trunk = trunk.clone().requires_grad_()
+    loss, _ = mtp_loss(logits, ids, loss_mask, loss_type="kl", trunk_logits=trunk)
+    loss.backward()
+    assert trunk.grad is None
+    assert logits[1].grad[0, 0].abs().sum() > 0 and logits[1].grad[0, 1:].abs().sum() == 0
+
+
+def test_short_sequences_and_attention_mask():
+    logits, ids, loss_mask, _ = _case()
+    # T=2: no depth has a target inside the sequence -> loss exactly 0, finite gradient
+    short = [x[:, :2].clone().requires_grad_() for x in logits]
+    loss, metrics = mtp_loss(short, ids[:, :2], loss_mask[:, :2])
+    loss.backward()
+    assert loss.item() == 0.0 and metrics["mtp/acc_1"] == 0.0
+    assert all(torch.isfinite(x.grad).all() for x in short)
+    # attention_mask removes input position 0: only depth 1 @ i=1 counts
+    attention_mask = torch.tensor([[0, 1, 1, 1]])
+    loss, metrics = mtp_loss(logits, ids, loss_mask, attention_mask=attention_mask, scaling_factor=1.0)
+    assert loss.item() == pytest.approx(LN3 / 2, abs=1e-6)
+    assert metrics["mtp_losses/mtp_2_loss"] == 0.0
+
+
+def test_bad_arguments_raise():
+    logits, ids, loss_mask, _ = _case()
+    with pytest.raises(ValueError, match="trunk_logits"):
+        mtp_loss(logits, ids, loss_mask, loss_type="kl")
+    with pytest.raises(ValueError, match="loss_type"):
+        mtp_loss(logits, ids, loss_mask, loss_type="mse")
+    with pytest.raises(ValueError, match="empty"):
+        mtp_loss([], ids, loss_mask)
+
+
+def _grads_after_mtp_loss(tied: bool, detach_encoder: bool, detach_head: bool) -> dict:
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.tiny(tie_word_embeddings=tied))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    out = model(ids, mtp_detach_encoder=detach_encoder, mtp_detach_head=detach_head)
+    loss, _ = mtp_loss(out.mtp_logits, ids, torch.ones_like(ids))
+    loss.backward()
+    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_detach_encoder_and_head_keep_mtp_loss_off_the_trunk(tied):
+    grads = _grads_after_mtp_loss(tied, detach_encoder=True, detach_head=True)
+    for name, grad in grads.items():
+        if name.startswith("mtp_layers."):
+            assert grad.abs().sum() > 0, f"MTP parameter {name} got no gradient"
+        else:
+            assert torch.count_nonzero(grad) == 0, f"trunk parameter {name} got gradient from the MTP loss"
+
+
+def test_detach_encoder_only_trains_the_untied_head_and_no_detach_trains_the_trunk():
+    grads = _grads_after_mtp_loss(tied=False, detach_encoder=True, detach_head=False)
+    assert grads["lm_head.weight"].abs().sum() > 0
+    assert torch.count_nonzero(grads["embed_tokens.weight"]) == 0
+    assert torch.count_nonzero(grads["layers.0.self_attn.q_proj.weight"]) == 0
+    grads = _grads_after_mtp_loss(tied=False, detach_encoder=False, detach_head=False)
+    for name in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight", "norm.weight"):
+        assert grads[name].abs().sum() > 0, name
