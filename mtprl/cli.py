@@ -43,9 +43,17 @@ def _not_built(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from mtprl.trainer.sft import run_sft
+
+    final = run_sft(load_config(args.preset, args.overrides))
+    print(f"SFT checkpoint: {final}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "train": ("run DAPO / GRPO training with MTP", _not_built("RL trainer", "P1 DAPO trainer with MTP training")),
-    "sft": ("supervised fine-tuning / MTP warm-up", _not_built("SFT trainer", "P1 Model")),
+    "sft": ("supervised fine-tuning / MTP warm-up (sft.freeze_trunk=True: MTP layers only)", _cmd_sft),
     "generate": ("generate completions with the native engine", _not_built("rollout engine", "P1 Rollout engine")),
     "eval": ("run validation on a checkpoint", _not_built("evaluator", "P1 DAPO trainer with MTP training")),
     "demo": ("the main job on the embedded default", _not_built("demo", "P2 The main job")),

@@ -23,6 +23,7 @@ class DataConfig:
     val_files: Any = field(default_factory=list)  # str or list of parquet paths
     tokenizer: Optional[str] = None  # tokenizer dir; None -> actor_rollout_ref.model.path
     prompt_key: str = "prompt"  # column holding the chat messages
+    response_key: str = "response"  # SFT: column holding the target response
     reward_fn_key: str = "data_source"  # column selecting the scorer
     max_prompt_length: int = 512  # tokens, after the chat template
     max_response_length: int = 512  # tokens generated per sample at most
@@ -273,6 +274,14 @@ class TrainerConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Ours: `mtprl sft` reads data.*, actor_rollout_ref.{model,actor.optim}.* and trainer.* plus these."""
+
+    freeze_trunk: bool = False  # train the MTP layers only (warm up heads for a checkpoint that has none)
+    micro_batch_size_per_gpu: Optional[int] = None  # sequences per forward; None -> the whole batch
+
+
+@dataclass
 class MtprlConfig:
     data: DataConfig = field(default_factory=DataConfig)
     actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
@@ -280,6 +289,7 @@ class MtprlConfig:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     custom_reward_function: CustomRewardFunctionConfig = field(default_factory=CustomRewardFunctionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 # Dict-typed keys: ``+key.sub=value`` may add new entries below these paths.

@@ -1,0 +1,82 @@
+"""Loading the policy and its tokenizer from ``actor_rollout_ref.model`` and choosing device / dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from mtprl.config.loader import ConfigError
+from mtprl.config.schema import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# override_config keys that name dropout probabilities: our blocks have no dropout, so 0 is what we run.
+_DROPOUT_KEYS = ("attention_dropout", "embd_pdrop", "resid_pdrop", "hidden_dropout", "dropout")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_policy(model_cfg: ModelConfig, device: torch.device):
+    """The policy with its MTP layers as ``model.mtp`` asks.
+
+    mtp.enable: the checkpoint's MTP layers, or ``mtp.num_layers`` of them (fresh ones initialised as
+    documented in ``mtprl.model.hf_io.checkpoint``); a checkpoint without MTP layers needs ``num_layers``.
+    Without mtp.enable the checkpoint's MTP layers are still loaded (so a save loses nothing) but unused.
+    """
+    from mtprl.model import from_pretrained
+
+    for key, value in model_cfg.override_config.items():
+        if key in _DROPOUT_KEYS and float(value) == 0.0:
+            continue
+        raise ConfigError(
+            f"actor_rollout_ref.model.override_config.{key}={value!r} is not supported: only dropout "
+            "probabilities of 0 (what mtprl's blocks do) can be overridden"
+        )
+    if not model_cfg.path:
+        raise ConfigError("actor_rollout_ref.model.path is empty: give a local HF checkpoint directory")
+    mtp = model_cfg.mtp
+    num = mtp.num_layers if mtp.enable else None
+    model = from_pretrained(model_cfg.path, dtype=DTYPES[model_cfg.dtype], device=device, num_mtp_layers=num)
+    if mtp.enable and model.config.num_mtp_layers == 0:
+        raise ConfigError(
+            f"actor_rollout_ref.model.mtp.enable=True but {model_cfg.path} has no MTP layers; set "
+            "actor_rollout_ref.model.mtp.num_layers=D to create D fresh ones (then warm them up with `mtprl sft "
+            "sft.freeze_trunk=True`)"
+        )
+    return model
+
+
+def load_policy_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = model_cfg.tokenizer_path or model_cfg.path
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"no tokenizer could be loaded from {path!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def set_trainable(model, *, trunk: bool, mtp: bool) -> None:
+    """requires_grad per part: the MTP layers vs everything else (embedding, blocks, norm, head)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(mtp if name.startswith("mtp_layers.") else trunk)
+
+
+def init_policy_checkpoint(out_dir, model_config, tokenizer_dir, *, seed: int):
+    """Write a randomly initialised policy (``mtprl.model.ModelConfig``) as an HF directory with the
+    tokenizer files of ``tokenizer_dir``; the vocabulary must cover the tokenizer."""
+    from mtprl.model import CausalLM
+
+    tok_vocab = len(load_policy_tokenizer(ModelConfig(path=str(tokenizer_dir))))
+    if model_config.vocab_size < tok_vocab:
+        raise ValueError(f"vocab_size={model_config.vocab_size} is smaller than the tokenizer's {tok_vocab} tokens")
+    torch.manual_seed(seed)
+    model = CausalLM(model_config)
+    model.source_dir = str(tokenizer_dir)  # save_pretrained copies the tokenizer files from here
+    model.save_pretrained(str(out_dir))
+    return out_dir

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from mtprl.config import ConfigError, load_config
+from mtprl.model import from_pretrained
+from mtprl.trainer.sft import run_sft
+
+
+def _cfg(world, out, *extra):
+    return load_config(None, [
+        f"data.train_files={world.data.sft_train}", f"data.val_files={world.data.sft_val}",
+        "data.max_prompt_length=64", "data.max_response_length=48", "data.train_batch_size=16",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=16",
+        f"actor_rollout_ref.model.path={world.model}", "actor_rollout_ref.model.mtp.enable=True",
+        "actor_rollout_ref.model.mtp.enable_train=True", "actor_rollout_ref.actor.optim.lr=3e-3",
+        "actor_rollout_ref.actor.optim.weight_decay=0.0", "trainer.logger=[jsonl]", "trainer.test_freq=2",
+        f"trainer.default_local_dir={out}", "sft.micro_batch_size_per_gpu=8", *extra,
+    ])
+
+
+def _losses(out):
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sft_learns_and_resume_is_exact(tiny_world, tmp_path):
+    straight = tmp_path / "straight"
+    final = run_sft(_cfg(tiny_world, straight, "trainer.total_training_steps=4"))
+    rows = _losses(straight)
+    assert rows[-1]["sft/lm_loss"] < rows[0]["sft/lm_loss"]
+    assert "val/mtp/acc_1" in rows[1] and "mtp_losses/mtp_2_loss" in rows[0]
+    # stop after 2 steps, then resume to 4: same weights as the uninterrupted run
+    split = tmp_path / "split"
+    run_sft(_cfg(tiny_world, split, "trainer.total_training_steps=2"))
+    resumed = run_sft(_cfg(tiny_world, split, "trainer.total_training_steps=4"))
+    a, b = from_pretrained(final).state_dict(), from_pretrained(resumed).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [r["step"] for r in _losses(split)] == [1, 2, 3, 4]
+
+
+def test_sft_freeze_trunk_trains_only_mtp(tiny_world, tmp_path):
+    out = run_sft(_cfg(tiny_world, tmp_path / "run", "trainer.total_training_steps=2", "sft.freeze_trunk=True"))
+    before, after = from_pretrained(tiny_world.model).state_dict(), from_pretrained(out).state_dict()
+    for name in before:
+        same = torch.equal(before[name], after[name])
+        assert same != name.startswith("mtp_layers."), name  # trunk bit-identical, every MTP tensor moved
+    assert (out / "tokenizer.json").is_file()  # the checkpoint carries its tokenizer
+
+
+def test_sft_freeze_trunk_needs_mtp(tiny_world, tmp_path):
+    cfg = _cfg(tiny_world, tmp_path, "sft.freeze_trunk=True", "actor_rollout_ref.model.mtp.enable_train=False")
+    with pytest.raises(ConfigError, match="trains only the MTP layers"):
+        run_sft(cfg)
+
+
+def test_sft_command_line(tiny_world, tmp_path, capsys):
+    from mtprl.cli import main
+
+    rc = main(["sft", f"data.train_files={tiny_world.data.sft_train}", "data.train_batch_size=8",
+               "actor_rollout_ref.actor.ppo_mini_batch_size=8", f"actor_rollout_ref.model.path={tiny_world.model}",
+               "data.max_prompt_length=64", "data.max_response_length=48", "trainer.total_training_steps=1",
+               "trainer.logger=[jsonl]", f"trainer.default_local_dir={tmp_path}"])
+    assert rc == 0
+    assert f"SFT checkpoint: {tmp_path / 'global_step_1' / 'actor'}" in capsys.readouterr().out
