@@ -1,0 +1,155 @@
+"""The actor update: policy loss (+ KL loss, entropy bonus) and the MTP loss, over mini- and micro-batches.
+
+One RL step's samples are split into mini-batches of ``ppo_mini_batch_size x rollout.n`` samples (one
+optimizer step each, ``ppo_epochs`` passes); each mini-batch into micro-batches (a fixed
+``ppo_micro_batch_size_per_gpu``, or packed by ``ppo_max_token_len_per_gpu`` with ``use_dynamic_bsz``).
+Micro-batch losses use the mini-batch's token / sequence counts as normalisers, so their gradients sum
+to exactly the mini-batch loss's gradient whatever the split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from mtprl.algorithms import aggregate_loss, count_normalisers, kl_loss, policy_loss
+from mtprl.config.schema import MtprlConfig
+from mtprl.model import mtp_loss
+from mtprl.trainer.batching import split_by_tokens, split_fixed, token_entropy, token_logprobs, trim_padding
+from mtprl.trainer.optim import clip_and_check
+
+
+@dataclass
+class TrainBatch:
+    """The samples of one RL step as tensors. N samples, T = longest prompt + response.
+
+    input_ids [N,T]: prompt then response tokens, right-padded.
+    attention_mask [N,T]: 1 = real token.  response_mask [N,T]: 1 = a generated token the loss is taken on.
+    group_ids [N]: same id = same prompt.  scores [N]: final reward of each sample.
+    rollout_logprobs [N,T]: the rollout engine's trunk log-probs of the response tokens (0 elsewhere).
+    old_logprobs / ref_logprobs / advantages [N,T]: filled in by the loop before the update.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    group_ids: torch.Tensor
+    scores: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: list[int] | torch.Tensor) -> "TrainBatch":
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+
+def micro_batches(batch: TrainBatch, cfg: MtprlConfig) -> list[list[int]]:
+    actor = cfg.actor_rollout_ref.actor
+    if actor.use_dynamic_bsz:
+        return split_by_tokens(batch.attention_mask.sum(-1).tolist(), actor.ppo_max_token_len_per_gpu)
+    return split_fixed(len(batch), actor.ppo_micro_batch_size_per_gpu)
+
+
+def _forward(model, mb: TrainBatch, cfg: MtprlConfig, *, compute_mtp: bool):
+    ids, attn, resp = mb.input_ids, mb.attention_mask, mb.response_mask
+    if cfg.actor_rollout_ref.model.use_remove_padding:
+        ids, attn, resp = trim_padding(ids, attn, resp, attention_mask=attn)
+    mtp = cfg.actor_rollout_ref.model.mtp
+    out = model(ids, attention_mask=attn, compute_mtp=compute_mtp,
+                mtp_detach_encoder=mtp.detach_encoder, mtp_detach_head=mtp.detach_lm_head)
+    return out, ids, attn, resp
+
+
+@torch.no_grad()
+def compute_logprobs(model, batch: TrainBatch, cfg: MtprlConfig) -> torch.Tensor:
+    """[N,T] log-probs of every token under ``model`` at the rollout temperature (old / reference policy)."""
+    temperature = cfg.actor_rollout_ref.rollout.temperature or 1.0
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    for rows in micro_batches(batch, cfg):
+        mb = batch.select(rows)
+        res, ids, _, _ = _forward(model, mb, cfg, compute_mtp=False)
+        out[torch.as_tensor(rows), : ids.shape[1]] = token_logprobs(res.logits, ids, temperature)
+    return out * batch.attention_mask
+
+
+def _micro_loss(model, mb: TrainBatch, cfg: MtprlConfig, norms: tuple[int, int], train_mtp: bool):
+    """Loss of one micro-batch (normalised by the mini-batch counts ``norms``) and its metrics."""
+    actor, mtp_cfg = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.model.mtp
+    temperature = cfg.actor_rollout_ref.rollout.temperature or 1.0
+    out, ids, attn, resp = _forward(model, mb, cfg, compute_mtp=train_mtp)
+    width = ids.shape[1]
+    old, adv = mb.old_logprobs[:, :width], mb.advantages[:, :width]
+    logp = token_logprobs(out.logits, ids, temperature)
+    # seq-mean-token-sum-norm divides by a constant T: verl's mask width is max_response_length (responses are
+    # padded to it), and one constant for every micro-batch keeps the split exact.
+    scale = (actor.loss_scale_factor or cfg.data.max_response_length) if actor.loss_agg_mode == "seq-mean-token-sum-norm" else None
+    agg = dict(loss_scale_factor=scale, global_num_tokens=norms[0], global_num_seqs=norms[1])
+    pg, pg_metrics = policy_loss(old, logp, adv, resp, actor.clip_ratio_low, actor.clip_ratio_high,
+                                 actor.clip_ratio_c, actor.loss_agg_mode, **agg)
+    share = float(resp.sum()) / max(norms[0], 1)  # this micro-batch's share of the mini-batch tokens
+    entropy = token_entropy(out.logits if actor.entropy_coeff else out.logits.detach(), temperature)
+    ent = aggregate_loss(entropy, resp, actor.loss_agg_mode, **agg)
+    loss = pg - actor.entropy_coeff * ent
+    metrics = {"actor/pg_loss": float(pg.detach()), "actor/entropy": float(ent.detach())}
+    metrics.update({f"actor/{k}": float(v) * share for k, v in pg_metrics.items()})
+    if actor.use_kl_loss:
+        kl = kl_loss(logp, mb.ref_logprobs[:, :width], resp, actor.kl_loss_type, actor.loss_agg_mode, **agg)
+        loss = loss + actor.kl_loss_coef * kl
+        metrics["actor/kl_loss"] = float(kl.detach())
+        metrics["actor/kl_coef"] = actor.kl_loss_coef * share
+    if train_mtp:
+        m_loss, m_metrics = mtp_loss(out.mtp_logits, ids, resp, scaling_factor=mtp_cfg.mtp_loss_scaling_factor,
+                                     loss_type=mtp_cfg.loss_type, trunk_logits=out.logits, attention_mask=attn)
+        loss = loss + m_loss * share
+        metrics.update({k: v * share for k, v in m_metrics.items()})
+    return loss, metrics
+
+
+def actor_update(model, optimizer, batch: TrainBatch, cfg: MtprlConfig, generator: torch.Generator) -> tuple[dict, int]:
+    """ppo_epochs x mini-batches of optimizer steps on ``batch``. Returns (metrics averaged over optimizer
+    steps, number of skipped steps: a non-finite loss or gradient norm skips that optimizer step)."""
+    actor, rollout = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    mtp = cfg.actor_rollout_ref.model.mtp
+    train_mtp = mtp.enable and mtp.enable_train and model.config.num_mtp_layers > 0
+    mini_size = actor.ppo_mini_batch_size * rollout.n
+    totals: dict[str, float] = {}
+    num_steps, skipped = 0, 0
+    model.train()
+    for _ in range(actor.ppo_epochs):
+        order = torch.randperm(len(batch), generator=generator) if actor.shuffle else torch.arange(len(batch))
+        for start in range(0, len(batch), mini_size):
+            mini = batch.select(order[start:start + mini_size])
+            norms = count_normalisers(mini.response_mask)
+            step_metrics: dict[str, float] = {}
+            for rows in micro_batches(mini, cfg):
+                loss, m = _micro_loss(model, mini.select(rows), cfg, norms, train_mtp)
+                if not math.isfinite(float(loss.detach())):
+                    step_metrics["actor/nonfinite_loss"] = 1.0
+                loss.backward()
+                for k, v in m.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v
+            grad_norm, finite = clip_and_check(model, actor.optim.clip_grad)
+            if finite and "actor/nonfinite_loss" not in step_metrics:
+                optimizer.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            step_metrics["actor/grad_norm"] = grad_norm
+            num_steps += 1
+            for k, v in step_metrics.items():
+                totals[k] = totals.get(k, 0.0) + v
+    model.eval()
+    metrics = {k: v / num_steps for k, v in totals.items() if k != "actor/nonfinite_loss"}
+    return metrics, skipped
