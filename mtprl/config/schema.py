@@ -239,7 +239,7 @@ class RewardModelConfig:
     reward_kwargs: RewardKwargs = field(default_factory=RewardKwargs)
     num_workers: int = 2  # scoring processes; 0 = in the trainer process
     timeout_s: float = 10.0  # ours: per-sample scoring deadline
-    failure_score: float = 0.0  # ours: score of a sample whose scorer raised or timed out
+    failure_score: float = -1.0  # ours: score of a sample whose scorer raised or timed out (the lowest real score)
     use_math_verify: bool = False  # ours: math-verify equivalence as a fallback when the string match fails
 
 

@@ -199,6 +199,11 @@ def _check_batches(errors: list[str], cfg: MtprlConfig) -> None:
     ):
         _positive(errors, key, value)
     _positive(errors, "data.val_batch_size", data.val_batch_size, allow_none=True)
+    if data.gen_batch_size != data.train_batch_size and not cfg.algorithm.filter_groups.enable:
+        errors.append(
+            f"data.gen_batch_size={data.gen_batch_size} differs from data.train_batch_size={data.train_batch_size}: "
+            "a separate generation batch only applies with dynamic sampling (algorithm.filter_groups.enable=True)"
+        )
     _positive(errors, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", actor.ppo_micro_batch_size_per_gpu,
               allow_none=True)
     if actor.ppo_mini_batch_size > 0 and data.train_batch_size % max(actor.ppo_mini_batch_size, 1):
