@@ -1,0 +1,135 @@
+"""Run report: a metrics table (``report.md``), PNG plots and ``summary.json`` from ``metrics.jsonl``.
+
+Plots: reward and validation accuracy per step; mean accepted length and per-depth acceptance per
+step; time per phase per step (stacked). Everything is computed from the JSONL log, so a report can
+be rebuilt for any finished run (``build_report(run_dir, extra_summary)``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+PHASES = ("gen", "reward", "old_log_prob", "ref", "adv", "update_actor", "testing", "save_checkpoint")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def _series(rows, key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _val_acc(row: Mapping[str, Any]) -> float | None:
+    accs = [v for k, v in row.items() if k.startswith("val-core/") and "/acc/" in k and v is not None]
+    return sum(accs) / len(accs) if accs else None
+
+
+def plot_run(rows: list[dict[str, Any]], out_dir: Path, *, compare: dict[str, list[dict[str, Any]]] | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    train = [r for r in rows if r["step"] > 0 and "critic/score/mean" in r]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*_series(train, "critic/score/mean"), marker="o", label="reward (critic/score/mean)")
+    val = [(r["step"], _val_acc(r)) for r in rows if _val_acc(r) is not None]
+    if val:
+        ax.plot([s for s, _ in val], [a for _, a in val], marker="s", label="validation accuracy")
+    ax.set_xlabel("RL step"), ax.set_title("Reward and validation accuracy"), ax.grid(alpha=0.3), ax.legend()
+    paths.append(out_dir / "reward_and_val_acc.png")
+    fig.tight_layout(), fig.savefig(paths[-1], dpi=110), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*_series(train, "rollout/spec_accept_length"), marker="o", color="k", label="mean accepted length")
+    depth_keys = sorted({k for r in train for k in r if k.startswith("rollout/spec_accept_rate_")})
+    ax2 = ax.twinx()
+    for key in depth_keys:
+        ax2.plot(*_series(train, key), linestyle="--", label=f"acceptance depth {key.rsplit('_', 1)[-1]}")
+    ax.set_xlabel("RL step"), ax.set_ylabel("tokens per trunk forward"), ax2.set_ylabel("acceptance rate")
+    ax2.set_ylim(0, 1.05)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, loc="lower left", fontsize=8), ax.grid(alpha=0.3)
+    ax.set_title("Speculative decoding with the MTP layers during RL")
+    paths.append(out_dir / "accept_length.png")
+    fig.tight_layout(), fig.savefig(paths[-1], dpi=110), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(train)
+    steps = [r["step"] for r in train]
+    for phase in PHASES:
+        vals = [r.get(f"timing_s/{phase}", 0.0) or 0.0 for r in train]
+        if any(vals):
+            ax.bar(steps, vals, bottom=bottom, label=phase)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("RL step"), ax.set_ylabel("seconds"), ax.set_title("Time per phase"), ax.legend(fontsize=8)
+    paths.append(out_dir / "time_per_phase.png")
+    fig.tight_layout(), fig.savefig(paths[-1], dpi=110), plt.close(fig)
+
+    if compare:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, crow in compare.items():
+            ax.plot(*_series([r for r in crow if r["step"] > 0], "rollout/spec_accept_length"), marker="o", label=name)
+        ax.set_xlabel("RL step"), ax.set_ylabel("mean accepted length"), ax.grid(alpha=0.3), ax.legend()
+        ax.set_title("Accepted length: MTP layers trained during RL vs frozen")
+        paths.append(out_dir / "ablation_accept_length.png")
+        fig.tight_layout(), fig.savefig(paths[-1], dpi=110), plt.close(fig)
+    return paths
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Figures of a run: validation accuracy before/after, reward, length, acceptance, phase times."""
+    train = [r for r in rows if r["step"] > 0 and "critic/score/mean" in r]
+    vals = [(r["step"], _val_acc(r)) for r in rows if _val_acc(r) is not None]
+    accept = [r["rollout/spec_accept_length"] for r in train if r.get("rollout/spec_accept_length") is not None]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    out: dict[str, Any] = {
+        "num_steps": len(train),
+        "val_acc_before": vals[0][1] if vals and vals[0][0] == 0 else None,
+        "val_acc_after": vals[-1][1] if vals else None,
+        "reward_first": train[0]["critic/score/mean"] if train else None,
+        "reward_last": train[-1]["critic/score/mean"] if train else None,
+        "response_length_mean": mean([r["response_length/mean"] for r in train]),
+        "min_accept_length": min(accept) if accept else None,
+        "mean_accept_length": mean(accept),
+        "rollout_tokens_per_s": mean([r.get("rollout/tokens_per_s") for r in train if r.get("rollout/tokens_per_s")]),
+        "step_seconds_mean": mean([r["timing_s/step"] for r in train]),
+    }
+    out["phase_seconds_mean"] = {p: mean([r.get(f"timing_s/{p}", 0.0) or 0.0 for r in train]) for p in PHASES}
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def write_report(run_dir: str | Path, extra: Mapping[str, Any] | None = None,
+                 compare: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Write ``report.md``, ``plots/*.png`` and ``summary.json`` into ``run_dir``; returns the summary."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    summary = {**summarize(rows), **(extra or {})}
+    plots = plot_run(rows, run_dir / "plots", compare=compare)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = ["# mtprl run report", "", "| metric | value |", "|---|---|"]
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            lines += [f"| {k}.{kk} | {_fmt(vv)} |" for kk, vv in v.items()]
+        else:
+            lines.append(f"| {k} | {_fmt(v)} |")
+    lines += ["", *[f"![{p.stem}](plots/{p.name})" for p in plots], ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+    return summary
