@@ -1,5 +1,6 @@
 """GRPO / RLOO / REINFORCE++ advantages against hand-computed numbers and a slow reference."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,8 @@ def test_grpo_group_ids_as_long_tensor_match_strings():
     a = compute_grpo_advantages(scores, ids)
     b = compute_grpo_advantages(scores, [f"uid-{i}" for i in ids.tolist()])
     torch.testing.assert_close(a, b)
+    c = compute_grpo_advantages(scores, np.array([f"uid-{i}" for i in ids.tolist()], dtype=object))  # verl's uid array
+    torch.testing.assert_close(a, c)
 
 
 def test_grpo_matches_slow_reference():
