@@ -9,8 +9,8 @@ returns for the whole batch:
     started threads). At most ``num_workers`` samples are in flight, so a sample's deadline starts
     when a worker takes it. When a deadline passes, the pool's processes are killed, the pool is
     recreated and the other in-flight samples are re-submitted. A worker that dies (segfault,
-    ``os._exit``) breaks the pool: its in-flight samples are re-submitted, and a sample that was in
-    flight during two crashes is failed.
+    ``os._exit``) breaks the pool: its in-flight samples are re-submitted, each run alone, and the
+    one whose worker dies while it runs alone is failed.
   * ``num_workers = 0``: in the calling process. Exceptions are caught the same way. With a timeout,
     each call runs in a daemon thread joined with the deadline; a thread cannot be killed, so a hung
     call keeps running (and holding a share of the GIL) in the background until it returns or the
@@ -37,7 +37,6 @@ from typing import Any, Callable, Literal, Sequence
 __all__ = ["ScoreFnSpec", "ScoreOutcome", "ScoreRequest", "ScoringPool", "resolve_score_fn"]
 
 Status = Literal["ok", "error", "timeout"]
-MAX_CRASHES_PER_SAMPLE = 2
 
 
 @dataclass(frozen=True)
@@ -242,17 +241,26 @@ class ScoringPool:
             return ScoreOutcome("error", error=_describe(box["error"]))
         return ScoreOutcome("ok", box.get("result"))
 
+    def _submit(self, requests, pending: deque, in_flight: dict, suspect: list[bool], budget: float) -> None:
+        """Fill free workers from ``pending``; a crash suspect only ever runs alone."""
+        while pending and len(in_flight) < self.num_workers:
+            if any(suspect[f.index] for f in in_flight.values()):
+                return  # a suspect is running alone
+            i = pending[0]
+            if suspect[i] and in_flight:
+                return  # wait for the pool to drain, then run the suspect alone
+            pending.popleft()
+            fut = self._executor.submit(_score_one, self.spec, requests[i])
+            in_flight[fut] = _Flight(i, time.monotonic() + budget)
+
     def _score_in_workers(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
         outcomes: list[ScoreOutcome | None] = [None] * len(requests)
-        crashes = [0] * len(requests)
+        suspect = [False] * len(requests)  # was in flight when a worker died
         pending = deque(range(len(requests)))
         in_flight: dict[Future, _Flight] = {}
         budget = self.timeout_s if self.timeout_s is not None else math.inf
         while pending or in_flight:
-            while pending and len(in_flight) < self.num_workers:
-                i = pending.popleft()
-                fut = self._executor.submit(_score_one, self.spec, requests[i])
-                in_flight[fut] = _Flight(i, time.monotonic() + budget)
+            self._submit(requests, pending, in_flight, suspect, budget)
             next_deadline = min(f.deadline for f in in_flight.values())
             wait_s = None if next_deadline == math.inf else max(next_deadline - time.monotonic(), 0.0)
             wait(list(in_flight), timeout=wait_s, return_when=FIRST_COMPLETED)
@@ -272,17 +280,18 @@ class ScoringPool:
                     outcomes[flight.index] = ScoreOutcome(
                         "timeout", error=f"no result within {self.timeout_s} s (worker killed)"
                     )
-            if broken or expired:
-                # Killing the pool loses every in-flight sample: run them again from scratch. After a
-                # crash we cannot tell which sample caused it, so each one in flight gets a strike.
-                lost = broken + [f.index for f in in_flight.values()]
-                in_flight.clear()
-                for i in reversed(lost):
-                    if broken:
-                        crashes[i] += 1
-                    if crashes[i] >= MAX_CRASHES_PER_SAMPLE:
-                        outcomes[i] = ScoreOutcome("error", error="the worker process died while scoring it")
-                    else:
-                        pending.appendleft(i)
-                self._restart()
+            if not (broken or expired):
+                continue
+            # Killing the pool loses every in-flight sample: they run again from scratch. A crash
+            # with one sample in flight names the culprit; with several, each becomes a suspect
+            # and is re-run alone.
+            lost = broken + [f.index for f in in_flight.values()]
+            in_flight.clear()
+            if broken and len(lost) == 1:
+                outcomes[lost[0]] = ScoreOutcome("error", error="the worker process died while scoring it")
+            else:
+                for i in lost:
+                    suspect[i] = suspect[i] or bool(broken)
+                pending.extendleft(reversed(lost))
+            self._restart()
         return outcomes  # type: ignore[return-value]

@@ -57,10 +57,13 @@ def test_hung_worker_is_killed_and_pool_recreated(spec):
 
 def test_dying_worker_fails_only_its_sample(spec):
     with ScoringPool(spec, num_workers=2, timeout_s=5.0) as pool:
-        out = pool.score([req("1"), req("die"), req("1"), req("2")])
+        # "slow" (0.3 s) is still running when "die" kills its worker: both become suspects and are
+        # re-run alone; only "die" crashes again, alone, and is failed.
+        out = pool.score([req("slow", "slow"), req("die"), req("1"), req("2")])
         assert out[1].status == "error" and "died" in out[1].error
         assert [o.status for i, o in enumerate(out) if i != 1] == ["ok", "ok", "ok"]
-        assert pool.num_restarts >= 2  # the crashing sample was retried once
+        assert out[0].result["acc"] and out[2].result["acc"] and not out[3].result["acc"]
+        assert pool.num_restarts == 2
 
 
 def test_in_process_mode_catches_errors_and_times_out_with_a_thread(spec):
