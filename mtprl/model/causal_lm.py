@@ -108,7 +108,9 @@ class CausalLM(nn.Module):
             raise ValueError(f"input_ids must be [B,T], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
-        if position_ids is None:
+        if position_ids is None and attention_mask is None:  # one RoPE table [1,T] broadcast over the batch
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        elif position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
         x = self.embed_tokens(input_ids)  # [B,T,H]
         cos, sin = self._rope(position_ids, x.dtype)

@@ -30,7 +30,7 @@ def _run_chunks(model, ids, chunks, cache, cache_rows=None):
     """forward_step over ids [B,T] in chunks of the given sizes; returns concatenated logits, hidden."""
     logits, hidden, start = [], [], 0
     for size in chunks:
-        pos = torch.arange(start, start + size)[None].expand(ids.shape[0], -1)
+        pos = torch.arange(start, start + size, device=ids.device)[None].expand(ids.shape[0], -1)
         lg, hd = model.forward_step(ids[:, start:start + size], pos, pos, cache, cache_rows=cache_rows)
         logits.append(lg)
         hidden.append(hd)
@@ -156,3 +156,23 @@ def test_bad_inputs_raise():
         ModelConfig.tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0})
     with pytest.raises(ValueError, match="multiple"):
         ModelConfig.tiny(num_key_value_heads=3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@torch.no_grad()
+def test_bf16_same_code_path(device):
+    """bf16 parameters and cache run the same code; results track the fp32 model."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    fp32 = _model("mimo").to(device)
+    bf16 = _model("mimo").to(device=device, dtype=torch.bfloat16)
+    ids = _ids(2, 10, 128, seed=8).to(device)
+    full = bf16(ids)
+    assert full.logits.dtype == torch.bfloat16 and bf16.inv_freq.dtype == torch.bfloat16
+    cache = bf16.new_kv_cache(2, 12)
+    assert cache.k.dtype == torch.bfloat16
+    logits, _ = _run_chunks(bf16, ids, [4, 1, 5], cache)
+    scale = fp32(ids).logits.abs().max()
+    assert (logits.float() - full.logits.float()).abs().max() <= 0.02 * scale
+    assert (full.logits.float() - fp32(ids).logits).abs().max() <= 0.05 * scale
+    assert (full.mtp_logits[1].float() - fp32(ids).mtp_logits[1]).abs().max() <= 0.05 * scale
