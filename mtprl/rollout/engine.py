@@ -1,0 +1,411 @@
+"""The rollout engine: batched generation with a static KV cache, continuous batching and optional exact
+speculative decoding with the model's MTP layers.
+
+Plain decoding (gpt-fast / nanochat engine): prefill the admitted prompts (right-padded, one forward), sample
+the first token from the last prompt position, then one trunk forward per step over all live rows, each row
+at its own position (slot = position, the default mask hides stale slots past a row's length). Samples of
+one prompt (SamplingParams.n) share its prefill: the prompt is run once and its cache row copied.
+Continuous batching (Orca, Yu et al. 2022; vLLM): finished rows are retired after every step, the live rows
+compacted to a prefix, and waiting sequences admitted FIFO while rows and the KV-token budget allow
+(kv_cache.py). Speculative steps are in speculative.py; the reference path to test against is decode.py.
+
+Where we differ from vLLM/SGLang: no paging and no chunked prefill mixed into decode steps (prefills are their
+own forwards); a prompt is prefilled in one piece (it must fit max_seq_len).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from mtprl.rollout.kv_cache import DecodeRows, KVBudget, compaction_moves, move_rows, rows_view
+from mtprl.rollout.sampling import processed_logprobs, sample_from_probs, temperature_logprobs
+from mtprl.rollout.speculative import (AdaptiveDepth, SpecRows, StepCounters, commit_mtp, draft_tree,
+                                       verify_and_accept)
+from mtprl.rollout.tree import build_tree
+from mtprl.rollout.types import Completion, GenerateOutput, RolloutMetrics, SamplingParams, SpeculativeConfig
+
+HIST_LEN = 64  # adaptive mode: ring of trunk hidden states; a row is re-synced at least every HIST_LEN - 1 steps
+
+
+@dataclass
+class _Seq:
+    prompt_index: int
+    sample_index: int
+    prompt: list[int]
+    limit: int  # max total length (prompt + generated)
+
+
+@dataclass
+class _Run:
+    """State of one generate() call."""
+
+    params: SamplingParams
+    spec: SpeculativeConfig | None
+    generator: torch.Generator | None
+    seqs: list[_Seq]
+    waiting: deque
+    rows: DecodeRows
+    spec_rows: SpecRows | None
+    budget: KVBudget
+    stop_ids: torch.Tensor
+    done: torch.Tensor  # [R] bool, valid for live rows
+    live: int = 0
+    results: list = field(default_factory=list)
+    counters: StepCounters = field(default_factory=StepCounters)
+    decode_steps: int = 0
+    row_steps: int = 0
+    tokens_emitted: int = 0  # sum of accepted + 1 per row-step (before stop/length truncation)
+    depth_sum: int = 0
+    reached: torch.Tensor | None = None
+    accepted: torch.Tensor | None = None
+    trees: list = field(default_factory=list)  # trees[d] = (DraftTree, TreeTensors) truncated to depth d
+    adaptive: AdaptiveDepth | None = None
+    steps_since_sync: int = 0
+
+
+class Engine:
+    """Generation engine bound to one model.
+
+    max_num_seqs: cache rows = maximum live sequences per step.
+    max_seq_len: longest prompt + completion (the cache holds max_seq_len plus a few speculative slots).
+    kv_token_budget: sum over live sequences of (prompt_len + max_new_tokens, capped at max_seq_len);
+        default max_num_seqs * max_seq_len (no extra limit).
+    max_num_batched_tokens: padded prompt tokens per prefill forward (a longer single prompt still runs alone).
+    dtype / device: of the caches; default the model's.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, max_num_seqs: int = 64, max_seq_len: int = 2048,
+                 kv_token_budget: int | None = None, max_num_batched_tokens: int = 8192,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        if max_num_seqs < 1 or max_seq_len < 2 or max_num_batched_tokens < 1:
+            raise ValueError(f"need max_num_seqs >= 1, max_seq_len >= 2, max_num_batched_tokens >= 1; got "
+                             f"{max_num_seqs}, {max_seq_len}, {max_num_batched_tokens}")
+        ref = next(model.parameters())
+        self.model = model
+        self.max_num_seqs = max_num_seqs
+        self.max_seq_len = max_seq_len
+        self.kv_token_budget = kv_token_budget or max_num_seqs * max_seq_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.dtype = dtype or ref.dtype
+        self.device = torch.device(device) if device is not None else ref.device
+        self._trunk_cache = None
+        self._mtp_cache = None
+
+    # ----- public API -----------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams, speculative: SpeculativeConfig | None = None,
+                 generator: torch.Generator | None = None) -> list[Completion]:
+        """Completions in prompt-major order: prompt 0 samples 0..n-1, prompt 1, ... (see generate_with_metrics)."""
+        return self.generate_with_metrics(prompts, params, speculative, generator).completions
+
+    def generate_with_metrics(self, prompts: list[list[int]], params: SamplingParams,
+                              speculative: SpeculativeConfig | None = None,
+                              generator: torch.Generator | None = None) -> GenerateOutput:
+        """Generate params.n continuations per prompt. generator seeds every random draw (same seed, same
+        inputs, same engine settings -> same output; None uses torch's global RNG)."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            run = self._start(prompts, params, speculative, generator)
+            while run.waiting or run.live:
+                self._admit(run)
+                self._retire(run)
+                if run.live:
+                    self._decode_step(run)
+                    self._retire(run)
+        return GenerateOutput(completions=run.results, metrics=self._metrics(run, time.perf_counter() - start))
+
+    # ----- setup ----------------------------------------------------------------------------------------------
+    def _start(self, prompts, params, spec, generator) -> _Run:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        vocab = self.model.config.vocab_size
+        seqs = []
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+            if len(prompt) >= self.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens, max_seq_len={self.max_seq_len} leaves no room "
+                                 "to generate; truncate the prompt or raise max_seq_len")
+            if min(prompt) < 0 or max(prompt) >= vocab:
+                raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
+            limit = min(len(prompt) + params.max_new_tokens, self.max_seq_len)
+            if limit > self.kv_token_budget:
+                raise ValueError(f"prompt {i} reserves {limit} KV tokens > kv_token_budget={self.kv_token_budget}")
+            seqs.extend(_Seq(i, j, list(prompt), limit) for j in range(params.n))
+        if spec is not None and self.model.config.num_mtp_layers == 0:
+            raise ValueError("speculative decoding needs MTP layers; this model has num_mtp_layers=0")
+        tree = None if spec is None else build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
+        extra = 2 + (0 if tree is None else tree.num_nodes + 1)
+        self._ensure_caches(self.max_seq_len + extra, with_mtp=spec is not None)
+        num_slots = self._trunk_cache.max_seq_len
+        rows = DecodeRows.empty(self.max_num_seqs, num_slots, self.device)
+        spec_rows = None
+        if spec is not None:
+            cfg = self.model.config
+            spec_rows = SpecRows.empty(self.max_num_seqs, cfg.vocab_size, cfg.num_mtp_layers, cfg.hidden_size,
+                                       HIST_LEN if spec.adaptive else 1, self.dtype, self.device)
+        run = _Run(params=params, spec=spec, generator=generator, seqs=seqs, waiting=deque(range(len(seqs))),
+                   rows=rows, spec_rows=spec_rows, budget=KVBudget(self.kv_token_budget),
+                   stop_ids=torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device),
+                   done=torch.zeros(self.max_num_seqs, dtype=torch.bool, device=self.device),
+                   results=[None] * len(seqs))
+        if tree is not None:
+            run.trees = [(t, t.tensors(self.device)) for t in (tree.truncate(d) for d in range(tree.max_depth + 1))]
+            run.reached = torch.zeros(tree.max_depth, dtype=torch.long, device=self.device)
+            run.accepted = torch.zeros_like(run.reached)
+            run.adaptive = AdaptiveDepth(tree.max_depth) if spec.adaptive else None
+        return run
+
+    def _ensure_caches(self, num_slots: int, with_mtp: bool) -> None:
+        """Allocate (once, or grow) the trunk cache and, when speculating, the MTP cache."""
+        cache = self._trunk_cache
+        if cache is None or cache.max_seq_len < num_slots:
+            self._trunk_cache = self.model.new_kv_cache(self.max_num_seqs, num_slots, self.dtype, self.device)
+            self._mtp_cache = None
+        num_slots = self._trunk_cache.max_seq_len
+        if with_mtp and self._mtp_cache is None:
+            self._mtp_cache = self.model.new_mtp_kv_cache(self.max_num_seqs, num_slots, self.dtype, self.device)
+
+    # ----- sampling -------------------------------------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, run: _Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits [b,V] -> tokens [b], logprobs [b] (processed), trunk_logprobs [b] (log_softmax(logits/T))."""
+        p = run.params
+        if p.greedy:
+            tokens = logits.argmax(-1)
+            trunk = logits.float().gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits.float(), -1)
+            return tokens, torch.zeros_like(trunk), trunk
+        lp = processed_logprobs(logits, p)
+        tokens = sample_from_probs(lp.exp(), run.generator)
+        chosen = lp.gather(-1, tokens[:, None]).squeeze(-1)
+        if p.top_k == 0 and p.top_p == 1.0:
+            return tokens, chosen, chosen
+        trunk = temperature_logprobs(logits, p.temperature).gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, chosen, trunk
+
+    def _is_stop(self, tokens: torch.Tensor, run: _Run) -> torch.Tensor:
+        if run.stop_ids.numel() == 0:
+            return torch.zeros_like(tokens, dtype=torch.bool)
+        return torch.isin(tokens, run.stop_ids)
+
+    # ----- admission / prefill ---------------------------------------------------------------------------------
+    def _take_waiting(self, run: _Run) -> list[int]:
+        """FIFO admission bounded by free rows, the KV budget and max_num_batched_tokens of prefill."""
+        taken: list[int] = []
+        prompts: list[int] = []
+        max_len = 0
+        while run.waiting and run.live + len(taken) < self.max_num_seqs:
+            seq = run.seqs[run.waiting[0]]
+            new_prompt = not prompts or prompts[-1] != seq.prompt_index
+            width = max(max_len, len(seq.prompt))
+            if taken and new_prompt and (len(prompts) + 1) * width > self.max_num_batched_tokens:
+                break
+            if not run.budget.fits(seq.limit):
+                break
+            run.budget.reserve(seq.limit)
+            taken.append(run.waiting.popleft())
+            if new_prompt:
+                prompts.append(seq.prompt_index)
+            max_len = width
+        return taken
+
+    def _admit(self, run: _Run) -> None:
+        taken = self._take_waiting(run)
+        if not taken:
+            return
+        seqs = [run.seqs[i] for i in taken]
+        groups, unique = [], []  # samples of one prompt are adjacent: prefill each prompt once
+        for s in seqs:
+            if not unique or unique[-1].prompt_index != s.prompt_index:
+                unique.append(s)
+            groups.append(len(unique) - 1)
+        n, u, b0 = len(seqs), len(unique), run.live
+        width = max(len(s.prompt) for s in unique)
+        dev = self.device
+        inp = torch.zeros(u, width, dtype=torch.long, device=dev)
+        for i, s in enumerate(unique):
+            inp[i, :len(s.prompt)] = torch.tensor(s.prompt, device=dev)
+        pos = torch.arange(width, device=dev)[None].expand(u, width)
+        logits, hidden = self.model.forward_step(inp, pos, pos, rows_view(self._trunk_cache, b0, b0 + u), kv_len=width)
+        run.counters.trunk_forwards += 1
+        group = torch.tensor(groups, device=dev)
+        if n > u:
+            move_rows(self._trunk_cache, b0 + group, b0 + torch.arange(n, device=dev), width)
+        prompt_lens = torch.tensor([len(s.prompt) for s in seqs], device=dev)
+        last = logits[group, prompt_lens - 1]  # [n,V]
+        tokens, lp, tlp = self._sample(last, run)
+        r = run.rows
+        sl = slice(b0, b0 + n)
+        r.tokens[sl, :width] = inp[group]
+        r.tokens[sl].scatter_(1, prompt_lens[:, None], tokens[:, None])
+        r.logprobs[sl].scatter_(1, prompt_lens[:, None], lp[:, None])
+        r.trunk_logprobs[sl].scatter_(1, prompt_lens[:, None], tlp[:, None])
+        r.lengths[sl] = prompt_lens + 1
+        r.prompt_lens[sl] = prompt_lens
+        r.limits[sl] = torch.tensor([s.limit for s in seqs], device=dev)
+        r.seq_ids[sl] = torch.tensor(taken, device=dev)
+        run.done[sl] = self._is_stop(tokens, run) | (prompt_lens + 1 >= r.limits[sl])
+        if run.spec_rows is not None:  # MTP prefill = a commit of the prompt from committed length 1
+            sr = run.spec_rows
+            sr.stored_h[sl] = 0
+            mtp = rows_view(self._mtp_cache, b0, b0 + n)
+            commit_mtp(self.model, mtp, torch.ones(n, dtype=torch.long, device=dev), hidden[group],
+                       r.tokens[sl, 1:width + 1], prompt_lens, _RowsView(sr, b0, b0 + n), n, run.counters)
+            sr.mtp_lengths[sl] = prompt_lens + 1
+        run.live += n
+
+    # ----- decode steps ---------------------------------------------------------------------------------------
+    def _decode_step(self, run: _Run) -> None:
+        b = run.live
+        depth = 0
+        if run.spec is not None:
+            depth = run.trees[-1][0].max_depth
+            if run.adaptive is not None:
+                depth = run.adaptive.choose(b)
+                if depth == 0 and run.steps_since_sync >= HIST_LEN - 2:
+                    depth = 1  # keep the MTP lag inside the hidden-state ring
+        t0 = time.perf_counter()
+        if depth == 0:
+            self._plain_step(run, b)
+            step_reached, step_accepted = [], []
+        else:
+            step_reached, step_accepted = self._spec_step(run, b, depth)
+        run.decode_steps += 1
+        run.row_steps += b
+        run.depth_sum += depth
+        if run.adaptive is not None:
+            if depth == 0:
+                torch.any(run.done[:b]).item()  # wait for the step (a device sync) before timing it
+            run.adaptive.observe(depth, b, time.perf_counter() - t0, step_reached, step_accepted)
+
+    def _plain_step(self, run: _Run, b: int) -> None:
+        r = run.rows
+        lengths = r.lengths[:b].clone()
+        pos = (lengths - 1)[:, None]
+        last = r.tokens[:b].gather(1, pos)
+        logits, hidden = self.model.forward_step(last, pos, pos, rows_view(self._trunk_cache, 0, b),
+                                                 kv_len=int(lengths.max()))
+        run.counters.trunk_forwards += 1
+        tokens, lp, tlp = self._sample(logits[:, 0], run)
+        r.tokens[:b].scatter_(1, lengths[:, None], tokens[:, None])
+        r.logprobs[:b].scatter_(1, lengths[:, None], lp[:, None])
+        r.trunk_logprobs[:b].scatter_(1, lengths[:, None], tlp[:, None])
+        if run.adaptive is not None:  # remember h^0 for the MTP catch-up
+            sr = run.spec_rows
+            sr.hist[torch.arange(b, device=self.device), (lengths - 1) % HIST_LEN] = hidden[:, 0].to(sr.hist.dtype)
+            run.steps_since_sync += 1
+        r.lengths[:b] = lengths + 1
+        run.done[:b] = self._is_stop(tokens, run) | (lengths + 1 >= r.limits[:b])
+        run.tokens_emitted += b
+
+    def _catch_up_mtp(self, run: _Run, b: int) -> None:
+        """Adaptive mode: run the MTP commit over positions decoded by plain steps since the last sync."""
+        sr, r = run.spec_rows, run.rows
+        lag = r.lengths[:b] - sr.mtp_lengths[:b]
+        width = int(lag.max())
+        if width == 0:
+            return
+        l_old = sr.mtp_lengths[:b].clone()
+        offsets = torch.arange(width, device=self.device)[None]
+        hidden = sr.hist[torch.arange(b, device=self.device)[:, None], (l_old[:, None] - 1 + offsets) % HIST_LEN]
+        new_tokens = r.tokens[:b].gather(1, (l_old[:, None] + offsets).clamp(max=r.tokens.shape[1] - 1))
+        commit_mtp(self.model, rows_view(self._mtp_cache, 0, b), l_old, hidden, new_tokens, lag, sr, b, run.counters)
+        sr.mtp_lengths[:b] = r.lengths[:b]
+        run.steps_since_sync = 0
+
+    def _spec_step(self, run: _Run, b: int, depth: int) -> tuple[list[int], list[int]]:
+        if run.adaptive is not None:
+            self._catch_up_mtp(run, b)
+        tree, tt = run.trees[depth]
+        r, sr = run.rows, run.spec_rows
+        lengths = r.lengths[:b].clone()
+        trunk, mtp = rows_view(self._trunk_cache, 0, b), rows_view(self._mtp_cache, 0, b)
+        root = r.tokens[:b].gather(1, (lengths - 1)[:, None]).squeeze(1)
+        draft = draft_tree(self.model, tree, tt, mtp, lengths, root, sr, b, run.params, run.generator, run.counters)
+        out, path, hidden = verify_and_accept(self.model, tree, tt, trunk, lengths, draft, run.params, run.generator,
+                                              run.counters)
+        rows = torch.arange(b, device=self.device)
+        commit_mtp(self.model, mtp, lengths, hidden[rows[:, None], path], out.tokens, out.num_new, sr, b, run.counters)
+        run.steps_since_sync = 0
+        # emit: truncate at the first stop token and at the length limit
+        m1 = out.tokens.shape[1]
+        idx = torch.arange(m1, device=self.device)[None]
+        valid = idx < out.num_new[:, None]
+        stop_at = torch.where(self._is_stop(out.tokens, run) & valid, idx, m1).min(1).values  # first stop or m1
+        room = r.limits[:b] - lengths
+        emit = torch.minimum(torch.minimum(out.num_new, stop_at + 1), room)
+        cols = (lengths[:, None] + idx).clamp(max=r.tokens.shape[1] - 1)
+        keep = idx < emit[:, None]
+        for buf, val in ((r.tokens, out.tokens), (r.logprobs, out.logprobs), (r.trunk_logprobs, out.trunk_logprobs)):
+            cur = buf[:b].gather(1, cols)
+            buf[:b].scatter_(1, cols, torch.where(keep, val.to(buf.dtype), cur))
+        r.lengths[:b] = lengths + emit
+        sr.mtp_lengths[:b] = r.lengths[:b]
+        run.done[:b] = (stop_at < emit) | (lengths + emit >= r.limits[:b])
+        run.tokens_emitted += int(out.num_new.sum())
+        reached, accepted = out.reached, out.accepted
+        run.reached[:reached.shape[0]] += reached
+        run.accepted[:accepted.shape[0]] += accepted
+        if run.adaptive is None:
+            return [], []
+        return reached.tolist(), accepted.tolist()
+
+    # ----- retirement -----------------------------------------------------------------------------------------
+    def _retire(self, run: _Run) -> None:
+        b = run.live
+        if b == 0:
+            return
+        finished = run.done[:b].tolist()
+        if not any(finished):
+            return
+        r = run.rows
+        fin = [i for i in range(b) if finished[i]]
+        fin_t = torch.tensor(fin, device=self.device)
+        lens, plens, sids = (x[fin_t].tolist() for x in (r.lengths, r.prompt_lens, r.seq_ids))
+        toks, lps, tlps = (x[fin_t, :max(lens)].tolist() for x in (r.tokens, r.logprobs, r.trunk_logprobs))
+        stops = set(run.params.stop_token_ids)
+        for j in range(len(fin)):
+            seq = run.seqs[sids[j]]
+            gen = toks[j][plens[j]:lens[j]]
+            run.results[sids[j]] = Completion(
+                token_ids=gen, logprobs=lps[j][plens[j]:lens[j]], trunk_logprobs=tlps[j][plens[j]:lens[j]],
+                finish_reason="stop" if gen and gen[-1] in stops else "length",
+                prompt_index=seq.prompt_index, sample_index=seq.sample_index)
+            run.budget.release(seq.limit)
+        src, dst, new_b = compaction_moves(finished)
+        if src:
+            src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+            num_slots = int(r.lengths[src_t].max())
+            for cache in (self._trunk_cache, self._mtp_cache if run.spec is not None else None):
+                if cache is not None:
+                    move_rows(cache, src_t, dst_t, num_slots)
+            r.move(src_t, dst_t)
+            if run.spec_rows is not None:
+                run.spec_rows.move(src_t, dst_t)
+            run.done[dst_t] = run.done[src_t]
+        run.live = new_b
+
+    # ----- metrics --------------------------------------------------------------------------------------------
+    def _metrics(self, run: _Run, elapsed: float) -> RolloutMetrics:
+        generated = sum(len(c.token_ids) for c in run.results)
+        rates = []
+        if run.reached is not None:
+            rates = [a / r if r else 0.0 for a, r in zip(run.accepted.tolist(), run.reached.tolist())]
+        steps = max(run.decode_steps, 1)
+        return RolloutMetrics(
+            num_sequences=len(run.results), num_prompt_tokens=sum(len(s.prompt) for s in run.seqs),
+            num_generated_tokens=generated, elapsed_s=elapsed, tokens_per_s=generated / max(elapsed, 1e-9),
+            num_trunk_forwards=run.counters.trunk_forwards, num_decode_steps=run.decode_steps,
+            num_draft_forwards=run.counters.mtp_forwards,
+            mean_accept_length=run.tokens_emitted / max(run.row_steps, 1), accept_rate_per_depth=rates,
+            mean_draft_depth=run.depth_sum / steps)
+
+
+class _RowsView:
+    """SpecRows restricted to rows [start, end), for commit_mtp during a prefill (it indexes rows [0, b))."""
+
+    def __init__(self, rows: SpecRows, start: int, end: int) -> None:
+        self.q_root_logits = rows.q_root_logits[start:end]
+        self.stored_h = rows.stored_h[start:end]

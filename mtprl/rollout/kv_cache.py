@@ -1,0 +1,124 @@
+"""Cache rows and the KV-token budget of the rollout engine.
+
+The engine preallocates, once, a static trunk cache (and an MTP cache when speculating) of R rows x S slots
+(gpt-fast style). Row management (vLLM's scheduler, without paging):
+  * LIVE ROWS ARE A PREFIX [0, b): every forward runs on a *view* of rows [0, b) (or [b0, b1) for a prefill),
+    so the model never gathers cache rows (`cache_rows=None`: no per-step copy of the cache).
+  * When sequences finish, the live rows past the new end are moved into the holes (`move_rows`: one copy of
+    the valid slots of the moved rows, once per finished sequence), and waiting sequences are admitted at
+    the end of the prefix.
+  * Slot s of a row holds the K/V of sequence position s; speculative verification writes draft tokens at
+    slots past the row's length (tree nodes at their own slots), and `copy_slots` moves an accepted tree
+    path's K/V to the slots of its positions.
+KV-token budget: a sequence reserves prompt_len + max_new_tokens (capped by max_seq_len) tokens of KV from
+admission until it finishes; admission is FIFO and stops at the first sequence that does not fit (no
+overtaking: the order of results and of random draws is a deterministic function of the inputs). With a
+static cache the budget bounds the live working set (attention reads, memory on a paged back-end); the
+physical cache is max_num_seqs x (max_seq_len + speculative slack) slots either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from mtprl.model import KVCache
+
+
+def rows_view(cache: KVCache, start: int, end: int) -> KVCache:
+    """Rows [start, end) of `cache` as a KVCache sharing its storage (writes go to the big cache)."""
+    return KVCache(k=cache.k[:, start:end], v=cache.v[:, start:end])
+
+
+def move_rows(cache: KVCache, src: torch.Tensor, dst: torch.Tensor, num_slots: int) -> None:
+    """Copy the first num_slots slots of rows src [M] to rows dst [M] in every layer (gather first, so src and
+    dst may overlap)."""
+    if src.numel() == 0:
+        return
+    for t in (cache.k, cache.v):
+        t[:, dst, :, :num_slots] = t[:, src, :, :num_slots]
+
+
+def copy_slots(cache: KVCache, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+    """Within rows [0, b) (b = src_slots.shape[0]): K/V at src_slots [b,M] -> dst_slots [b,M], every layer.
+    Gathered first, so a slot may be both a source and a destination."""
+    b = src_slots.shape[0]
+    rows = torch.arange(b, device=src_slots.device)[:, None]  # [b,1]
+    for t in (cache.k, cache.v):
+        # advanced indices on dims 1 and 3 around a slice: the indexed view is [b, M, L, Hkv, Dh] on both sides
+        t[:, rows, :, dst_slots] = t[:, rows, :, src_slots]
+
+
+@dataclass
+class RowState:
+    """Per-row tensors moved together with the cache rows (first dim = row). Subclasses add fields."""
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if src.numel() == 0:
+            return
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value[dst] = value[src]
+
+
+@dataclass
+class DecodeRows(RowState):
+    """What the engine knows about each row (R rows; only the live prefix is meaningful).
+
+    tokens [R,S] long: the sequence (prompt then generated), position-indexed.
+    logprobs, trunk_logprobs [R,S] float32: of the token at that position (generated positions only).
+    lengths [R] long: committed length L (the token at L-1 is sampled but not yet fed to the trunk).
+    prompt_lens [R], limits [R] (max total length), seq_ids [R] (index into the expanded request list).
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    trunk_logprobs: torch.Tensor
+    lengths: torch.Tensor
+    prompt_lens: torch.Tensor
+    limits: torch.Tensor
+    seq_ids: torch.Tensor
+
+    @classmethod
+    def empty(cls, num_rows: int, num_slots: int, device: torch.device) -> "DecodeRows":
+        def z(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+        return cls(tokens=z(num_rows, num_slots), logprobs=z(num_rows, num_slots, dtype=torch.float32),
+                   trunk_logprobs=z(num_rows, num_slots, dtype=torch.float32), lengths=z(num_rows),
+                   prompt_lens=z(num_rows), limits=z(num_rows), seq_ids=z(num_rows))
+
+
+class KVBudget:
+    """Tokens of KV reserved by live sequences (host-side integer bookkeeping)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"kv_token_budget must be > 0, got {capacity}")
+        self.capacity = capacity
+        self.used = 0
+
+    def fits(self, tokens: int) -> bool:
+        return self.used + tokens <= self.capacity
+
+    def reserve(self, tokens: int) -> None:
+        if not self.fits(tokens):
+            raise RuntimeError(f"KV budget overflow: {self.used} + {tokens} > {self.capacity}")
+        self.used += tokens
+
+    def release(self, tokens: int) -> None:
+        self.used -= tokens
+        if self.used < 0:
+            raise RuntimeError("KV budget released more than reserved")
+
+
+def compaction_moves(finished: list[bool]) -> tuple[list[int], list[int], int]:
+    """Live rows [0, b) with finished flags -> (src rows, dst rows, new b): live rows at index >= new b move into
+    finished rows at index < new b, in increasing order (deterministic)."""
+    b = len(finished)
+    new_b = b - sum(finished)
+    holes = [r for r in range(new_b) if finished[r]]
+    movers = [r for r in range(new_b, b) if not finished[r]]
+    assert len(holes) == len(movers)
+    return movers, holes, new_b
