@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mtprl.data.synthetic import LEVELS, write_synthetic_math
+from mtprl.data.synthetic import LEVELS, TINY_MODEL_LEVELS, write_synthetic_math
 from mtprl.data.tokenizer import build_math_tokenizer
 
 
@@ -21,7 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--num-val", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), choices=LEVELS)
+    parser.add_argument(
+        "--levels", type=int, nargs="+", default=list(TINY_MODEL_LEVELS), choices=LEVELS,
+        help="difficulty levels, round-robin; repeat one to weight it (default: %(default)s)",
+    )
     parser.add_argument("--vocab-size", type=int, default=512)
     args = parser.parse_args(argv)
     paths = write_synthetic_math(

@@ -9,9 +9,16 @@ Levels (each answer a non-negative integer):
 
 The worked solution ends with `Answer: <n>` on its own line, so the DAPO scorer (last `Answer:` in
 the last 300 characters) grades it. Rows are assigned levels round-robin over `levels`, so the mix is
-balanced. Level 1 has only 100 distinct problems, so train and validation share them; higher levels
-are large enough that the splits rarely overlap. Each split draws from its own seeded stream
+balanced; repeat a level to weight it ((1, 1, 1, 2): three level-1 rows per level-2 row). Level 1 has
+only 100 distinct problems, so train and validation share them; higher levels are large enough that
+the splits rarely overlap. Each split draws from its own seeded stream
 (`numpy.random.default_rng([seed, split_id])`), so the train rows do not depend on num_val.
+
+How hard, measured (one shared CPU thread, 0.7M-parameter qwen2-style model: hidden 128, 4 layers,
+our 409-token vocabulary; SFT on the response tokens, AdamW lr 3e-3, batch 32, greedy decoding on 100
+validation problems): with levels (1, 2, 3, 4) the model is at 20% on level 1 and 0-8% on levels 2-4
+after 240 s; with TINY_MODEL_LEVELS = (1, 1, 1, 2) it reaches 51% / 73% / 88% on level 1 after
+60 / 120 / 180 s and 0% on level 2, so RL has both unsolved easy problems and a harder tier to move on.
 
 Files written by `write_synthetic_math(out_dir, ...)`:
     train.parquet / val.parquet          RL rows: data_source, prompt, ability, reward_model, extra_info
@@ -36,6 +43,7 @@ DATA_SOURCE = "synthetic_arith"
 ABILITY = "MATH"
 REWARD_STYLE = "rule"
 LEVELS = (1, 2, 3, 4)
+TINY_MODEL_LEVELS = (1, 1, 1, 2)  # the mix for a ~1M-parameter model warmed up for 1-2 min (see above)
 
 # A short form of the DAPO instruction (fixtures: "Solve the following math problem step by step. ...");
 # short prompts keep a tiny model's rollouts cheap.

@@ -10,7 +10,7 @@ import pytest
 
 from mtprl.data.dataset import build_prompt_dataset, load_prompt_records
 from mtprl.data.sft import load_sft_records, tokenize_sft
-from mtprl.data.synthetic import DATA_SOURCE, LEVELS, make_problem, make_problems, write_synthetic_math
+from mtprl.data.synthetic import DATA_SOURCE, LEVELS, TINY_MODEL_LEVELS, make_problem, make_problems, write_synthetic_math
 
 EXPR = re.compile(r"^[0-9+\-*()]+$")
 QUESTION_SHAPES = {
@@ -76,6 +76,8 @@ def test_hand_checked_levels():
 
 def test_levels_round_robin_and_bad_arguments():
     assert [p.level for p in make_problems(8, seed=0, split="train", levels=(2, 4))] == [2, 4] * 4
+    weighted = make_problems(8, seed=0, split="train", levels=TINY_MODEL_LEVELS)
+    assert [p.level for p in weighted] == [1, 1, 1, 2] * 2
     with pytest.raises(ValueError, match="levels must be"):
         make_problems(4, seed=0, split="train", levels=(5,))
     with pytest.raises(ValueError, match="split must be"):
