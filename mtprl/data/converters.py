@@ -78,7 +78,7 @@ def convert_math_parquet(
     if data_source is not None and not data_source:
         raise ValueError("data_source must be a non-empty string or None (keep the file's)")
     pf = _open_parquet(in_path)
-    schema = pf.schema_arrow
+    schema = pf.schema_arrow.remove_metadata()  # pandas metadata would describe the input's row index
     if data_source is not None:
         schema = schema.set(schema.get_field_index("data_source"), pa.field("data_source", pa.string()))
     seen: set[str] = set()
