@@ -131,7 +131,8 @@ def print_result(r: dict) -> None:
         print(f"{impl:<16}{r[impl]['tokens_per_s']:>20.1f}{(f'{mem:.1f}' if mem is not None else 'n/a'):>20}")
     mem_ratio = ""
     if r["mtprl"]["peak_rise_mib"] and r["transformers"]["peak_rise_mib"]:
-        mem_ratio = f", peak memory ours/transformers = {r['mtprl']['peak_rise_mib'] / r['transformers']['peak_rise_mib']:.2f}x"
+        ratio = r["mtprl"]["peak_rise_mib"] / r["transformers"]["peak_rise_mib"]
+        mem_ratio = f", peak memory ours/transformers = {ratio:.2f}x"
     print(f"speed ours/transformers = {r['ratio_tokens_per_s']:.2f}x{mem_ratio}")
 
 
@@ -151,7 +152,8 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} timed repeats per implementation")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.repeats} timed repeats per implementation")
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             print_result(bench_config(name, args.repeats, Path(tmp)))

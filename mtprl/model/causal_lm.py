@@ -17,7 +17,8 @@ from torch import nn
 from mtprl.model.config import ModelConfig
 from mtprl.model.kv_cache import KVCache
 from mtprl.model.mtp import MTPLayer, shift_left
-from mtprl.model.trunk import AttnInputs, DecoderBlock, RMSNorm, full_attn_inputs, rope_cos_sin, rope_inv_freq, step_attn_inputs
+from mtprl.model.trunk import (DecoderBlock, RMSNorm, full_attn_inputs, rope_cos_sin, rope_inv_freq,
+                               step_attn_inputs)
 
 
 @dataclass
@@ -55,10 +56,12 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([DecoderBlock(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.mtp_layers = nn.ModuleList([MTPLayer(config) for _ in range(config.num_mtp_layers)])
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.source_dir: str | None = None  # HF directory this model was loaded from (tokenizer files are copied on save)
+        # HF directory this model was loaded from (its tokenizer files are copied on save)
+        self.source_dir: str | None = None
         if not self.embed_tokens.weight.is_meta:
             self.reset_parameters()
 
@@ -107,7 +110,8 @@ class CausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B,T], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                             f"{tuple(input_ids.shape)}")
         if position_ids is None and attention_mask is None:  # one RoPE table [1,T] broadcast over the batch
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         elif position_ids is None:
@@ -199,9 +203,11 @@ class CausalLM(nn.Module):
         """
         if not 0 <= depth < self.config.num_mtp_layers:
             raise ValueError(f"depth={depth} out of range: this model has {self.config.num_mtp_layers} MTP layers")
-        _check_step_shapes(input_ids, position_ids, cache_slots, mtp_kv_cache, self.config.num_mtp_layers, "mtp_kv_cache")
+        _check_step_shapes(input_ids, position_ids, cache_slots, mtp_kv_cache, self.config.num_mtp_layers,
+                           "mtp_kv_cache")
         if prev_hidden.shape[:2] != input_ids.shape:
-            raise ValueError(f"prev_hidden {tuple(prev_hidden.shape)} must be [B,T,H] with B,T of input_ids {tuple(input_ids.shape)}")
+            raise ValueError(f"prev_hidden {tuple(prev_hidden.shape)} must be [B,T,H] with B,T of input_ids "
+                             f"{tuple(input_ids.shape)}")
         tok_emb = self.embed_tokens(input_ids)
         cos, sin = self._rope(position_ids, tok_emb.dtype)
         attn = step_attn_inputs(cos, sin, mtp_kv_cache, cache_slots, cache_rows, attn_mask, kv_len)

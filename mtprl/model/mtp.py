@@ -43,7 +43,8 @@ class MTPLayer(nn.Module):
         self.block = DecoderBlock(config)
         self.final_layernorm = RMSNorm(h, config.rms_norm_eps)
 
-    def forward(self, prev_hidden: torch.Tensor, token_embeds: torch.Tensor, attn: AttnInputs, layer: int) -> torch.Tensor:
+    def forward(self, prev_hidden: torch.Tensor, token_embeds: torch.Tensor, attn: AttnInputs,
+                layer: int) -> torch.Tensor:
         """prev_hidden h^{k-1} [B,T,H], token_embeds Emb(t_{i+k}) [B,T,H] -> h^k [B,T,H] (final-normed).
         `layer` indexes attn.cache (the MTP cache) on the incremental path."""
         x = torch.cat([self.hidden_layernorm(prev_hidden), self.token_layernorm(token_embeds)], dim=-1)

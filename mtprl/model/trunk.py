@@ -63,7 +63,8 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B,1,T,Dh] for position_ids [B,T], computed in fp32 and cast to `dtype`."""
     freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device, torch.float32)  # [B,T,Dh/2]
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -203,14 +204,14 @@ def step_attn_inputs(cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, cache
         raise ValueError(f"cache_rows must have shape [B]={(b,)}, got {tuple(cache_rows.shape)}")
     # bounds are checked on the host only for CPU tensors (a device sync otherwise)
     if cache_slots.device.type == "cpu" and (int(cache_slots.min()) < 0 or int(cache_slots.max()) >= s):
-        raise ValueError(f"cache_slots must lie in [0, {s}), got range [{int(cache_slots.min())}, {int(cache_slots.max())}]")
+        raise ValueError(f"cache_slots must lie in [0, {s}), got range "
+                         f"[{int(cache_slots.min())}, {int(cache_slots.max())}]")
     key = torch.arange(s, device=cache_slots.device)
-    own = key[None, None, :] == cache_slots[:, :, None]  # [B,T,S]
     if attn_mask is None:
-        mask = key[None, None, :] <= cache_slots[:, :, None]
+        mask = key[None, None, :] <= cache_slots[:, :, None]  # [B,T,S]
     else:
         if attn_mask.shape != (b, t, s):
             raise ValueError(f"attn_mask must have shape [B,T,S]={(b, t, s)}, got {tuple(attn_mask.shape)}")
-        mask = attn_mask.bool() | own
+        mask = attn_mask.bool() | (key[None, None, :] == cache_slots[:, :, None])  # own slot always admitted
     return AttnInputs(cos=cos, sin=sin, mask=mask[:, None], cache=cache, cache_rows=cache_rows,
                       cache_slots=cache_slots, kv_len=kv_len)

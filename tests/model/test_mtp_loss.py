@@ -118,5 +118,7 @@ def test_detach_encoder_only_trains_the_untied_head_and_no_detach_trains_the_tru
     assert torch.count_nonzero(grads["embed_tokens.weight"]) == 0
     assert torch.count_nonzero(grads["layers.0.self_attn.q_proj.weight"]) == 0
     grads = _grads_after_mtp_loss(tied=False, detach_encoder=False, detach_head=False)
-    for name in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight", "norm.weight"):
+    trunk_names = ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight",
+                   "norm.weight")
+    for name in trunk_names:
         assert grads[name].abs().sum() > 0, name
