@@ -38,3 +38,13 @@ def make_draftable_model(*, vocab: int = 16, num_mtp_layers: int = 1, noise: flo
 @pytest.fixture
 def draftable_model():
     return make_draftable_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: OpenMP threads spinning against other processes make these tests
+    10-50x slower, so run them single-threaded (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,152 @@
+"""Speculative decoding with MTP drafts: token-identical to plain greedy decoding (chain, tree, K > D recursion,
+adaptive), trunk logprobs, and consistency of the MTP caches with a fresh full-sequence forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtprl.rollout import Engine, SamplingParams, SpeculativeConfig
+from mtprl.rollout.sampling import processed_logprobs, temperature_logprobs
+from mtprl.rollout.speculative import SpecRows, StepCounters, commit_mtp, draft_tree, verify_and_accept
+from mtprl.rollout.tree import build_tree
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13], [14, 15, 0, 1, 2], [3, 3, 3, 3]]
+
+SPECS = {
+    "chain1": SpeculativeConfig(num_steps=1),
+    "chain3": SpeculativeConfig(num_steps=3),
+    "tree": SpeculativeConfig(num_steps=3, eagle_topk=2, num_draft_tokens=6),
+    "wide_tree": SpeculativeConfig(num_steps=2, eagle_topk=3, num_draft_tokens=7),
+}
+
+
+@pytest.mark.parametrize("num_mtp", [1, 2])
+@pytest.mark.parametrize("spec_name", list(SPECS))
+def test_greedy_speculative_is_token_identical_to_plain(draftable_model, num_mtp, spec_name):
+    model = draftable_model(num_mtp_layers=num_mtp, seed=num_mtp, noise=1.0)
+    eng = Engine(model, max_num_seqs=4, max_seq_len=64)  # 6 prompts through 4 rows: continuous batching
+    plain = eng.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=20))
+    stop = plain[0].token_ids[7]
+    params = SamplingParams(temperature=0.0, max_new_tokens=20, stop_token_ids=(stop,))
+    plain = eng.generate(PROMPTS, params)
+    out = eng.generate_with_metrics(PROMPTS, params, speculative=SPECS[spec_name])
+    assert [c.token_ids for c in out.completions] == [c.token_ids for c in plain]
+    assert [c.finish_reason for c in out.completions] == [c.finish_reason for c in plain]
+    for c, p in zip(out.completions, plain):
+        assert c.trunk_logprobs == pytest.approx(p.trunk_logprobs, abs=1e-4)
+    m = out.metrics
+    # ragged: drafts are accepted sometimes, not always
+    assert m.accept_rate_per_depth[0] > 0.0 and min(m.accept_rate_per_depth) < 1.0
+    assert 1.0 < m.mean_accept_length < 1 + SPECS[spec_name].num_steps
+    assert m.num_trunk_forwards < eng.generate_with_metrics(PROMPTS, params).metrics.num_trunk_forwards
+
+
+@pytest.mark.parametrize("spec_name", ["chain3", "tree"])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, max_new_tokens=16, n=2),
+                                    SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=16, n=2)])
+def test_sampled_speculative_logprobs_match_full_forward(draftable_model, spec_name, params):
+    model = draftable_model(num_mtp_layers=2)
+    eng = Engine(model, max_num_seqs=5, max_seq_len=64)
+    out = eng.generate_with_metrics(PROMPTS, params, speculative=SPECS[spec_name], generator=torch.Generator().manual_seed(0))
+    again = eng.generate(PROMPTS, params, speculative=SPECS[spec_name], generator=torch.Generator().manual_seed(0))
+    assert [c.token_ids for c in again] == [c.token_ids for c in out.completions]  # same seed, same output
+    assert 0.0 < out.metrics.accept_rate_per_depth[0] < 1.0
+    for c in out.completions:
+        prompt = PROMPTS[c.prompt_index]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + c.token_ids]), compute_mtp=False).logits[0, len(prompt) - 1:-1]
+        tok = torch.tensor(c.token_ids)[:, None]
+        torch.testing.assert_close(torch.tensor(c.logprobs), processed_logprobs(logits, params).gather(1, tok)[:, 0],
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(c.trunk_logprobs),
+                                   temperature_logprobs(logits, params.temperature).gather(1, tok)[:, 0], atol=1e-5, rtol=0)
+
+
+def test_adaptive_greedy_is_token_identical_and_uses_several_depths(draftable_model):
+    model = draftable_model(num_mtp_layers=1)
+    eng = Engine(model, max_num_seqs=6, max_seq_len=96)
+    params = SamplingParams(temperature=0.0, max_new_tokens=60)
+    plain = eng.generate(PROMPTS, params)
+    out = eng.generate_with_metrics(PROMPTS, params, speculative=SpeculativeConfig(num_steps=3, adaptive=True))
+    assert [c.token_ids for c in out.completions] == [c.token_ids for c in plain]
+    assert 0.0 < out.metrics.mean_draft_depth <= 3.0
+
+
+def _run_spec_steps(model, prompts, tree, params, steps, seed, check):
+    """Drive the speculative building blocks by hand (as Engine._spec_step does) and call
+    check(tokens, lengths, spec_rows, draft) before each verification."""
+    b, vocab, num_mtp, h = len(prompts), model.config.vocab_size, model.config.num_mtp_layers, model.config.hidden_size
+    slots = 64
+    trunk, mtp = model.new_kv_cache(b, slots), model.new_mtp_kv_cache(b, slots)
+    gen = torch.Generator().manual_seed(seed)
+    plen = torch.tensor([len(p) for p in prompts])
+    width = int(plen.max())
+    tokens = torch.zeros(b, slots, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+    pos = torch.arange(width)[None].expand(b, width)
+    counters = StepCounters()
+    with torch.inference_mode():
+        logits, hidden = model.forward_step(tokens[:, :width], pos, pos, trunk)
+        tokens[torch.arange(b), plen] = logits[torch.arange(b), plen - 1].argmax(-1)
+        rows = SpecRows.empty(b, vocab, num_mtp, h, 1, torch.float32, torch.device("cpu"))
+        commit_mtp(model, mtp, torch.ones(b, dtype=torch.long), hidden, tokens[:, 1:width + 1], plen, rows, b, counters)
+        lengths = plen + 1
+        tt = tree.tensors(torch.device("cpu"))
+        for _ in range(steps):
+            root = tokens[torch.arange(b), lengths - 1]
+            draft = draft_tree(model, tree, tt, mtp, lengths, root, rows, b, params, gen, counters)
+            check(tokens, lengths, rows, draft)
+            out, path, hid = verify_and_accept(model, tree, tt, trunk, lengths, draft, params, gen, counters)
+            commit_mtp(model, mtp, lengths, hid[torch.arange(b)[:, None], path], out.tokens, out.num_new, rows, b, counters)
+            for i in range(b):
+                n = int(out.num_new[i])
+                tokens[i, lengths[i]:lengths[i] + n] = out.tokens[i, :n]
+            lengths = lengths + out.num_new
+
+
+@pytest.mark.parametrize("topk,num_draft_tokens", [(1, 4), (2, 7)])
+def test_mtp_caches_match_full_forward_after_steps(draftable_model, topk, num_draft_tokens):
+    """After every step: q_root == mtp_logits[0] at L-2, stored hidden states == h^k at L-1-k of a fresh full
+    forward over the committed sequence; and each depth-1 node's draft logits (layer 2 under the tree mask)
+    == the full forward's depth-2 MTP logits with that node appended."""
+    model = draftable_model(num_mtp_layers=2, vocab=32, noise=1.0)
+    tree = build_tree(3, topk, num_draft_tokens)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10, 11]]
+    seen = {"steps": 0}
+
+    def check(tokens, lengths, rows, draft):
+        for i in range(len(prompts)):
+            L = int(lengths[i])
+            seq = tokens[i, :L][None]
+            out = model(seq)
+            torch.testing.assert_close(rows.q_root_logits[i], out.mtp_logits[0][0, L - 2], atol=1e-4, rtol=1e-4)
+            for k in (1, 2):
+                if L - 1 - k >= 0:
+                    torch.testing.assert_close(rows.stored_h[i, k - 1], out.mtp_hidden_states[k - 1][0, L - 1 - k],
+                                               atol=1e-4, rtol=1e-4)
+            for n in range(tree.level_ranges[1][0], tree.level_ranges[1][1]):
+                ext = torch.cat([seq, draft.node_tokens[i, n].view(1, 1)], dim=1)
+                torch.testing.assert_close(draft.logits[i, n], model(ext).mtp_logits[1][0, L - 2], atol=1e-4, rtol=1e-4)
+        seen["steps"] += 1
+
+    _run_spec_steps(model, prompts, tree, SamplingParams(temperature=1.0), steps=6, seed=0, check=check)
+    assert seen["steps"] == 6
+
+
+def test_tree_rank0_path_drafts_like_the_chain(draftable_model):
+    """Greedy: the rank-0 path of a tree is the chain's draft, so their draft logits agree at every depth,
+    including depths > D drafted by the recursive last layer under the tree mask."""
+    model = draftable_model(num_mtp_layers=1, vocab=32, noise=1.0)
+    chain, tree = build_tree(3, 1, 4), build_tree(3, 2, 8)
+    rank0 = [0]
+    for _ in range(3):
+        rank0.append(tree.children[rank0[-1]][0])
+    logs = {"chain": [], "tree": []}
+    greedy = SamplingParams(temperature=0.0)
+    _run_spec_steps(model, [[1, 2, 3], [4, 5]], chain, greedy, 4, 0, lambda t, l, r, d: logs["chain"].append(d.logits[:, :3]))
+    _run_spec_steps(model, [[1, 2, 3], [4, 5]], tree, greedy, 4, 0, lambda t, l, r, d: logs["tree"].append(d.logits[:, rank0[:3]]))
+    # both runs commit the same greedy tokens, so the states match step by step
+    for a, b in zip(logs["chain"], logs["tree"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
