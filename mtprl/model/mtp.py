@@ -22,7 +22,6 @@ under speculative sampling, Leviathan et al. 2023, so minimising TV maximises ac
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtprl.model.config import ModelConfig
