@@ -7,6 +7,7 @@ in verl; ``--config-name`` picks a preset by name (``mtprl/config/presets``) or 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -51,12 +52,43 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mtprl.trainer.loop import train
+
+    train(load_config(args.preset, args.overrides))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from mtprl.trainer.loop import evaluate
+
+    metrics = evaluate(load_config(args.preset, args.overrides))
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mtprl.demo import run_demo
+
+    run_demo(args.out, overrides=args.overrides, quick=args.quick, ablation=args.ablation,
+             preset=args.preset or "tiny_cpu")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mtprl.rollout.cli import run_generate
+
+    return run_generate(args)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
-    "train": ("run DAPO / GRPO training with MTP", _not_built("RL trainer", "P1 DAPO trainer with MTP training")),
+    "train": ("run DAPO / GRPO training with MTP", _cmd_train),
     "sft": ("supervised fine-tuning / MTP warm-up (sft.freeze_trunk=True: MTP layers only)", _cmd_sft),
     "generate": ("generate completions with the native engine", _not_built("rollout engine", "P1 Rollout engine")),
-    "eval": ("run validation on a checkpoint", _not_built("evaluator", "P1 DAPO trainer with MTP training")),
-    "demo": ("the main job on the embedded default", _not_built("demo", "P2 The main job")),
+    "eval": ("run validation on a checkpoint (actor_rollout_ref.model.path, data.val_files)", _cmd_eval),
+    "demo": ("the main job on the embedded default: data, tokenizer, SFT, DAPO+MTP, report", _cmd_demo),
 }
 
 
@@ -69,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p)
+        if name == "demo":
+            p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+            p.add_argument("--quick", action="store_true", help="a few steps of everything (CI-sized)")
+            p.add_argument("--ablation", action="store_true",
+                           help="also run RL with the MTP layers frozen and plot accepted length for both")
     p = sub.add_parser("config", help="inspect the configuration", description="inspect the configuration")
     csub = p.add_subparsers(dest="config_cmd", required=True, metavar="action")
     show = csub.add_parser("show", help="print the fully resolved config as YAML")
@@ -86,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(e).splitlines():
             print(f"config error: {line}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+        if os.environ.get("MTPRL_TRACEBACK"):
+            raise
+        print(f"error: {e} (MTPRL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ def load_policy(model_cfg: ModelConfig, device: torch.device):
 
 def load_policy_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = model_cfg.tokenizer_path or model_cfg.path
+    hf_logging.set_verbosity_error()  # "model of type mimo" notices: we only read the tokenizer files here
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:

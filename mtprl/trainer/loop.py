@@ -1,0 +1,108 @@
+"""The RL loop (DAPO / GRPO with MTP), on one screen: :func:`train` and :func:`rl_step`.
+
+generate (n per prompt, speculative with the MTP layers) -> reward -> dynamic sampling -> old
+log-probs -> reference log-probs (only with a KL term) -> advantages -> actor update (policy + MTP)
+-> the rollout engine shares the policy module, so the new weights (MTP layers included) are what
+the next generation uses -> validation every ``test_freq`` -> checkpoint every ``save_freq``.
+Set-up (model, engine, data, optimizer, resume) lives in :mod:`mtprl.trainer.setup`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+
+from mtprl.algorithms import adaptive_kl_coef, apply_kl_in_reward, get_adv_estimator, scores_to_token_rewards
+from mtprl.config.schema import MtprlConfig
+from mtprl.trainer.samples import collect_step_samples, sample_metrics, to_train_batch
+from mtprl.trainer.setup import Run, save, setup
+from mtprl.trainer.update import actor_update, compute_logprobs
+from mtprl.trainer.validate import validate
+
+
+@contextmanager
+def timed(metrics: dict, name: str):
+    t0 = time.perf_counter()
+    yield
+    metrics[f"timing_s/{name}"] = metrics.get(f"timing_s/{name}", 0.0) + time.perf_counter() - t0
+
+
+def rl_step(run: Run) -> dict[str, float]:
+    cfg, actor, alg = run.cfg, run.cfg.actor_rollout_ref.actor, run.cfg.algorithm
+    t0 = time.perf_counter()
+    samples, metrics = collect_step_samples(cfg, run.engine, run.reward, run.next_prompts, run.sample_gen,
+                                            run.tokenizer, run.group_ids())
+    batch = to_train_batch(samples, run.tokenizer.pad_token_id).to(run.device)
+    with timed(metrics, "old_log_prob"):
+        batch.old_logprobs = batch.rollout_logprobs if actor.use_rollout_log_probs else compute_logprobs(run.model, batch, cfg)
+    if run.ref_model is not None:
+        with timed(metrics, "ref"):
+            batch.ref_logprobs = compute_logprobs(run.ref_model, batch, cfg)
+    with timed(metrics, "adv"):
+        rewards = scores_to_token_rewards(batch.scores, batch.response_mask)  # [N,T] score on the last token
+        if alg.use_kl_in_reward:
+            rewards, kl_metrics = apply_kl_in_reward(rewards, batch.old_logprobs, batch.ref_logprobs,
+                                                     batch.response_mask, run.kl_coef, alg.kl_penalty)
+            metrics.update(kl_metrics)
+            if alg.kl_ctrl.type == "adaptive":
+                run.kl_coef = adaptive_kl_coef(run.kl_coef, kl_metrics["actor/reward_kl_penalty"],
+                                               alg.kl_ctrl.target_kl, alg.kl_ctrl.horizon, len(batch))
+        batch.advantages, _ = get_adv_estimator(alg.adv_estimator)(
+            rewards, batch.response_mask, batch.group_ids, norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma)
+    with timed(metrics, "update_actor"):
+        update_metrics, skipped = actor_update(run.model, run.optimizer, batch, cfg, run.shuffle_gen)
+        run.scheduler.step()
+    mini = actor.ppo_mini_batch_size * cfg.actor_rollout_ref.rollout.n
+    run.note_step_health(skipped_all=skipped >= actor.ppo_epochs * math.ceil(len(batch) / mini))
+    metrics.update(update_metrics)
+    metrics.update(sample_metrics(samples, cfg.data.max_response_length))
+    adv = batch.advantages[batch.response_mask.bool()]
+    metrics.update({"critic/advantages/mean": adv.mean().item(), "critic/advantages/max": adv.max().item(),
+                    "critic/advantages/min": adv.min().item(), "actor/lr": run.scheduler.get_last_lr()[0],
+                    "training/skipped_optimizer_steps": float(skipped), "training/epoch": float(run.loader.epoch)})
+    step_time = time.perf_counter() - t0
+    metrics["timing_s/step"] = step_time
+    metrics["perf/throughput"] = float(batch.attention_mask.sum()) / step_time  # tokens (prompt + response) / s
+    return metrics
+
+
+def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
+    """Run RL training; returns the last step's metrics (validation included when it ran).
+    ``trainer.val_only=True`` only validates (same as :func:`evaluate`)."""
+    if cfg.trainer.val_only:
+        return evaluate(cfg, console=console)
+    run = setup(cfg, console=console)
+    last: dict[str, float] = {}
+    try:
+        if run.step == 0 and cfg.trainer.val_before_train and run.val_prompts:
+            last = validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer, run.tracker, 0)
+            run.tracker.log(last, 0)
+        while run.step < run.total_steps:
+            metrics = rl_step(run)
+            run.step += 1
+            freq = cfg.trainer.test_freq
+            if run.val_prompts and freq > 0 and (run.step % freq == 0 or run.step == run.total_steps):
+                with timed(metrics, "testing"):
+                    metrics.update(validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer,
+                                            run.tracker, run.step))
+            if run.step == run.total_steps or (cfg.trainer.save_freq > 0 and run.step % cfg.trainer.save_freq == 0):
+                with timed(metrics, "save_checkpoint"):
+                    save(run)
+            run.tracker.log(metrics, run.step)
+            run.export(metrics)
+            last = metrics
+    finally:
+        run.close()
+    return last
+
+
+def evaluate(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
+    """Validation only (``mtprl eval``): generate on ``data.val_files`` with ``model.path`` and score."""
+    run = setup(cfg, console=console, evaluate_only=True)
+    try:
+        metrics = validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer, run.tracker, run.step)
+        run.tracker.log(metrics, run.step)
+    finally:
+        run.close()
+    return metrics

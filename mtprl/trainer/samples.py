@@ -1,0 +1,166 @@
+"""Generation -> reward -> dynamic sampling: the samples of one RL step, and their tensors.
+
+A :class:`Sample` is one sampled response with everything the later stages need; the loop turns a
+list of them into a :class:`~mtprl.trainer.update.TrainBatch`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from mtprl.algorithms import DynamicSamplingAccumulator
+from mtprl.config.schema import MtprlConfig
+from mtprl.reward.registry import RewardInput, RewardManager
+from mtprl.rollout.types import SamplingParams, SpeculativeConfig
+from mtprl.trainer.batching import pad_right
+from mtprl.trainer.update import TrainBatch
+
+
+class Status(Enum):
+    COMPLETED = "completed"  # ended with a stop token
+    TRUNCATED = "truncated"  # hit max_response_length
+
+
+@dataclass
+class Sample:
+    """One sampled response.
+
+    group_id: same id = same prompt draw in this step.  prompt: the data-set item (TokenizedPrompt).
+    response_ids: generated ids (stop token included when hit).  rollout_logprobs: the trunk's
+    log-probs of those ids at the sampling temperature, one per id.  score: final reward (overlong
+    shaping included); acc: correctness; reward_extra: the scorer's other fields (pred, ...).
+    """
+
+    group_id: int
+    prompt: Any
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    status: Status
+    response_text: str = ""
+    score: float = 0.0
+    acc: float = 0.0
+    reward_extra: dict[str, Any] = field(default_factory=dict)
+
+
+def sampling_params(cfg: MtprlConfig, tokenizer, *, validation: bool = False) -> SamplingParams:
+    r = cfg.actor_rollout_ref.rollout
+    src = r.val_kwargs if validation else r
+    greedy = not src.do_sample or src.temperature == 0
+    return SamplingParams(temperature=0.0 if greedy else src.temperature, top_p=src.top_p,
+                          top_k=max(src.top_k, 0), max_new_tokens=cfg.data.max_response_length,
+                          stop_token_ids=(tokenizer.eos_token_id,), n=src.n)
+
+
+def speculative_config(cfg: MtprlConfig) -> SpeculativeConfig | None:
+    mtp = cfg.actor_rollout_ref.model.mtp
+    if not (mtp.enable and mtp.enable_rollout):
+        return None
+    return SpeculativeConfig(num_steps=mtp.speculative_num_steps, eagle_topk=mtp.speculative_eagle_topk,
+                             num_draft_tokens=mtp.speculative_num_draft_tokens if mtp.speculative_eagle_topk > 1 else None,
+                             adaptive=mtp.adaptive)
+
+
+def generate_samples(engine, prompts: Sequence[Any], params: SamplingParams, spec, generator, tokenizer,
+                     group_ids: Iterator[int]) -> tuple[list[Sample], dict[str, float]]:
+    """Generate ``params.n`` responses per prompt; one group id per prompt."""
+    out = engine.generate_with_metrics([p.prompt_ids for p in prompts], params, speculative=spec, generator=generator)
+    gids = [next(group_ids) for _ in prompts]
+    samples = [
+        Sample(group_id=gids[c.prompt_index], prompt=prompts[c.prompt_index], response_ids=list(c.token_ids),
+               rollout_logprobs=list(c.trunk_logprobs),
+               status=Status.COMPLETED if c.finish_reason == "stop" else Status.TRUNCATED,
+               response_text=tokenizer.decode(c.token_ids, skip_special_tokens=True))
+        for c in out.completions
+    ]
+    return samples, out.metrics.as_dict()
+
+
+def score_samples(manager: RewardManager, samples: list[Sample]) -> dict[str, float]:
+    """Fill score / acc / reward_extra in place; returns the reward metrics."""
+    inputs = [RewardInput(response=s.response_text, ground_truth=s.prompt.record.ground_truth,
+                          data_source=s.prompt.record.data_source, response_length=len(s.response_ids),
+                          extra_info=dict(s.prompt.record.extra_info or {})) for s in samples]
+    out = manager(inputs)
+    for i, s in enumerate(samples):
+        s.score = out.scores[i]
+        s.acc = float(out.extra["acc"][i])
+        s.reward_extra = {k: v[i] for k, v in out.extra.items() if k != "acc"}
+    return out.metrics
+
+
+def _filter_value(s: Sample, metric: str) -> float:
+    return s.acc if metric == "acc" else s.score
+
+
+def collect_step_samples(cfg: MtprlConfig, engine, manager, next_prompts, generator, tokenizer,
+                         group_ids: Iterator[int]) -> tuple[list[Sample], dict[str, float]]:
+    """Generate + score batches of ``data.gen_batch_size`` prompts until the step has its samples:
+    one batch without dynamic sampling; with it, batches until ``train_batch_size`` groups whose
+    metric varies are kept (``max_num_gen_batches`` bounds the tries)."""
+    params, spec = sampling_params(cfg, tokenizer), speculative_config(cfg)
+    fg = cfg.algorithm.filter_groups
+    acc = DynamicSamplingAccumulator(target_num_groups=cfg.data.train_batch_size,
+                                     max_num_gen_batches=fg.max_num_gen_batches) if fg.enable else None
+    metrics: dict[str, float] = {}
+    timing = {"timing_s/gen": 0.0, "timing_s/reward": 0.0}
+    rollout_rows: list[dict[str, float]] = []
+    while True:
+        prompts = next_prompts()  # data.gen_batch_size prompts
+        t0 = time.perf_counter()
+        samples, r_metrics = generate_samples(engine, prompts, params, spec, generator, tokenizer, group_ids)
+        t1 = time.perf_counter()
+        metrics.update(score_samples(manager, samples))
+        timing["timing_s/gen"] += t1 - t0
+        timing["timing_s/reward"] += time.perf_counter() - t1
+        rollout_rows.append(r_metrics)
+        if acc is None:
+            break
+        acc.add(samples, [_filter_value(s, fg.metric) for s in samples], [s.group_id for s in samples])
+        if acc.done:
+            samples = acc.samples()
+            metrics.update(acc.metrics())
+            break
+    for key in rollout_rows[0]:
+        metrics[key] = sum(r.get(key, 0.0) for r in rollout_rows) / len(rollout_rows)
+    return samples, {**metrics, **timing}
+
+
+def to_train_batch(samples: Sequence[Sample], pad_id: int) -> TrainBatch:
+    """Tensors of the step: ``[prompt][response][pad]`` rows, the score on every sample."""
+    seqs = [list(s.prompt.prompt_ids) + s.response_ids for s in samples]
+    attn = pad_right([[1] * len(x) for x in seqs], 0)
+    resp = pad_right([[0] * len(s.prompt.prompt_ids) + [1] * len(s.response_ids) for s in samples], 0)
+    logprobs = torch.zeros(attn.shape)
+    for i, s in enumerate(samples):
+        start = len(s.prompt.prompt_ids)
+        logprobs[i, start:start + len(s.rollout_logprobs)] = torch.tensor(s.rollout_logprobs)
+    return TrainBatch(input_ids=pad_right(seqs, pad_id), attention_mask=attn, response_mask=resp,
+                      group_ids=torch.tensor([s.group_id for s in samples]),
+                      scores=torch.tensor([s.score for s in samples], dtype=torch.float32),
+                      rollout_logprobs=logprobs)
+
+
+def sample_metrics(samples: Sequence[Sample], max_response_length: int) -> dict[str, float]:
+    """verl's data metrics of the step's kept samples."""
+    scores = torch.tensor([s.score for s in samples])
+    resp = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
+    prompt = torch.tensor([len(s.prompt.prompt_ids) for s in samples], dtype=torch.float32)
+    return {
+        "critic/score/mean": scores.mean().item(), "critic/score/max": scores.max().item(),
+        "critic/score/min": scores.min().item(),
+        "critic/acc/mean": sum(s.acc for s in samples) / len(samples),
+        "response_length/mean": resp.mean().item(), "response_length/max": resp.max().item(),
+        "response_length/min": resp.min().item(),
+        "response_length/clip_ratio": (resp >= max_response_length).float().mean().item(),
+        "prompt_length/mean": prompt.mean().item(),
+    }
+
+
+def counter(start: int) -> Iterator[int]:
+    return itertools.count(start)

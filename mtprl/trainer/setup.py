@@ -1,0 +1,176 @@
+"""Everything the RL loop holds between steps (:class:`Run`), how it is built from the config, saved
+and restored."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mtprl.config.loader import ConfigError, to_dict
+from mtprl.config.schema import MtprlConfig
+from mtprl.data import PromptLoader, build_prompt_dataset
+from mtprl.metrics import Tracker
+from mtprl.metrics.prometheus import PrometheusExporter
+from mtprl.reward.registry import RewardManager, build_reward_manager
+from mtprl.trainer.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from mtprl.trainer.optim import build_optimizer, build_scheduler
+from mtprl.trainer.policy import load_policy, load_policy_tokenizer, resolve_device, set_trainable
+
+
+@dataclass
+class Run:
+    cfg: MtprlConfig
+    device: torch.device
+    tokenizer: Any
+    model: torch.nn.Module  # the policy; the rollout engine holds this same module
+    ref_model: torch.nn.Module | None  # frozen initial policy, only when a KL term is on
+    engine: Any
+    reward: RewardManager
+    loader: PromptLoader
+    val_prompts: Any  # PromptDataset or []
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tracker: Tracker
+    exporter: PrometheusExporter | None
+    total_steps: int
+    root: Path
+    sample_gen: torch.Generator  # rollout sampling
+    shuffle_gen: torch.Generator  # mini-batch shuffling
+    step: int = 0
+    next_group_id: int = 0
+    kl_coef: float = 0.0
+    bad_steps: int = 0
+    last_checkpoint: Path | None = None
+    _batches: Iterator | None = field(default=None, repr=False)
+
+    def next_prompts(self) -> list:
+        """The next loader batch (``data.gen_batch_size`` prompts), rolling over epochs."""
+        while True:
+            if self._batches is None:
+                self._batches = iter(self.loader)
+            batch = next(self._batches, None)
+            if batch is not None:
+                return batch
+            self._batches = None
+
+    def group_ids(self) -> Iterator[int]:
+        while True:
+            self.next_group_id += 1
+            yield self.next_group_id - 1
+
+    def note_step_health(self, skipped_all: bool) -> None:
+        """Count consecutive steps whose every optimizer step was skipped (NaN / inf); stop at the limit."""
+        self.bad_steps = self.bad_steps + 1 if skipped_all else 0
+        limit = self.cfg.actor_rollout_ref.actor.max_bad_steps
+        if self.bad_steps >= limit:
+            raise FloatingPointError(
+                f"{self.bad_steps} consecutive steps had a non-finite loss or gradient norm and were skipped "
+                f"(actor_rollout_ref.actor.max_bad_steps={limit}); the last good checkpoint is "
+                f"{self.last_checkpoint or 'none (no checkpoint was saved)'}. Lower the learning rate or check the data.")
+
+    def export(self, metrics: dict[str, float]) -> None:
+        if self.exporter is not None:
+            self.exporter.update({k: v for k, v in metrics.items() if k.startswith("rollout/")}, step=self.step)
+
+    def close(self) -> None:
+        self.tracker.close()
+        self.reward.close()
+        if self.exporter is not None:
+            self.exporter.close()
+
+
+def build_engine(cfg: MtprlConfig, model):
+    from mtprl.rollout.engine import Engine
+
+    r = cfg.actor_rollout_ref.rollout
+    return Engine(model, max_num_seqs=r.max_num_seqs, max_num_batched_tokens=r.max_num_batched_tokens,
+                  max_seq_len=cfg.data.max_prompt_length + cfg.data.max_response_length)
+
+
+def build_reward(cfg: MtprlConfig) -> RewardManager:
+    rm, custom = cfg.reward_model, cfg.custom_reward_function
+    kwargs = dict(custom_reward_path=custom.path, custom_reward_name=custom.name, use_math_verify=rm.use_math_verify,
+                  num_workers=rm.num_workers, timeout_s=rm.timeout_s, failure_score=rm.failure_score)
+    if rm.reward_manager == "dapo":
+        buf = rm.reward_kwargs.overlong_buffer_cfg
+        kwargs.update(max_resp_len=rm.reward_kwargs.max_resp_len,
+                      overlong_buffer_cfg=dict(enable=buf.enable, len=buf.len, penalty_factor=buf.penalty_factor, log=buf.log))
+    try:
+        return build_reward_manager(rm.reward_manager, **kwargs)
+    except (FileNotFoundError, AttributeError, ImportError, ValueError) as e:
+        raise ConfigError(f"reward set-up failed: {e}") from None
+
+
+def _datasets(cfg: MtprlConfig, tokenizer, *, need_train: bool = True):
+    d = cfg.data
+    kw = dict(max_prompt_length=d.max_prompt_length, truncation=d.truncation,
+              filter_overlong_prompts=d.filter_overlong_prompts, prompt_key=d.prompt_key, reward_fn_key=d.reward_fn_key)
+    if need_train and not d.train_files:
+        raise ConfigError("data.train_files is empty: give RL parquet files in verl's schema")
+    if not need_train and not d.val_files:
+        raise ConfigError("data.val_files is empty: evaluation needs validation parquet files in verl's schema")
+    train = build_prompt_dataset(d.train_files, tokenizer, **kw) if d.train_files else None
+    val = build_prompt_dataset(d.val_files, tokenizer, **kw) if d.val_files else []
+    return train, val
+
+
+def setup(cfg: MtprlConfig, *, console=None, evaluate_only: bool = False) -> Run:
+    """Everything for training (or, with ``evaluate_only``, for validation of ``model.path`` as it is:
+    no training data needed, no resume)."""
+    device = resolve_device(cfg.trainer.device)
+    torch.manual_seed(cfg.trainer.seed)
+    tokenizer = load_policy_tokenizer(cfg.actor_rollout_ref.model)
+    # malformed data stops the run here, before any training
+    train_set, val_set = _datasets(cfg, tokenizer, need_train=not evaluate_only)
+    if train_set is None:
+        train_set = val_set
+    reward = build_reward(cfg)
+    model = load_policy(cfg.actor_rollout_ref.model, device)
+    mtp, actor, alg = cfg.actor_rollout_ref.model.mtp, cfg.actor_rollout_ref.actor, cfg.algorithm
+    set_trainable(model, trunk=True, mtp=mtp.enable and mtp.enable_train)  # frozen MTP layers never change
+    ref_model = None
+    if actor.use_kl_loss or alg.use_kl_in_reward:
+        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+    loader = PromptLoader(train_set.prompts, batch_size=cfg.data.gen_batch_size, seed=cfg.data.seed,
+                          shuffle=cfg.data.shuffle)
+    total = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * len(loader)
+    optimizer = build_optimizer(model, actor.optim)
+    scheduler = build_scheduler(optimizer, actor.optim, total)
+    root = Path(cfg.trainer.default_local_dir)
+    prom = cfg.actor_rollout_ref.rollout.prometheus
+    run = Run(cfg=cfg, device=device, tokenizer=tokenizer, model=model, ref_model=ref_model,
+              engine=build_engine(cfg, model), reward=reward, loader=loader,
+              val_prompts=val_set.prompts if val_set else [], optimizer=optimizer, scheduler=scheduler,
+              tracker=Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="rl"),
+              exporter=PrometheusExporter(prom.port, prom.host) if prom.enable else None, total_steps=total,
+              root=root, sample_gen=torch.Generator().manual_seed(cfg.trainer.seed),
+              shuffle_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1), kl_coef=alg.kl_ctrl.kl_coef)
+    resume = None if evaluate_only else resolve_resume(root, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
+    if resume is not None:
+        restore(run, resume)
+    return run
+
+
+def _generators(run: Run) -> dict[str, torch.Generator]:
+    return {"sample": run.sample_gen, "shuffle": run.shuffle_gen}
+
+
+def save(run: Run) -> Path:
+    state = {"loader": run.loader.state_dict(), "rng": rng_state(_generators(run)), "bad_steps": run.bad_steps,
+             "next_group_id": run.next_group_id, "kl_coef": run.kl_coef, "config": to_dict(run.cfg)}
+    run.last_checkpoint = save_checkpoint(run.root, run.step, run.model, run.optimizer, run.scheduler, state,
+                                          keep=run.cfg.trainer.max_actor_ckpt_to_keep)
+    return run.last_checkpoint
+
+
+def restore(run: Run, path: Path) -> None:
+    state = load_checkpoint(path, run.model, run.optimizer, run.scheduler)
+    run.loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"], _generators(run))
+    run.step, run.bad_steps = state["step"], state["bad_steps"]
+    run.next_group_id, run.kl_coef = state["next_group_id"], state["kl_coef"]
+    run.last_checkpoint = path

@@ -1,0 +1,52 @@
+"""Validation: generate on the validation set with ``rollout.val_kwargs`` and score.
+
+Metrics (verl's names): ``val-core/{data_source}/acc/mean@{n}``, ``val-aux/{data_source}/score/mean@{n}``,
+``val/response_length/mean`` and the rollout metrics of the validation generation under ``val/``.
+Validation draws from its own generator seeded from ``trainer.seed``, so it never shifts the
+training samples (a resumed run validates and trains exactly like an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from mtprl.config.schema import MtprlConfig
+from mtprl.trainer.samples import counter, generate_samples, sampling_params, score_samples, speculative_config
+
+
+def validate(cfg: MtprlConfig, engine, manager, val_prompts, tokenizer, tracker, step: int) -> dict[str, float]:
+    params, spec = sampling_params(cfg, tokenizer, validation=True), speculative_config(cfg)
+    generator = torch.Generator().manual_seed(cfg.trainer.seed + 7919)
+    size = cfg.data.val_batch_size or len(val_prompts)
+    samples, rollout = [], defaultdict(list)
+    gids = counter(0)
+    for start in range(0, len(val_prompts), size):
+        batch, r_metrics = generate_samples(engine, [val_prompts[i] for i in range(start, min(start + size, len(val_prompts)))],
+                                            params, spec, generator, tokenizer, gids)
+        score_samples(manager, batch)
+        samples += batch
+        for k, v in r_metrics.items():
+            rollout[k].append(v)
+    by_source: dict[str, list] = defaultdict(list)
+    for s in samples:
+        by_source[s.prompt.record.data_source].append(s)
+    n = params.n
+    metrics = {}
+    for source, group in sorted(by_source.items()):
+        metrics[f"val-core/{source}/acc/mean@{n}"] = sum(s.acc for s in group) / len(group)
+        metrics[f"val-aux/{source}/score/mean@{n}"] = sum(s.score for s in group) / len(group)
+    metrics["val/response_length/mean"] = sum(len(s.response_ids) for s in samples) / len(samples)
+    metrics.update({f"val/{k}": sum(v) / len(v) for k, v in rollout.items()})
+    for s in samples[: cfg.trainer.log_val_generations]:
+        prompt = s.prompt.record.messages[-1]["content"]
+        tracker.log_text("val/generations", f"[prompt] {prompt!r} [response] {s.response_text!r} "
+                         f"[ground truth] {s.prompt.record.ground_truth} [score] {s.score:g}", step)
+    return metrics
+
+
+def val_accuracy(metrics: dict[str, float]) -> float | None:
+    """Mean of the ``val-core/*/acc/*`` entries (one number for reports), None when there are none."""
+    accs = [v for k, v in metrics.items() if k.startswith("val-core/") and "/acc/" in k]
+    return sum(accs) / len(accs) if accs else None

@@ -1,0 +1,131 @@
+"""End to end: DAPO steps with MTP on a tiny random policy (speculative rollout, MTP loss, checkpoints, resume)."""
+
+import json
+
+import pytest
+import torch
+
+from mtprl.config import ConfigError, load_config
+from mtprl.model import from_pretrained
+from mtprl.trainer.loop import train
+
+# A reward that varies within groups even for a random policy: +1 for an even response length.
+PARITY_REWARD = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    return {"score": 1.0 if len(solution_str) % 2 == 0 else -1.0, "acc": len(solution_str) % 2 == 0}
+'''
+
+
+def _cfg(world, out, *extra, reward_file=None):
+    base = [
+        f"data.train_files={world.data.train}", f"data.val_files={world.data.val}", "data.max_prompt_length=64",
+        "data.max_response_length=12", "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        "actor_rollout_ref.rollout.n=4", f"actor_rollout_ref.model.path={world.model}",
+        "actor_rollout_ref.model.mtp.enable=True", "actor_rollout_ref.model.mtp.enable_train=True",
+        "actor_rollout_ref.model.mtp.enable_rollout=True", "actor_rollout_ref.model.mtp.speculative_num_steps=2",
+        "actor_rollout_ref.model.mtp.speculative_eagle_topk=1", "actor_rollout_ref.model.mtp.speculative_num_draft_tokens=3",
+        "actor_rollout_ref.actor.optim.lr=1e-3", "reward_model.reward_manager=dapo", "reward_model.num_workers=0",
+        "+reward_model.reward_kwargs.overlong_buffer_cfg.enable=True", "+reward_model.reward_kwargs.overlong_buffer_cfg.len=4",
+        "trainer.logger=[jsonl]", f"trainer.default_local_dir={out}", "trainer.test_freq=2", "trainer.save_freq=1",
+        "trainer.log_val_generations=2", "data.val_batch_size=8",
+    ]
+    if reward_file is not None:
+        base += [f"custom_reward_function.path={reward_file}"]
+    return load_config(None, base + list(extra))
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _comparable(row):
+    return {k: v for k, v in row.items() if not k.startswith(("timing_s/", "perf/", "time")) and "tokens_per_s" not in k
+            and "elapsed" not in k}
+
+
+@pytest.fixture
+def parity_reward(tmp_path):
+    path = tmp_path / "parity_reward.py"
+    path.write_text(PARITY_REWARD)
+    return path
+
+
+@pytest.mark.slow
+def test_three_dapo_steps_with_mtp_then_resume_exactly(tiny_world, tmp_path, parity_reward):
+    extra = ["trainer.total_training_steps=3", "algorithm.filter_groups.enable=True",
+             "algorithm.filter_groups.max_num_gen_batches=10", "data.gen_batch_size=4"]
+    full = tmp_path / "full"
+    train(_cfg(tiny_world, full, *extra, reward_file=parity_reward))
+    rows = _rows(full)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # validation before training, then 3 steps
+    step = rows[1]
+    for key in ("critic/score/mean", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy",
+                "actor/grad_norm", "mtp_losses/mtp_1_loss", "mtp/acc_2", "rollout/spec_accept_length",
+                "rollout/spec_accept_rate_1", "rollout/spec_accept_rate_2", "train/num_gen_batches",
+                "response_length/mean", "timing_s/gen", "timing_s/update_actor", "perf/throughput"):
+        assert key in step, key
+    assert any(k.startswith("val-core/synthetic_arith/acc/mean@1") for k in rows[0])
+    assert (full / "global_step_3" / "actor" / "config.json").is_file()
+    assert (full / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert len((full / "generations.jsonl").read_text().splitlines()) >= 2
+    # the MTP layers were trained
+    before, after = from_pretrained(tiny_world.model).state_dict(), from_pretrained(full / "global_step_3" / "actor").state_dict()
+    assert not torch.equal(before["mtp_layers.0.input_proj.weight"], after["mtp_layers.0.input_proj.weight"])
+
+    # a run stopped after step 2, resumed (resume_mode=auto), gives the same step-3 metrics
+    part = tmp_path / "part"
+    train(_cfg(tiny_world, part, *extra[1:], "trainer.total_training_steps=2", reward_file=parity_reward))
+    train(_cfg(tiny_world, part, *extra[1:], "trainer.total_training_steps=3", reward_file=parity_reward))
+    resumed = _rows(part)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    assert _comparable(resumed[-1]) == pytest.approx(_comparable(rows[-1]), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_frozen_mtp_layers_never_change(tiny_world, tmp_path):
+    out = tmp_path / "frozen"
+    train(_cfg(tiny_world, out, "trainer.total_training_steps=1", "trainer.val_before_train=False",
+               "actor_rollout_ref.model.mtp.enable_train=False", "actor_rollout_ref.actor.optim.weight_decay=0.5"))
+    before, after = from_pretrained(tiny_world.model).state_dict(), from_pretrained(out / "global_step_1" / "actor").state_dict()
+    for name in before:
+        if name.startswith("mtp_layers."):
+            assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["layers.0.mlp.up_proj.weight"], after["layers.0.mlp.up_proj.weight"])
+    row = _rows(out)[-1]
+    assert "mtp_losses/mtp_1_loss" not in row and "rollout/spec_accept_length" in row
+
+
+def test_rollout_logprobs_match_recomputed_old_logprobs(tiny_world):
+    from mtprl.trainer.samples import collect_step_samples, to_train_batch
+    from mtprl.trainer.setup import setup
+    from mtprl.trainer.update import compute_logprobs
+
+    cfg = _cfg(tiny_world, tiny_world.root / "unused", "trainer.resume_mode=disable")
+    run = setup(cfg)
+    try:
+        samples, _ = collect_step_samples(cfg, run.engine, run.reward, run.next_prompts, run.sample_gen, run.tokenizer,
+                                          run.group_ids())
+        batch = to_train_batch(samples, run.tokenizer.pad_token_id)
+        recomputed = compute_logprobs(run.model, batch, cfg)
+        mask = batch.response_mask.bool()
+        torch.testing.assert_close(batch.rollout_logprobs[mask], recomputed[mask], rtol=0, atol=1e-4)
+    finally:
+        run.close()
+
+
+def test_malformed_data_stops_before_training(tiny_world, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tiny_world.data.train).to_pylist()[:4]
+    rows[2]["reward_model"] = {"style": "rule", "ground_truth": None}
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), bad)
+    with pytest.raises(ValueError, match=r"bad.parquet.*row 2.*ground_truth"):
+        train(_cfg(tiny_world, tmp_path / "out", f"data.train_files={bad}"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_custom_reward_is_a_startup_error(tiny_world, tmp_path):
+    with pytest.raises(ConfigError, match="nope.py"):
+        train(_cfg(tiny_world, tmp_path / "out", reward_file=tmp_path / "nope.py"))
