@@ -129,3 +129,41 @@ def test_malformed_data_stops_before_training(tiny_world, tmp_path):
 def test_missing_custom_reward_is_a_startup_error(tiny_world, tmp_path):
     with pytest.raises(ConfigError, match="nope.py"):
         train(_cfg(tiny_world, tmp_path / "out", reward_file=tmp_path / "nope.py"))
+
+
+def test_consecutive_bad_steps_stop_with_the_last_checkpoint_intact(tiny_world, tmp_path, monkeypatch):
+    import mtprl.trainer.loop as loop
+
+    calls = []
+
+    def nan_update(model, optimizer, batch, cfg, generator):
+        calls.append(1)
+        if len(calls) == 1:  # the first step is healthy
+            return {"actor/pg_loss": 0.0}, 0
+        return {"actor/pg_loss": float("nan")}, 99  # every optimizer step skipped
+
+    monkeypatch.setattr(loop, "actor_update", nan_update)
+    out = tmp_path / "bad"
+    cfg = _cfg(tiny_world, out, "trainer.total_training_steps=6", "trainer.val_before_train=False",
+               "trainer.test_freq=-1", "actor_rollout_ref.actor.max_bad_steps=2")
+    with pytest.raises(FloatingPointError, match=r"2 consecutive steps.*global_step_2"):
+        train(cfg)
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert from_pretrained(out / "global_step_2" / "actor") is not None
+
+
+def test_prometheus_endpoint_serves_rollout_metrics(tiny_world, tmp_path):
+    import urllib.request
+
+    from mtprl.trainer.setup import setup
+
+    cfg = _cfg(tiny_world, tmp_path / "p", "actor_rollout_ref.rollout.prometheus.enable=True",
+               "actor_rollout_ref.rollout.prometheus.port=0", "trainer.resume_mode=disable")
+    run = setup(cfg)
+    try:
+        run.export({"rollout/spec_accept_length": 2.5, "actor/pg_loss": 1.0})
+        body = urllib.request.urlopen(f"http://127.0.0.1:{run.exporter.port}/metrics", timeout=5).read().decode()
+    finally:
+        run.close()
+    assert "mtprl_rollout_spec_accept_length 2.5" in body
+    assert "pg_loss" not in body  # only rollout metrics are exported
