@@ -18,6 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 # Keys shown on the console line, in this order, with short labels; everything else goes to files.
 CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
+    ("sft/lm_loss", "loss"),
+    ("val/sft/lm_loss", "val_loss"),
     ("critic/score/mean", "score"),
     ("critic/acc/mean", "acc"),
     ("response_length/mean", "resp_len"),
@@ -25,6 +27,7 @@ CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
     ("actor/entropy", "entropy"),
     ("actor/grad_norm", "gnorm"),
     ("mtp_losses/mtp_1_loss", "mtp1"),
+    ("mtp/acc_1", "mtp_acc1"),
     ("rollout/spec_accept_length", "acc_len"),
     ("perf/throughput", "tok/s"),
     ("timing_s/step", "step_s"),

@@ -80,3 +80,17 @@ def test_nonfinite_gradient_skips_the_step():
     delta, metrics, skipped = _grads_after_update(model, batch, _cfg())
     assert skipped == 1
     assert all(bool((d == 0).all()) for d in delta.values())  # nothing changed
+
+
+def test_update_raises_logprobs_of_positive_advantage_samples():
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.tiny(vocab_size=64))
+    batch = _batch(n=4, seed=3)
+    batch.advantages = (torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None] * batch.response_mask).float()
+    cfg = _cfg("actor_rollout_ref.actor.ppo_mini_batch_size=2", "data.train_batch_size=2")
+    batch.old_logprobs = compute_logprobs(model, batch, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    actor_update(model, opt, batch, cfg, torch.Generator().manual_seed(0))
+    new = compute_logprobs(model, batch, cfg)
+    seq_change = ((new - batch.old_logprobs) * batch.response_mask).sum(-1)
+    assert (seq_change[[0, 2]] > 0).all() and (seq_change[[1, 3]] < 0).all(), seq_change
