@@ -130,14 +130,24 @@ def rl_row(problem: MathProblem, index: int, split: str, instruction: str = SHOR
     }
 
 
-def sft_row(problem: MathProblem, index: int, split: str, instruction: str = SHORT_INSTRUCTION) -> dict[str, Any]:
-    """One SFT row: verl's single-turn `prompt`/`response` strings plus the multi-turn `messages`."""
+def prose_solution(problem: MathProblem) -> str:
+    """The worked solution with the last line in prose ("The answer is 8.") instead of "Answer: 8": correct
+    arithmetic that the DAPO scorer cannot grade (no `Answer:` line, no \\boxed{})."""
+    steps = problem.solution.rsplit("\n", 1)[0]
+    return f"{steps}\nThe answer is {problem.answer}."
+
+
+def sft_row(problem: MathProblem, index: int, split: str, instruction: str = SHORT_INSTRUCTION,
+            prose: bool = False) -> dict[str, Any]:
+    """One SFT row: verl's single-turn `prompt`/`response` strings plus the multi-turn `messages`;
+    ``prose`` ends the response with :func:`prose_solution`'s ungradable last line."""
     prompt = user_content(problem.question, instruction)
+    response = prose_solution(problem) if prose else problem.solution
     return {
         "data_source": DATA_SOURCE,
         "prompt": prompt,
-        "response": problem.solution,
-        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": problem.solution}],
+        "response": response,
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
         "extra_info": {"index": index, "level": problem.level, "ground_truth": str(problem.answer), "split": split},
     }
 
@@ -160,10 +170,18 @@ def write_synthetic_math(
     seed: int,
     levels: Sequence[int] = LEVELS,
     instruction: str = SHORT_INSTRUCTION,
+    sft_prose_frac: float = 0.0,
 ) -> SyntheticMathPaths:
-    """Write RL and SFT parquet files for both splits under out_dir; same arguments -> same files."""
+    """Write RL and SFT parquet files for both splits under out_dir; same arguments -> same files.
+
+    sft_prose_frac: share of SFT responses (chosen with a seeded draw) that end in prose ("The answer is
+    n.") instead of "Answer: n" - teacher data from mixed sources, of which only one style is graded.
+    RL rows are not affected.
+    """
     if num_train <= 0 or num_val <= 0:
         raise ValueError(f"num_train and num_val must be positive, got {num_train} and {num_val}")
+    if not 0.0 <= sft_prose_frac <= 1.0:
+        raise ValueError(f"sft_prose_frac must lie in [0, 1], got {sft_prose_frac}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = SyntheticMathPaths(
@@ -176,6 +194,8 @@ def write_synthetic_math(
     ):
         problems = make_problems(num, seed=seed, split=split, levels=levels)
         pq.write_table(pa.Table.from_pylist([rl_row(p, i, split, instruction) for i, p in enumerate(problems)]), rl_path)
-        pq.write_table(pa.Table.from_pylist([sft_row(p, i, split, instruction) for i, p in enumerate(problems)]), sft_path)
+        prose = np.random.default_rng([seed, 2, _SPLIT_IDS[split]]).random(num) < sft_prose_frac
+        rows = [sft_row(p, i, split, instruction, prose=bool(prose[i])) for i, p in enumerate(problems)]
+        pq.write_table(pa.Table.from_pylist(rows), sft_path)
     return paths
 

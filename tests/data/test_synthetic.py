@@ -143,3 +143,22 @@ def test_sft_files_follow_verl_and_tokenize(tmp_path, hf_tokenizer, raw_tokenize
         target = [t for t, m in zip(ex.input_ids, ex.loss_mask) if m]
         assert raw_tokenizer.decode(target, skip_special_tokens=False) == row["response"] + "<|im_end|>"
         assert ex.loss_mask == sorted(ex.loss_mask)  # prompt zeros, then response ones
+
+
+def test_sft_prose_fraction_marks_only_sft_rows(tmp_path):
+    import pyarrow.parquet as pq
+
+    from mtprl.data.synthetic import write_synthetic_math
+    from mtprl.reward.math_dapo import compute_score
+
+    paths = write_synthetic_math(tmp_path, num_train=400, num_val=10, seed=0, levels=(1, 2), sft_prose_frac=0.5)
+    sft = pq.read_table(paths.sft_train).to_pylist()
+    prose = [r for r in sft if "Answer:" not in r["response"]]
+    assert 150 < len(prose) < 250  # about half
+    for r in prose[:20]:
+        truth = r["extra_info"]["ground_truth"]
+        assert r["response"].endswith(f"The answer is {truth}.")
+        assert compute_score(r["response"], truth)["score"] == -1.0  # correct, but not gradable
+    assert all("Answer:" in r["extra_info"]["solution"] for r in pq.read_table(paths.train).to_pylist())
+    again = write_synthetic_math(tmp_path / "again", num_train=400, num_val=10, seed=0, levels=(1, 2), sft_prose_frac=0.5)
+    assert pq.read_table(again.sft_train).to_pylist() == sft
