@@ -35,15 +35,6 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_built(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        load_config(getattr(args, "preset", None), getattr(args, "overrides", []))  # still validate what was typed
-        print(f"mtprl {args.command}: the {what} is not built yet (see the issue '{issue}')", file=sys.stderr)
-        return 2
-
-    return run
-
-
 def _cmd_sft(args: argparse.Namespace) -> int:
     from mtprl.trainer.sft import run_sft
 
@@ -86,7 +77,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "train": ("run DAPO / GRPO training with MTP", _cmd_train),
     "sft": ("supervised fine-tuning / MTP warm-up (sft.freeze_trunk=True: MTP layers only)", _cmd_sft),
-    "generate": ("generate completions with the native engine", _not_built("rollout engine", "P1 Rollout engine")),
+    "generate": ("generate completions with the native engine (MTP speculative decoding optional)", _cmd_generate),
     "eval": ("run validation on a checkpoint (actor_rollout_ref.model.path, data.val_files)", _cmd_eval),
     "demo": ("the main job on the embedded default: data, tokenizer, SFT, DAPO+MTP, report", _cmd_demo),
 }
@@ -100,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (help_text, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "generate":
+            from mtprl.rollout.cli import add_generate_args
+
+            add_generate_args(p)
+            continue
         _add_config_args(p)
         if name == "demo":
             p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
