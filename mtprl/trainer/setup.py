@@ -149,6 +149,9 @@ def setup(cfg: MtprlConfig, *, console=None, evaluate_only: bool = False) -> Run
               exporter=PrometheusExporter(prom.port, prom.host) if prom.enable else None, total_steps=total,
               root=root, sample_gen=torch.Generator().manual_seed(cfg.trainer.seed),
               shuffle_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1), kl_coef=alg.kl_ctrl.kl_coef)
+    run.tracker.log_text("data/train", train_set.describe(), 0)  # how many prompts were filtered / truncated
+    if val_set:
+        run.tracker.log_text("data/val", val_set.describe(), 0)
     resume = None if evaluate_only else resolve_resume(root, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
     if resume is not None:
         restore(run, resume)

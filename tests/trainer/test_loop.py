@@ -167,3 +167,16 @@ def test_prometheus_endpoint_serves_rollout_metrics(tiny_world, tmp_path):
         run.close()
     assert "mtprl_rollout_spec_accept_length 2.5" in body
     assert "pg_loss" not in body  # only rollout metrics are exported
+
+
+def test_eval_command_validates_a_checkpoint(tiny_world, tmp_path, capsys):
+    from mtprl.cli import main
+
+    rc = main(["eval", f"data.val_files={tiny_world.data.val}", f"actor_rollout_ref.model.path={tiny_world.model}",
+               "data.max_response_length=8", "trainer.logger=[jsonl]", f"trainer.default_local_dir={tmp_path}",
+               "actor_rollout_ref.rollout.val_kwargs.n=2", "actor_rollout_ref.rollout.val_kwargs.do_sample=True",
+               "actor_rollout_ref.rollout.val_kwargs.temperature=1.0"])
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0.0 <= metrics["val-core/synthetic_arith/acc/mean@2"] <= 1.0
+    assert "16 prompt rows, 16 kept" in (tmp_path / "generations.jsonl").read_text()
