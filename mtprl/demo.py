@@ -10,6 +10,7 @@ model -> report (``report.md``, ``plots/``, ``summary.json``, TensorBoard logs).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +31,10 @@ class DemoSize:
     num_train: int = 4000
     num_val: int = 128
     levels: tuple[int, ...] = (1, 1, 1, 2)  # TINY_MODEL_LEVELS: level 1 three times as often as level 2
-    sft_steps: int = 150
+    sft_prose_frac: float = 0.7  # SFT answers in two styles; only "Answer: n" is graded (see the README)
+    sft_steps: int = 300
     sft_batch: int = 64
-    rl_steps: int = 20
+    rl_steps: int = 40
     hidden: int = 128
     layers: int = 4
     mtp_layers: int = 3
@@ -41,7 +43,7 @@ class DemoSize:
 QUICK = DemoSize(num_train=256, num_val=16, sft_steps=6, sft_batch=16, rl_steps=2, hidden=64, layers=2, mtp_layers=2)
 # A few SFT steps leave the quick model wrong on every prompt, so dynamic sampling would find no group
 # with varied rewards: the quick run (a smoke test of every stage) generates one batch per step instead.
-QUICK_RL_OVERRIDES = ("algorithm.filter_groups.enable=False", "data.train_batch_size=8",
+QUICK_RL_OVERRIDES = ("algorithm.filter_groups.enable=False", "data.train_batch_size=8", "data.gen_batch_size=8",
                       "actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.rollout.n=4")
 
 
@@ -69,8 +71,10 @@ def rl_overrides(out: Path, data, sft_dir: Path, size: DemoSize, name: str = "rl
             f"trainer.experiment_name=demo_{name}"]
 
 
-def measure_rollout_speed(model_dir: Path, cfg, console: Console) -> dict[str, float]:
-    """Tokens/s of the final policy on the validation prompts, plain vs speculative, same seed."""
+def measure_rollout_speed(cfg, console: Console) -> dict[str, float]:
+    """Tokens/s of the final policy, plain vs speculative with the same seeds, median of 3: on the whole
+    validation set with rollout.n samples per prompt (the RL shape: a wide batch), and one prompt at a time
+    (batch 1, the latency shape)."""
     import torch
 
     from mtprl.data import build_prompt_dataset
@@ -83,18 +87,25 @@ def measure_rollout_speed(model_dir: Path, cfg, console: Console) -> dict[str, f
     model = load_policy(model_cfg, torch.device("cpu"))
     prompts = build_prompt_dataset(cfg.data.val_files, tok, max_prompt_length=cfg.data.max_prompt_length).prompts
     engine = build_engine(cfg, model)
-    params = sampling_params(cfg, tok)
+    wide = sampling_params(cfg, tok)
+    narrow = dataclasses.replace(wide, n=1)
     ids = [p.prompt_ids for p in prompts]
     out = {}
-    for label, spec in (("plain", None), ("speculative", speculative_config(cfg))):
-        rates = []
-        for rep in range(3):
-            res = engine.generate_with_metrics(ids, params, speculative=spec, generator=torch.Generator().manual_seed(rep))
-            rates.append(res.metrics.tokens_per_s)
-        out[f"rollout_tokens_per_s_{label}"] = sorted(rates)[1]
-    out["rollout_speedup"] = out["rollout_tokens_per_s_speculative"] / out["rollout_tokens_per_s_plain"]
-    console.print(f"rollout tokens/s (median of 3): plain {out['rollout_tokens_per_s_plain']:.0f}, speculative "
-                  f"{out['rollout_tokens_per_s_speculative']:.0f} ({out['rollout_speedup']:.2f}x)")
+    for shape, params, batches in (("batch", wide, [ids]), ("b1", narrow, [[x] for x in ids[:16]])):
+        for label, spec in (("plain", None), ("speculative", speculative_config(cfg))):
+            rates = []
+            for rep in range(3):
+                gen = torch.Generator().manual_seed(rep)
+                tokens = seconds = 0.0
+                for prompts_ in batches:
+                    m = engine.generate_with_metrics(prompts_, params, speculative=spec, generator=gen).metrics
+                    tokens, seconds = tokens + m.num_generated_tokens, seconds + m.elapsed_s
+                rates.append(tokens / seconds)
+            out[f"rollout_tokens_per_s_{label}_{shape}"] = sorted(rates)[1]
+        out[f"rollout_speedup_{shape}"] = out[f"rollout_tokens_per_s_speculative_{shape}"] / out[f"rollout_tokens_per_s_plain_{shape}"]
+        console.print(f"rollout tokens/s, {'RL batch' if shape == 'batch' else 'batch 1'} (median of 3): plain "
+                      f"{out[f'rollout_tokens_per_s_plain_{shape}']:.0f}, speculative "
+                      f"{out[f'rollout_tokens_per_s_speculative_{shape}']:.0f} ({out[f'rollout_speedup_{shape}']:.2f}x)")
     return out
 
 
@@ -110,7 +121,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, overrides: list[str] = (), qu
     out = Path(out_dir)
     t0 = time.perf_counter()
     console.rule("[bold]1/6 synthetic math data")
-    data = write_synthetic_math(out / "data", num_train=size.num_train, num_val=size.num_val, seed=0, levels=size.levels)
+    data = write_synthetic_math(out / "data", num_train=size.num_train, num_val=size.num_val, seed=0, levels=size.levels,
+                                sft_prose_frac=size.sft_prose_frac)
     console.rule("[bold]2/6 tokenizer")
     tok_dir = build_math_tokenizer(out / "tokenizer", vocab_size=384, num_problems=2000, seed=0)
     vocab = -(-len(load_tokenizer(tok_dir)) // 8) * 8  # rounded up to a multiple of 8
@@ -134,7 +146,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, overrides: list[str] = (), qu
     console.rule("[bold]6/6 rollout speed and report")
     final = Path(rl_cfg.trainer.default_local_dir) / f"global_step_{rl_cfg.trainer.total_training_steps}" / "actor"
     speed_cfg = load_config(preset, rl_overrides(out, data, final, size) + list(overrides))
-    extra = measure_rollout_speed(final, speed_cfg, console)
+    extra = measure_rollout_speed(speed_cfg, console)
     extra["wall_seconds"] = time.perf_counter() - t0
     summary = write_report(out / "rl", extra, compare=compare)
     console.print(f"report: {out / 'rl' / 'report.md'}\nplots: {out / 'rl' / 'plots'}\nsummary: "
