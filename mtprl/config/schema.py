@@ -34,7 +34,6 @@ class DataConfig:
     filter_overlong_prompts: bool = True  # drop (and count) prompts over max_prompt_length
     shuffle: bool = True
     seed: int = 1  # data shuffling seed
-    return_raw_chat: bool = False  # keep the chat messages on each sample (for custom rewards)
 
 
 # --------------------------------------------------------------------------------------- model
@@ -79,7 +78,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     clip_grad: float = 1.0  # max global grad norm (verl megatron spelling; actor.grad_clip is the FSDP one)
-    total_training_steps: int = -1  # -1 -> filled in by the trainer
+    total_training_steps: int = -1  # LR schedule length; -1 -> the run's number of optimizer-schedule steps
 
 
 @dataclass
@@ -137,6 +136,7 @@ class ActorConfig:
 
 @dataclass
 class RefConfig:
+    # reference log-probs; None / False here -> the actor's ppo_micro_batch_size_per_gpu / use_dynamic_bsz
     log_prob_micro_batch_size_per_gpu: Optional[int] = None
     log_prob_use_dynamic_bsz: bool = False
     log_prob_max_token_len_per_gpu: int = 16384
@@ -170,10 +170,11 @@ class RolloutConfig:
     top_p: float = 1.0
     do_sample: bool = True
     tensor_model_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5  # CUDA: share of free memory for the KV cache
-    max_num_batched_tokens: int = 8192  # KV-token budget of the engine (prompt + response tokens live at once)
+    gpu_memory_utilization: float = 0.5  # CUDA: share of free GPU memory for the KV cache (CPU: max_num_seqs bounds it)
+    max_num_batched_tokens: int = 8192  # padded prompt tokens per prefill forward (with enable_chunked_prefill)
     max_num_seqs: int = 1024  # live sequences at once
-    enable_chunked_prefill: bool = True  # prefill long prompt batches in chunks of max_num_batched_tokens
+    enable_chunked_prefill: bool = True  # prefill admitted prompts in forwards of <= max_num_batched_tokens tokens
+    # old-policy log-probs; None / False here -> the actor's ppo_micro_batch_size_per_gpu / use_dynamic_bsz
     log_prob_micro_batch_size_per_gpu: Optional[int] = None
     log_prob_use_dynamic_bsz: bool = False
     log_prob_max_token_len_per_gpu: int = 16384
@@ -208,7 +209,7 @@ class FilterGroupsConfig:
 @dataclass
 class AlgorithmConfig:
     gamma: float = 1.0
-    lam: float = 1.0
+    lam: float = 1.0  # GAE lambda: only 1.0 (no critic in the GRPO family)
     adv_estimator: str = "grpo"  # grpo | rloo | reinforce_plus_plus
     norm_adv_by_std_in_grpo: bool = True
     use_kl_in_reward: bool = False

@@ -140,6 +140,16 @@ def _check_backends(errors: list[str], cfg: MtprlConfig) -> None:
                     f"actor_rollout_ref.{who}.fsdp_config.{name}=True is not available: CPU offload only pays on "
                     "GPU and is not implemented; leave it False"
                 )
+    for who in ("actor", "ref"):
+        size = getattr(arr, who).fsdp_config.fsdp_size
+        if size not in (-1, 1):
+            errors.append(
+                f"actor_rollout_ref.{who}.fsdp_config.fsdp_size={size} is not available: FSDP sharding needs "
+                "multi-process training, which is not available yet; leave it -1"
+            )
+    if cfg.algorithm.lam != 1.0:
+        errors.append(f"algorithm.lam={cfg.algorithm.lam}: GAE's lambda needs a critic, and there is none "
+                      "(GRPO family); leave it 1.0")
     if cfg.reward_model.enable:
         errors.append(
             "reward_model.enable=True is not available: learned reward models are not supported; use a "

@@ -38,7 +38,7 @@ def rl_step(run: Run) -> dict[str, float]:
         batch.old_logprobs = batch.rollout_logprobs if actor.use_rollout_log_probs else compute_logprobs(run.model, batch, cfg)
     if run.ref_model is not None:
         with timed(metrics, "ref"):
-            batch.ref_logprobs = compute_logprobs(run.ref_model, batch, cfg)
+            batch.ref_logprobs = compute_logprobs(run.ref_model, batch, cfg, role="ref")
     with timed(metrics, "adv"):
         rewards = scores_to_token_rewards(batch.scores, batch.response_mask)  # [N,T] score on the last token
         if alg.use_kl_in_reward:

@@ -45,6 +45,8 @@ def lr_factor(step: int, *, warmup: int, total: int, style: str, min_lr_ratio: f
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """One scheduler step per training step; ``optim.total_training_steps`` (> 0) overrides the run length."""
+    total_steps = optim.total_training_steps if optim.total_training_steps > 0 else total_steps
     warm = warmup_steps(optim, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,

@@ -39,6 +39,8 @@ def load_policy(model_cfg: ModelConfig, device: torch.device):
     mtp = model_cfg.mtp
     num = mtp.num_layers if mtp.enable else None
     model = from_pretrained(model_cfg.path, dtype=DTYPES[model_cfg.dtype], device=device, num_mtp_layers=num)
+    if model_cfg.enable_gradient_checkpointing:
+        apply_gradient_checkpointing(model)
     if mtp.enable and model.config.num_mtp_layers == 0:
         raise ConfigError(
             f"actor_rollout_ref.model.mtp.enable=True but {model_cfg.path} has no MTP layers; set "
@@ -61,6 +63,30 @@ def load_policy_tokenizer(model_cfg: ModelConfig):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+class _CheckpointedForward:
+    """Mixin: the block's forward runs under torch.utils.checkpoint when gradients are on."""
+
+    def forward(self, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        if not torch.is_grad_enabled():
+            return super().forward(*args, **kwargs)
+        return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_gradient_checkpointing(model) -> None:
+    """Recompute each decoder block's activations in the backward pass instead of storing them
+    (``model.enable_gradient_checkpointing``), applied from outside the model: every block of the trunk and
+    of the MTP layers becomes a subclass with a checkpointed forward. Parameter names and deep copies are
+    unaffected, and gradients are unchanged (tested)."""
+    blocks = list(model.layers) + [m.block for m in model.mtp_layers]
+    for block in blocks:
+        cls = type(block)
+        if issubclass(cls, _CheckpointedForward):
+            continue
+        block.__class__ = type(f"Checkpointed{cls.__name__}", (_CheckpointedForward, cls), {})
 
 
 def set_trainable(model, *, trunk: bool, mtp: bool) -> None:

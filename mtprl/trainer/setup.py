@@ -87,8 +87,18 @@ def build_engine(cfg: MtprlConfig, model):
     from mtprl.rollout.engine import Engine
 
     r = cfg.actor_rollout_ref.rollout
-    return Engine(model, max_num_seqs=r.max_num_seqs, max_num_batched_tokens=r.max_num_batched_tokens,
-                  max_seq_len=cfg.data.max_prompt_length + cfg.data.max_response_length)
+    max_seq_len = cfg.data.max_prompt_length + cfg.data.max_response_length
+    kv_budget = None  # CPU: max_num_seqs x max_seq_len
+    ref = next(model.parameters())
+    if ref.is_cuda:  # gpu_memory_utilization of the free memory, in tokens of trunk + MTP K/V
+        free, _ = torch.cuda.mem_get_info(ref.device)
+        c = model.config
+        per_token = 2 * (c.num_hidden_layers + c.num_mtp_layers) * c.num_key_value_heads * c.resolved_head_dim * ref.element_size()
+        kv_budget = max(int(free * r.gpu_memory_utilization) // per_token, max_seq_len)
+    # without chunked prefill, every admitted prompt is prefilled in one forward
+    prefill_tokens = r.max_num_batched_tokens if r.enable_chunked_prefill else r.max_num_seqs * max_seq_len
+    return Engine(model, max_num_seqs=r.max_num_seqs, max_num_batched_tokens=prefill_tokens, max_seq_len=max_seq_len,
+                  kv_token_budget=kv_budget)
 
 
 def build_reward(cfg: MtprlConfig) -> RewardManager:

@@ -55,11 +55,20 @@ class TrainBatch:
                                 if getattr(self, f.name) is not None})
 
 
-def micro_batches(batch: TrainBatch, cfg: MtprlConfig) -> list[list[int]]:
+def micro_batches(batch: TrainBatch, cfg: MtprlConfig, role: str = "actor") -> list[list[int]]:
+    """Row groups for the forwards of ``role``: "actor" (the update), "rollout" (old log-probs) or "ref"
+    (reference log-probs); the latter two use their ``log_prob_*`` settings, falling back to the actor's."""
     actor = cfg.actor_rollout_ref.actor
-    if actor.use_dynamic_bsz:
-        return split_by_tokens(batch.attention_mask.sum(-1).tolist(), actor.ppo_max_token_len_per_gpu)
-    return split_fixed(len(batch), actor.ppo_micro_batch_size_per_gpu)
+    dynamic, max_tokens, micro = actor.use_dynamic_bsz, actor.ppo_max_token_len_per_gpu, actor.ppo_micro_batch_size_per_gpu
+    if role != "actor":
+        own = getattr(cfg.actor_rollout_ref, role)
+        if own.log_prob_use_dynamic_bsz:
+            dynamic, max_tokens = True, own.log_prob_max_token_len_per_gpu
+        elif own.log_prob_micro_batch_size_per_gpu is not None:
+            dynamic, micro = False, own.log_prob_micro_batch_size_per_gpu
+    if dynamic:
+        return split_by_tokens(batch.attention_mask.sum(-1).tolist(), max_tokens)
+    return split_fixed(len(batch), micro)
 
 
 def _forward(model, mb: TrainBatch, cfg: MtprlConfig, *, compute_mtp: bool):
@@ -73,11 +82,12 @@ def _forward(model, mb: TrainBatch, cfg: MtprlConfig, *, compute_mtp: bool):
 
 
 @torch.no_grad()
-def compute_logprobs(model, batch: TrainBatch, cfg: MtprlConfig) -> torch.Tensor:
-    """[N,T] log-probs of every token under ``model`` at the rollout temperature (old / reference policy)."""
+def compute_logprobs(model, batch: TrainBatch, cfg: MtprlConfig, role: str = "rollout") -> torch.Tensor:
+    """[N,T] log-probs of every token under ``model`` at the rollout temperature; ``role`` "rollout" (old
+    policy) or "ref" picks the micro-batch settings."""
     temperature = cfg.actor_rollout_ref.rollout.temperature or 1.0
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
-    for rows in micro_batches(batch, cfg):
+    for rows in micro_batches(batch, cfg, role):
         mb = batch.select(rows)
         res, ids, _, _ = _forward(model, mb, cfg, compute_mtp=False)
         out[torch.as_tensor(rows), : ids.shape[1]] = token_logprobs(res.logits, ids, temperature)

@@ -106,6 +106,9 @@ def test_list_key_accepts_a_single_name():
         (["actor_rollout_ref.actor.fsdp_config.param_offload=True"], "not available"),
         (["actor_rollout_ref.actor.grad_clip=0.5", "actor_rollout_ref.actor.optim.clip_grad=2.0"], "disagree"),
         (["trainer.save_freq=0"], "positive number of steps or -1"),
+        (["actor_rollout_ref.actor.fsdp_config.fsdp_size=4"], "FSDP sharding needs multi-process training"),
+        (["algorithm.lam=0.95"], "needs a critic"),
+        (["data.gen_batch_size=16"], "only applies with dynamic sampling"),
     ],
 )
 def test_cross_field_errors(overrides, words):

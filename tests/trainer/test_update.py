@@ -94,3 +94,31 @@ def test_update_raises_logprobs_of_positive_advantage_samples():
     new = compute_logprobs(model, batch, cfg)
     seq_change = ((new - batch.old_logprobs) * batch.response_mask).sum(-1)
     assert (seq_change[[0, 2]] > 0).all() and (seq_change[[1, 3]] < 0).all(), seq_change
+
+
+def test_gradient_checkpointing_keeps_the_gradient():
+    from mtprl.trainer.policy import apply_gradient_checkpointing
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.tiny(vocab_size=64))
+    batch = _batch()
+    batch.old_logprobs = compute_logprobs(model, batch, _cfg()) + 0.05 * batch.response_mask
+    plain, _, _ = _grads_after_update(model, batch, _cfg())
+    ckpt_model = copy.deepcopy(model)
+    apply_gradient_checkpointing(ckpt_model)
+    ckpt, _, _ = _grads_after_update(ckpt_model, batch, _cfg())  # (updates a deep copy: must stay checkpointed)
+    assert type(ckpt_model.layers[0]).__name__ == "CheckpointedDecoderBlock"
+    assert set(ckpt_model.state_dict()) == set(model.state_dict())
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_log_prob_micro_batch_settings_do_not_change_logprobs():
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.tiny(vocab_size=64))
+    batch = _batch()
+    whole = compute_logprobs(model, batch, _cfg())
+    for extra in (["actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1"],
+                  ["actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True", "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=12"]):
+        for role in ("rollout", "ref"):
+            torch.testing.assert_close(compute_logprobs(model, batch, _cfg(*extra), role=role), whole, rtol=1e-5, atol=1e-6)
