@@ -58,7 +58,8 @@ class _Run:
     counters: StepCounters = field(default_factory=StepCounters)
     decode_steps: int = 0
     row_steps: int = 0
-    tokens_emitted: int = 0  # sum of accepted + 1 per row-step (before stop/length truncation)
+    tokens_emitted: int = 0  # sum of accepted + 1 per row-step (before stop/length truncation), plain steps
+    emitted: torch.Tensor | int = 0  # the same for speculative steps, accumulated on the device
     depth_sum: int = 0
     reached: torch.Tensor | None = None
     accepted: torch.Tensor | None = None
@@ -311,7 +312,8 @@ class Engine:
         offsets = torch.arange(width, device=self.device)[None]
         hidden = sr.hist[torch.arange(b, device=self.device)[:, None], (l_old[:, None] - 1 + offsets) % HIST_LEN]
         new_tokens = r.tokens[:b].gather(1, (l_old[:, None] + offsets).clamp(max=r.tokens.shape[1] - 1))
-        commit_mtp(self.model, rows_view(self._mtp_cache, 0, b), l_old, hidden, new_tokens, lag, sr, b, run.counters)
+        commit_mtp(self.model, rows_view(self._mtp_cache, 0, b), l_old, hidden, new_tokens, lag, sr, b, run.counters,
+                   may_be_empty=True)
         sr.mtp_lengths[:b] = r.lengths[:b]
         run.steps_since_sync = 0
 
@@ -330,21 +332,24 @@ class Engine:
         commit_mtp(self.model, mtp, lengths, hidden[rows[:, None], path], out.tokens, out.num_new, sr, b, run.counters)
         run.steps_since_sync = 0
         # emit: truncate at the first stop token and at the length limit
+        # emit: truncate at the first stop token and at the length limit. Every value is written; those past the
+        # new length are garbage that is never read (buffers are read below `lengths` only).
         m1 = out.tokens.shape[1]
         idx = torch.arange(m1, device=self.device)[None]
-        valid = idx < out.num_new[:, None]
-        stop_at = torch.where(self._is_stop(out.tokens, run) & valid, idx, m1).min(1).values  # first stop or m1
-        room = r.limits[:b] - lengths
-        emit = torch.minimum(torch.minimum(out.num_new, stop_at + 1), room)
-        cols = (lengths[:, None] + idx).clamp(max=r.tokens.shape[1] - 1)
-        keep = idx < emit[:, None]
+        emit = torch.minimum(out.num_new, r.limits[:b] - lengths)
+        if run.stop_ids.numel():
+            stop_at = torch.where(self._is_stop(out.tokens, run), idx, m1).min(1).values  # first stop (or m1)
+            emit = torch.minimum(emit, stop_at + 1)
+            stopped = stop_at < emit
+        cols = lengths[:, None] + idx
         for buf, val in ((r.tokens, out.tokens), (r.logprobs, out.logprobs), (r.trunk_logprobs, out.trunk_logprobs)):
-            cur = buf[:b].gather(1, cols)
-            buf[:b].scatter_(1, cols, torch.where(keep, val.to(buf.dtype), cur))
+            buf[:b].scatter_(1, cols, val.to(buf.dtype))
         r.lengths[:b] = lengths + emit
         sr.mtp_lengths[:b] = r.lengths[:b]
-        run.done[:b] = (stop_at < emit) | (lengths + emit >= r.limits[:b])
-        run.tokens_emitted += int(out.num_new.sum())
+        run.done[:b] = lengths + emit >= r.limits[:b]
+        if run.stop_ids.numel():
+            run.done[:b] |= stopped
+        run.emitted += out.num_new.sum()
         reached, accepted = out.reached, out.accepted
         run.reached[:reached.shape[0]] += reached
         run.accepted[:accepted.shape[0]] += accepted
@@ -399,7 +404,8 @@ class Engine:
             num_generated_tokens=generated, elapsed_s=elapsed, tokens_per_s=generated / max(elapsed, 1e-9),
             num_trunk_forwards=run.counters.trunk_forwards, num_decode_steps=run.decode_steps,
             num_draft_forwards=run.counters.mtp_forwards,
-            mean_accept_length=run.tokens_emitted / max(run.row_steps, 1), accept_rate_per_depth=rates,
+            mean_accept_length=(run.tokens_emitted + int(run.emitted)) / max(run.row_steps, 1),
+            accept_rate_per_depth=rates,
             mean_draft_depth=run.depth_sum / steps)
 
 

@@ -48,7 +48,8 @@ import torch
 from mtprl.model import KVCache
 from mtprl.rollout.acceptance import chain_accept, greedy_chain_accept, greedy_tree_accept, tree_accept
 from mtprl.rollout.kv_cache import RowState, copy_slots
-from mtprl.rollout.sampling import processed_logprobs, sample_without_replacement, temperature_logprobs
+from mtprl.rollout.sampling import (processed_logprobs, sample_from_probs, sample_without_replacement,
+                                   temperature_logprobs)
 from mtprl.rollout.tree import DraftTree, TreeTensors
 from mtprl.rollout.types import SamplingParams
 
@@ -153,17 +154,17 @@ class _DraftCtx:
 def _mtp_on_nodes(ctx: _DraftCtx, k: int, nodes: range, hidden_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run MTP layer k (1-based) on tree `nodes` (contiguous ids >= 1): input hidden = hidden_src[:, parent],
     token = the node's token, position L-k-1+depth, slot L-k+node-1. Returns logits [b,T,V], hidden [b,T,H]."""
-    idx = torch.arange(nodes.start, nodes.stop, device=ctx.lengths.device)
+    start, stop = nodes.start, nodes.stop
     base = ctx.lengths[:, None] - k
-    positions = base - 1 + ctx.tt.depths[idx][None]
-    slots = base + (idx[None] - 1)
+    positions = base - 1 + ctx.tt.depths[None, start:stop]
+    slots = base + (ctx.tt.node_ids[None, start:stop] - 1)
     positions, slots, kv_len, scratch = _place(positions, slots)
     mask = None
     if not ctx.tree.is_chain:
-        mask = tree_attn_mask(ctx.lengths - k, ctx.tt.ancestors[idx][:, 1:], kv_len, scratch)
-    hidden_in = hidden_src[:, ctx.tt.parents[idx]]
+        mask = tree_attn_mask(ctx.lengths - k, ctx.tt.ancestors[start:stop, 1:], kv_len, scratch)
+    hidden_in = hidden_src.index_select(1, ctx.tt.parents[start:stop])
     ctx.counters.mtp_forwards += 1
-    return ctx.model.mtp_step(k - 1, hidden_in, ctx.node_tokens[:, idx], positions, slots, ctx.mtp,
+    return ctx.model.mtp_step(k - 1, hidden_in, ctx.node_tokens[:, start:stop], positions, slots, ctx.mtp,
                               attn_mask=mask, kv_len=kv_len)
 
 
@@ -173,22 +174,22 @@ def _sample_children(ctx: _DraftCtx, level: int, q_logits: torch.Tensor, draft: 
     level, in order); fills node_tokens / node_valid of level+1 and the parents' logits / logprobs."""
     start, end = ctx.tree.level_ranges[level]
     draft.logits[:, start:end] = q_logits
-    kids = [(n - start, ctx.tree.ranks[c], c) for n in range(start, end) for c in ctx.tree.children[n] if c >= 0]
-    if not kids:
+    kids = ctx.tt.level_children[level]
+    if kids is None:
         return
-    parent_pos = torch.tensor([p for p, _, _ in kids], device=q_logits.device)
-    rank = torch.tensor([r for _, r, _ in kids], device=q_logits.device)
-    child = torch.tensor([c for _, _, c in kids], device=q_logits.device)
-    num = max(r for _, r, _ in kids) + 1
     if params.greedy:
-        tokens = q_logits.topk(num, dim=-1).indices  # [b,P,num]
-        valid = torch.ones_like(tokens, dtype=torch.bool)
-    else:
-        lp = processed_logprobs(q_logits, params)  # [b,P,V]
-        draft.logprobs[:, start:end] = lp
-        tokens, valid = sample_without_replacement(lp.exp(), num, generator)
-    ctx.node_tokens[:, child] = tokens[:, parent_pos, rank]
-    draft.node_valid[:, child] = valid[:, parent_pos, rank]
+        tokens = q_logits.argmax(-1, keepdim=True) if kids.num == 1 else q_logits.topk(kids.num, dim=-1).indices
+        ctx.node_tokens[:, kids.child] = tokens[:, kids.parent_pos, kids.rank]
+        return
+    lp = processed_logprobs(q_logits, params)  # [b,P,V]
+    draft.logprobs[:, start:end] = lp
+    if kids.num == 1:  # one child per parent: a plain sample (always inside the support)
+        tokens = sample_from_probs(lp.exp(), generator)[..., None]  # [b,P,1]
+        ctx.node_tokens[:, kids.child] = tokens[:, kids.parent_pos, kids.rank]
+        return
+    tokens, valid = sample_without_replacement(lp.exp(), kids.num, generator)  # [b,P,num]
+    ctx.node_tokens[:, kids.child] = tokens[:, kids.parent_pos, kids.rank]
+    draft.node_valid[:, kids.child] = valid[:, kids.parent_pos, kids.rank]
 
 
 def draft_tree(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, mtp: KVCache, lengths: torch.Tensor,
@@ -260,14 +261,18 @@ def verify_and_accept(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, 
         path = torch.cat([torch.zeros_like(path[:, :1]), path], dim=1)  # [b,M+1] root first
         dst = lengths[:, None] - 1 + torch.arange(1, m + 1, device=lengths.device)[None]
         copy_slots(trunk, lengths[:, None] - 1 + path[:, 1:], dst)
-    path_logits = logits if tree.is_chain else logits[rows[:, None], path]  # [b,M+1,V]
-    trunk_lp = temperature_logprobs(path_logits, params.temperature).gather(-1, tokens[..., None]).squeeze(-1)
-    if params.greedy:
-        lp = torch.zeros_like(trunk_lp)
-    elif params.top_k == 0 and params.top_p == 1.0:
-        lp = trunk_lp
+    untruncated = not params.greedy and params.top_k == 0 and params.top_p == 1.0
+    if untruncated:  # the processed distribution IS log_softmax(logits / T): reuse it
+        on_path = target_lp if tree.is_chain else target_lp[rows[:, None], path]
+        trunk_lp = lp = on_path.gather(-1, tokens[..., None]).squeeze(-1)
     else:
-        lp = (target_lp if tree.is_chain else target_lp[rows[:, None], path]).gather(-1, tokens[..., None]).squeeze(-1)
+        path_logits = logits if tree.is_chain else logits[rows[:, None], path]  # [b,M+1,V]
+        trunk_lp = temperature_logprobs(path_logits, params.temperature).gather(-1, tokens[..., None]).squeeze(-1)
+        if params.greedy:
+            lp = torch.zeros_like(trunk_lp)
+        else:
+            on_path = target_lp if tree.is_chain else target_lp[rows[:, None], path]
+            lp = on_path.gather(-1, tokens[..., None]).squeeze(-1)
     depth_j = torch.arange(1, m + 1, device=lengths.device)
     has_kids = tt.children[path[:, :m], 0] >= 0  # [b,M] the level j-1 node of the path has children
     reached = ((num_acc[:, None] >= depth_j - 1) & has_kids).sum(0)
@@ -278,30 +283,38 @@ def verify_and_accept(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, 
 
 
 def commit_mtp(model: torch.nn.Module, mtp: KVCache, l_old: torch.Tensor, hidden: torch.Tensor, new_tokens: torch.Tensor,
-               num_new: torch.Tensor, spec_rows: SpecRows, b: int, counters: StepCounters) -> None:
+               num_new: torch.Tensor, spec_rows: SpecRows, b: int, counters: StepCounters, *,
+               may_be_empty: bool = False) -> None:
     """Step 4b for rows [0, b): run MTP layers 1..D on the num_new [b] newly committed positions of each row.
 
     l_old [b]: committed length before; hidden [b,T,H]: true trunk hidden at positions l_old-1 .. l_old-2+T;
     new_tokens [b,T]: t_{l_old} .. t_{l_old+T-1}. Entries past num_new are padding (garbage written past the
-    valid end). Rows with num_new == 0 keep their state. Updates spec_rows.q_root_logits / stored_h in place.
+    valid end). With may_be_empty, rows with num_new == 0 keep their state. Updates spec_rows.q_root_logits /
+    stored_h in place.
     """
     t = hidden.shape[1]
     rows = torch.arange(b, device=l_old.device)
     last = (num_new - 1).clamp(min=0)
-    keep = (num_new == 0)[:, None]
-    old_h = spec_rows.stored_h[:b].clone()
+    keep = (num_new == 0)[:, None] if may_be_empty else None
+    num_mtp = model.config.num_mtp_layers
+    old_h = spec_rows.stored_h[:b].clone() if (num_mtp > 1 or may_be_empty) else None
     prev = hidden
     offsets = torch.arange(t, device=l_old.device)[None]
-    for k in range(1, model.config.num_mtp_layers + 1):
+    for k in range(1, num_mtp + 1):
         positions = l_old[:, None] - k + offsets
         positions, slots, kv_len, _ = _place(positions, positions)
         hidden_in = prev if k == 1 else torch.cat([old_h[:, k - 2, None], prev[:, :t - 1]], dim=1)
         logits, prev = model.mtp_step(k - 1, hidden_in, new_tokens, positions, slots, mtp, kv_len=kv_len)
         counters.mtp_forwards += 1
-        spec_rows.stored_h[:b, k - 1] = torch.where(keep, old_h[:, k - 1], prev[rows, last])
+        new_h = prev[rows, last]
+        if keep is not None:
+            new_h = torch.where(keep, old_h[:, k - 1], new_h)
+        spec_rows.stored_h[:b, k - 1] = new_h
         if k == 1:
-            q = spec_rows.q_root_logits[:b]
-            spec_rows.q_root_logits[:b] = torch.where(keep, q, logits[rows, last].to(q.dtype))
+            q = logits[rows, last].to(spec_rows.q_root_logits.dtype)
+            if keep is not None:
+                q = torch.where(keep, spec_rows.q_root_logits[:b], q)
+            spec_rows.q_root_logits[:b] = q
 
 
 class AdaptiveDepth:

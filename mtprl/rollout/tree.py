@@ -75,23 +75,46 @@ class DraftTree:
                          ranks=tuple(self.ranks[n] for n in keep), topk=self.topk)
 
     def tensors(self, device: torch.device) -> "TreeTensors":
+        levels = []
+        for start, end in self.level_ranges:
+            kids = [(n - start, self.ranks[c], c) for n in range(start, end) for c in self.children[n] if c >= 0]
+            levels.append(None if not kids else LevelChildren(
+                parent_pos=torch.tensor([k[0] for k in kids], device=device),
+                rank=torch.tensor([k[1] for k in kids], device=device),
+                child=torch.tensor([k[2] for k in kids], device=device),
+                num=max(k[1] for k in kids) + 1))
         return TreeTensors(
+            node_ids=torch.arange(self.num_nodes, device=device),
             parents=torch.tensor(self.parents, device=device).clamp(min=0),
             depths=torch.tensor(self.depths, device=device),
             children=torch.tensor(self.children, device=device),
             ancestors=self.ancestors.to(device),
+            level_children=tuple(levels),
         )
 
 
 @dataclass(frozen=True)
-class TreeTensors:
-    """The tree on a device: parents [N] (root -> 0), depths [N], children [N,topk] (-1 = none),
-    ancestors [N,N] bool."""
+class LevelChildren:
+    """The children of one tree level: child ids [C], the position of their parent within the level [C], their
+    rank [C]; num = children drawn per parent (max rank + 1)."""
 
+    parent_pos: torch.Tensor
+    rank: torch.Tensor
+    child: torch.Tensor
+    num: int
+
+
+@dataclass(frozen=True)
+class TreeTensors:
+    """The tree on a device: node_ids [N] = arange, parents [N] (root -> 0), depths [N], children [N,topk]
+    (-1 = none), ancestors [N,N] bool, level_children[e] = the children of level e (None for a level of leaves)."""
+
+    node_ids: torch.Tensor
     parents: torch.Tensor
     depths: torch.Tensor
     children: torch.Tensor
     ancestors: torch.Tensor
+    level_children: tuple = ()
 
 
 def chain_tree(num_steps: int) -> DraftTree:
