@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from mtprl.algorithms import adaptive_kl_coef, apply_kl_in_reward, get_adv_estimator, scores_to_token_rewards
 from mtprl.config.schema import MtprlConfig
 from mtprl.trainer.samples import collect_step_samples, sample_metrics, to_train_batch
-from mtprl.trainer.setup import Run, save, setup
+from mtprl.trainer.setup import DataExhausted, Run, save, setup
 from mtprl.trainer.update import actor_update, compute_logprobs
 from mtprl.trainer.validate import validate
 
@@ -79,7 +79,12 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
             last = validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer, run.tracker, 0)
             run.tracker.log(last, 0)
         while run.step < run.total_steps:
-            metrics = rl_step(run)
+            try:
+                metrics = rl_step(run)
+            except DataExhausted:  # dynamic sampling used up the epochs before total_steps
+                if run.last_checkpoint is None or run.last_checkpoint.name != f"global_step_{run.step}":
+                    save(run)
+                break
             run.step += 1
             freq = cfg.trainer.test_freq
             if run.val_prompts and freq > 0 and (run.step % freq == 0 or run.step == run.total_steps):

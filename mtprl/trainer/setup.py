@@ -21,6 +21,10 @@ from mtprl.trainer.optim import build_optimizer, build_scheduler
 from mtprl.trainer.policy import load_policy, load_policy_tokenizer, resolve_device, set_trainable
 
 
+class DataExhausted(Exception):
+    """The configured epochs are used up."""
+
+
 @dataclass
 class Run:
     cfg: MtprlConfig
@@ -48,8 +52,12 @@ class Run:
     _batches: Iterator | None = field(default=None, repr=False)
 
     def next_prompts(self) -> list:
-        """The next loader batch (``data.gen_batch_size`` prompts), rolling over epochs."""
+        """The next loader batch (``data.gen_batch_size`` prompts), rolling over epochs. Without
+        ``trainer.total_training_steps`` the run is ``trainer.total_epochs`` passes over the data: past
+        them this raises DataExhausted (dynamic sampling may use up the data before total_steps)."""
         while True:
+            if self.loader.epoch >= self.cfg.trainer.total_epochs and self.cfg.trainer.total_training_steps is None:
+                raise DataExhausted(f"trainer.total_epochs={self.cfg.trainer.total_epochs} passes over the data done")
             if self._batches is None:
                 self._batches = iter(self.loader)
             batch = next(self._batches, None)

@@ -180,3 +180,16 @@ def test_eval_command_validates_a_checkpoint(tiny_world, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert 0.0 <= metrics["val-core/synthetic_arith/acc/mean@2"] <= 1.0
     assert "16 prompt rows, 16 kept" in (tmp_path / "generations.jsonl").read_text()
+
+
+def test_epochs_bound_the_run_when_dynamic_sampling_uses_extra_batches(tiny_world, tmp_path, parity_reward):
+    # 64 prompts, gen batches of 16 -> 4 batches in one epoch; each step needs >= 1 batch, often 2
+    out = tmp_path / "epochs"
+    train(_cfg(tiny_world, out, "trainer.total_epochs=1", "algorithm.filter_groups.enable=True", "data.gen_batch_size=16",
+               "data.train_batch_size=12", "actor_rollout_ref.actor.ppo_mini_batch_size=12",
+               "actor_rollout_ref.rollout.n=2", "trainer.val_before_train=False", "trainer.test_freq=-1",
+               "trainer.save_freq=-1", reward_file=parity_reward))
+    rows = _rows(out)
+    used = sum(r["train/num_gen_batches"] for r in rows)
+    assert used <= 4 and len(rows) < 4  # never more batches than one epoch holds; fewer steps than batches
+    assert (out / f"global_step_{rows[-1]['step']}" / "actor" / "config.json").is_file()
