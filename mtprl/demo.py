@@ -19,6 +19,7 @@ from rich.console import Console
 
 from mtprl.config import load_config
 from mtprl.data import build_math_tokenizer, load_tokenizer, write_synthetic_math
+from mtprl.metrics import progress_bar
 from mtprl.metrics.report import read_metrics, write_report
 from mtprl.model import ModelConfig
 from mtprl.trainer.policy import init_policy_checkpoint
@@ -91,6 +92,9 @@ def measure_rollout_speed(cfg, console: Console) -> dict[str, float]:
     narrow = dataclasses.replace(wide, n=1)
     ids = [p.prompt_ids for p in prompts]
     out = {}
+    bar = progress_bar(console)
+    task = bar.add_task("rollout speed", total=12)
+    bar.start()
     for shape, params, batches in (("batch", wide, [ids]), ("b1", narrow, [[x] for x in ids[:16]])):
         for label, spec in (("plain", None), ("speculative", speculative_config(cfg))):
             rates = []
@@ -101,11 +105,13 @@ def measure_rollout_speed(cfg, console: Console) -> dict[str, float]:
                     m = engine.generate_with_metrics(prompts_, params, speculative=spec, generator=gen).metrics
                     tokens, seconds = tokens + m.num_generated_tokens, seconds + m.elapsed_s
                 rates.append(tokens / seconds)
+                bar.advance(task)
             out[f"rollout_tokens_per_s_{label}_{shape}"] = sorted(rates)[1]
         out[f"rollout_speedup_{shape}"] = out[f"rollout_tokens_per_s_speculative_{shape}"] / out[f"rollout_tokens_per_s_plain_{shape}"]
         console.print(f"rollout tokens/s, {'RL batch' if shape == 'batch' else 'batch 1'} (median of 3): plain "
                       f"{out[f'rollout_tokens_per_s_plain_{shape}']:.0f}, speculative "
                       f"{out[f'rollout_tokens_per_s_speculative_{shape}']:.0f} ({out[f'rollout_speedup_{shape}']:.2f}x)")
+    bar.stop()
     return out
 
 
