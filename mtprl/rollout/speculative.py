@@ -40,7 +40,6 @@ is not exact; our tree shape is static (tree.py). Adaptive depth (AdaptiveDepth)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -321,23 +320,29 @@ class AdaptiveDepth:
     """Chooses the draft depth d in 0..max_depth (0 = a plain decode step) before every decode step.
 
     Model: a step at depth d emits E(d) = 1 + sum_{j<=d} prod_{i<=j} alpha_i tokens per row (alpha_i = running
-    estimate of P(accept at depth i | depth i-1 accepted), counts with a Beta(1,1) prior and slow forgetting)
-    and costs t(d, b) seconds, an EMA of measured step times per (d, bucket of live rows b = powers of two);
-    an unmeasured depth is interpolated linearly between the measured ones (or from t(0) and the first
-    measurement). Pick argmax E(d) / t(d, b). Exploration: while the best depth is < max_depth, every
-    `probe_every` steps one step runs at best + 1, refreshing both alpha_{best+1} and t(best+1, b).
+    estimate of P(accept at depth i | depth i-1 accepted): counts with a Beta(1,1) prior and slow forgetting)
+    and takes t(d, b) seconds, b = live rows (bucketed by powers of two). Cost model per bucket: t(0) = running
+    mean of plain steps; for d >= 1 a straight line t(d) = a + c d fitted by (forgetting) least squares to
+    every speculative step measured - verification cost grows with the b (d+1) tokens verified and drafting
+    with the d MTP calls, both about linearly - or, while only one depth was measured, the line through
+    (0, t(0)) and it; never below t(0). Pooling all steps in one fit keeps the estimate from being driven by one
+    noisy sample.
+    Pick argmax_d E(d) / t(d). Exploration: the first step runs max_depth (measures every alpha), the second a
+    plain step (a bucket seen later starts from the nearest bucket's statistics); afterwards, while the best depth is < max_depth, every `probe_every` steps one
+    step runs at best + 1 (refreshing alpha_{best+1}).
     The choice uses only past measurements, never the current step's draws, so every step stays exact;
     with temperature > 0 the output is not bit-reproducible across runs (it depends on timings).
     """
 
-    def __init__(self, max_depth: int, probe_every: int = 32, time_ema: float = 0.2, forget: float = 0.995) -> None:
+    def __init__(self, max_depth: int, probe_every: int = 32, forget: float = 0.98, accept_forget: float = 0.995) -> None:
         self.max_depth = max_depth
         self.probe_every = probe_every
-        self.time_ema = time_ema
         self.forget = forget
+        self.accept_forget = accept_forget
         self.acc = [1.0] * max_depth
         self.reach = [2.0] * max_depth
-        self.times: dict[tuple[int, int], float] = {}
+        self.plain: dict[int, list[float]] = {}  # bucket -> [sum w, sum w t]
+        self.spec: dict[int, list[float]] = {}  # bucket -> [S0, S1, S2, T1, T2] weighted sums of 1, d, d^2, t, d t
         self.steps = 0
 
     def alphas(self) -> list[float]:
@@ -350,25 +355,45 @@ class AdaptiveDepth:
             total += prod
         return total
 
-    def _time(self, depth: int, bucket: int) -> float | None:
-        known = {d: t for (d, bk), t in self.times.items() if bk == bucket}
-        if depth in known:
-            return known[depth]
-        lo = [d for d in known if d < depth]
-        hi = [d for d in known if d > depth]
-        if lo and hi:
-            d0, d1 = max(lo), min(hi)
-            return known[d0] + (known[d1] - known[d0]) * (depth - d0) / (d1 - d0)
-        return None
+    def predicted_time(self, depth: int, bucket: int) -> float | None:
+        plain = self.plain.get(bucket)
+        t0 = plain[1] / plain[0] if plain else None
+        if depth == 0:
+            return t0
+        st = self.spec.get(bucket)
+        if st is None:
+            return None
+        s0, s1, s2, t1, t2 = st
+        d_mean, t_mean = s1 / s0, t1 / s0
+        det = s0 * s2 - s1 * s1
+        if det > 1e-3 * s0 * s0:  # two or more depths measured: least-squares line, slope >= 0
+            slope = max((s0 * t2 - s1 * t1) / det, 0.0)
+            pred = t_mean + slope * (depth - d_mean)
+        elif t0 is None:
+            return None
+        else:
+            pred = t0 + (t_mean - t0) * depth / d_mean
+        return pred if t0 is None else max(pred, t0)  # a speculative step never costs less than a plain one
+
+    def _borrow(self, bucket: int) -> None:
+        """A bucket seen for the first time (e.g. the batch's tail) starts from the nearest measured bucket's
+        statistics at a quarter of their weight, instead of exploring again."""
+        if bucket in self.spec or not self.spec:
+            return
+        near = min(self.spec, key=lambda k: (abs(k - bucket), k))
+        self.spec[bucket] = [0.25 * x for x in self.spec[near]]
+        if near in self.plain:
+            self.plain[bucket] = [0.25 * x for x in self.plain[near]]
 
     def choose(self, num_rows: int) -> int:
         bucket = max(num_rows, 1).bit_length()
         self.steps += 1
-        if self._time(self.max_depth, bucket) is None:
+        self._borrow(bucket)
+        if bucket not in self.spec:
             return self.max_depth  # first: measure the deepest (also measures every alpha)
-        if self._time(0, bucket) is None:
+        if bucket not in self.plain:
             return 0
-        rates = [self.expected_tokens(d) / self._time(d, bucket) for d in range(self.max_depth + 1)]
+        rates = [self.expected_tokens(d) / self.predicted_time(d, bucket) for d in range(self.max_depth + 1)]
         best = max(range(self.max_depth + 1), key=lambda d: (rates[d], -d))
         if best < self.max_depth and self.steps % self.probe_every == 0:
             return best + 1
@@ -376,9 +401,14 @@ class AdaptiveDepth:
 
     def observe(self, depth: int, num_rows: int, seconds: float, reached: list[int], accepted: list[int]) -> None:
         bucket = max(num_rows, 1).bit_length()
-        old = self.times.get((depth, bucket))
-        self.times[(depth, bucket)] = seconds if old is None else old + self.time_ema * (seconds - old)
+        f = self.forget
+        if depth == 0:
+            w = self.plain.setdefault(bucket, [0.0, 0.0])
+            w[0], w[1] = f * w[0] + 1.0, f * w[1] + seconds
+        else:
+            st = self.spec.setdefault(bucket, [0.0] * 5)
+            for i, v in enumerate((1.0, depth, depth * depth, seconds, depth * seconds)):
+                st[i] = f * st[i] + v
         for j in range(min(depth, len(reached))):
-            self.acc[j] = self.forget * self.acc[j] + accepted[j]
-            self.reach[j] = self.forget * self.reach[j] + reached[j]
-        assert all(math.isfinite(a) for a in self.acc)
+            self.acc[j] = self.accept_forget * self.acc[j] + accepted[j]
+            self.reach[j] = self.accept_forget * self.reach[j] + reached[j]

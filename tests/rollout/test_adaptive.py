@@ -1,0 +1,109 @@
+"""Adaptive draft depth: the decision rule on hand-made measurements, and the engine's lazy MTP catch-up after
+plain steps (MTP state equals a fresh full forward's whenever drafting starts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mtprl.rollout.engine as engine_mod
+from mtprl.rollout import Engine, SamplingParams, SpeculativeConfig
+from mtprl.rollout.speculative import AdaptiveDepth
+
+
+def _feed(ad: AdaptiveDepth, depth: int, rows: int, seconds: float, alpha: float, n: int = 1) -> None:
+    for _ in range(n):
+        reached = [100] * depth  # row-steps that tested each depth
+        ad.observe(depth, rows, seconds, reached, [round(alpha * r) for r in reached])
+
+
+def test_explores_deepest_then_plain_then_exploits():
+    ad = AdaptiveDepth(max_depth=3, probe_every=1000)
+    assert ad.choose(4) == 3
+    _feed(ad, 3, 4, 0.010, alpha=0.9, n=20)
+    assert ad.choose(4) == 0
+    _feed(ad, 0, 4, 0.005, alpha=0.0)
+    # E(3) = 1 + .9 + .81 + .729 = 3.44 tokens in 10 ms beats 1 token in 5 ms
+    assert ad.expected_tokens(3) == pytest.approx(1 + 0.9 + 0.81 + 0.729, abs=0.02)
+    assert ad.choose(4) == 3
+
+
+def test_low_acceptance_or_expensive_verification_picks_plain():
+    ad = AdaptiveDepth(max_depth=3, probe_every=1000)
+    ad.choose(64)
+    _feed(ad, 3, 64, 0.030, alpha=0.2, n=50)  # E(3) ~ 1.25 tokens for 6x the time
+    ad.choose(64)
+    _feed(ad, 0, 64, 0.005, alpha=0.0)
+    assert ad.choose(64) == 0
+    # a new batch-size bucket starts from the nearest one's statistics instead of exploring again
+    assert ad.choose(40) == 0 and ad.choose(33) == 0
+
+
+def test_new_bucket_learns_its_own_costs():
+    ad = AdaptiveDepth(max_depth=3, probe_every=1000)
+    ad.choose(64)
+    _feed(ad, 3, 64, 0.030, alpha=0.9, n=10)
+    ad.choose(64)
+    _feed(ad, 0, 64, 0.005, alpha=0.0, n=10)
+    assert ad.choose(64) == 0  # E(3) = 3.44 tokens in 30 ms < 1 token in 5 ms
+    assert ad.choose(2) == 0  # borrowed
+    _feed(ad, 3, 2, 0.006, alpha=0.9, n=40)  # measured at 2 rows (e.g. probes): speculation is cheap here
+    assert ad.choose(2) == 3
+
+
+def test_interpolates_unmeasured_depths_and_probes():
+    ad = AdaptiveDepth(max_depth=4, probe_every=4)
+    ad.choose(8)
+    _feed(ad, 4, 8, 0.050, alpha=0.5, n=40)  # deep drafts rarely accepted, verification expensive
+    ad.choose(8)
+    _feed(ad, 0, 8, 0.010, alpha=0.0)
+    assert ad.predicted_time(2, (8).bit_length()) == pytest.approx(0.030)  # line through (0, 10ms), (4, 50ms)
+    # plain: 1 token in 10 ms beats E(1) = 1.5 tokens in 20 ms
+    choices = [ad.choose(8) for _ in range(8)]
+    assert choices.count(0) >= 6 and 1 in choices  # every probe_every steps one probe at best + 1
+
+
+def test_line_fit_pools_depths():
+    ad = AdaptiveDepth(max_depth=4, probe_every=1000)
+    ad.choose(1)
+    for d, t in ((4, 0.009), (2, 0.007), (4, 0.009), (2, 0.007)):
+        _feed(ad, d, 1, t, alpha=0.9)
+    _feed(ad, 0, 1, 0.004, alpha=0.0)
+    assert ad.predicted_time(3, 1) == pytest.approx(0.008)  # the line through the measured depths, not t(0)
+    assert ad.predicted_time(0, 1) == pytest.approx(0.004)
+
+
+def test_catch_up_after_plain_steps_restores_mtp_state(draftable_model, monkeypatch):
+    """Force a schedule with runs of plain steps; before every draft the MTP state (q_root, stored hidden) must
+    equal the full forward's, i.e. the lagging positions were committed from the trunk's hidden states."""
+    model = draftable_model(num_mtp_layers=2, vocab=32, noise=1.0)
+    schedule = iter([3, 0, 0, 0, 2, 0, 1, 0, 0, 0, 0, 0, 3, 3, 0, 2] * 10)
+    monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows: next(schedule))
+    captured = {"checks": 0}
+    original_spec_step = Engine._spec_step
+    original_draft = engine_mod.draft_tree
+
+    def spec_step(self, run, b, depth):
+        captured["run"] = run
+        return original_spec_step(self, run, b, depth)
+
+    def draft(model_, tree, tt, mtp, lengths, root, spec_rows, b, *args):
+        rows = captured["run"].rows
+        for i in range(b):
+            L = int(lengths[i])
+            out = model(rows.tokens[i, :L][None])
+            torch.testing.assert_close(spec_rows.q_root_logits[i], out.mtp_logits[0][0, L - 2], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(spec_rows.stored_h[i, 1], out.mtp_hidden_states[1][0, L - 3], atol=1e-4, rtol=1e-4)
+            captured["checks"] += 1
+        return original_draft(model_, tree, tt, mtp, lengths, root, spec_rows, b, *args)
+
+    monkeypatch.setattr(Engine, "_spec_step", spec_step)
+    monkeypatch.setattr(engine_mod, "draft_tree", draft)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=30)
+    eng = Engine(model, max_num_seqs=2, max_seq_len=64)
+    plain = eng.generate(prompts, params)
+    out = eng.generate_with_metrics(prompts, params, speculative=SpeculativeConfig(num_steps=3, adaptive=True))
+    assert [c.token_ids for c in out.completions] == [c.token_ids for c in plain]
+    assert captured["checks"] > 10
+    assert 0.5 < out.metrics.mean_draft_depth < 2.5
