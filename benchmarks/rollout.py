@@ -122,14 +122,14 @@ def distil_mtp(model: CausalLM, seconds: float, seed: int, levels: int) -> dict[
     return {"mtp_train_steps": steps, "trunk_entropy_nats": round(entropy, 3), "heldout_accept_t1": round(accept, 3)}
 
 
-def run_ours(engine: Engine, prompts, params, spec) -> tuple[float, object]:
-    out = engine.generate_with_metrics(prompts, params, speculative=spec, generator=torch.Generator().manual_seed(0))
+def run_ours(engine: Engine, prompts, params, spec, seed: int = 0) -> tuple[float, object]:
+    out = engine.generate_with_metrics(prompts, params, speculative=spec, generator=torch.Generator().manual_seed(seed))
     return out.metrics.tokens_per_s, out.metrics
 
 
-def run_hf(hf_model, prompts, new_tokens: int, temperature: float) -> float:
+def run_hf(hf_model, prompts, new_tokens: int, temperature: float, seed: int = 0) -> float:
     ids = torch.tensor(prompts)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     start = time.perf_counter()
     with torch.inference_mode():
         out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=temperature > 0,
@@ -193,13 +193,16 @@ def main() -> None:
         run_ours(engine, prompts[:1], SamplingParams(temperature=args.temperature, max_new_tokens=8), spec)  # warm-up
         res: dict[str, list[float]] = {"plain": [], "spec": [], "adaptive": [], "hf": []}
         metrics = {}
-        for _ in range(args.repeats):
+        accept_len: dict[str, list[float]] = {"spec": [], "adaptive": []}
+        for rep in range(args.repeats):  # one seed per repeat, shared by the configurations (paths vary by luck)
             for name, cfg in (("plain", None), ("spec", spec), ("adaptive", adaptive)):
-                tps, m = run_ours(engine, prompts, params, cfg)
+                tps, m = run_ours(engine, prompts, params, cfg, seed=rep)
                 res[name].append(tps)
                 metrics[name] = m
+                if name in accept_len:
+                    accept_len[name].append(m.mean_accept_length)
             if hf is not None and b in (1, 16):
-                res["hf"].append(run_hf(hf, prompts, args.new_tokens, args.temperature))
+                res["hf"].append(run_hf(hf, prompts, args.new_tokens, args.temperature, seed=rep))
         med = {k: statistics.median(v) for k, v in res.items() if v}
         rows.append((b, med, metrics))
         m_s, m_a = metrics["spec"], metrics["adaptive"]
@@ -210,7 +213,8 @@ def main() -> None:
         if "hf" in med:
             line += f" | transformers {med['hf']:8.1f} tok/s (ours plain {med['plain'] / med['hf']:.2f}x)"
         print(line)
-        print(f"           accept length {m_s.mean_accept_length:.2f}, per-depth acceptance "
+        print(f"           accept length spec {statistics.mean(accept_len['spec']):.2f} adaptive "
+              f"{statistics.mean(accept_len['adaptive']):.2f} (means over repeats), per-depth acceptance (last spec run) "
               f"{[round(a, 3) for a in m_s.accept_rate_per_depth]}; all runs: "
               + ", ".join(f"{k}={[round(x) for x in v]}" for k, v in res.items() if v))
 

@@ -320,26 +320,29 @@ class AdaptiveDepth:
     """Chooses the draft depth d in 0..max_depth (0 = a plain decode step) before every decode step.
 
     Model: a step at depth d emits E(d) = 1 + sum_{j<=d} prod_{i<=j} alpha_i tokens per row (alpha_i = running
-    estimate of P(accept at depth i | depth i-1 accepted): counts with a Beta(1,1) prior and slow forgetting)
+    estimate of P(accept at depth i | depth i-1 accepted): counts with an optimistic prior of 2 accepted out of 2
+    and slow forgetting)
     and takes t(d, b) seconds, b = live rows (bucketed by powers of two). Cost model per bucket: t(0) = running
     mean of plain steps; for d >= 1 a straight line t(d) = a + c d fitted by (forgetting) least squares to
     every speculative step measured - verification cost grows with the b (d+1) tokens verified and drafting
-    with the d MTP calls, both about linearly - or, while only one depth was measured, the line through
-    (0, t(0)) and it; never below t(0). Pooling all steps in one fit keeps the estimate from being driven by one
+    with the d MTP calls, both about linearly - or, while only one depth d* was measured,
+    t(d) = t(0) + (t(d*) - t(0)) (d + 1) / (d* + 1); never below t(0). Pooling all steps in one fit keeps the estimate from being driven by one
     noisy sample.
-    Pick argmax_d E(d) / t(d). Exploration: the first step runs max_depth (measures every alpha), the second a
-    plain step (a bucket seen later starts from the nearest bucket's statistics); afterwards, while the best depth is < max_depth, every `probe_every` steps one
+    Pick argmax_d E(d) / t(d). Exploration: the first `warmup_steps` steps run max_depth (they measure every
+    alpha; one step of one row is too little to judge), the next a plain step (a bucket seen later starts from the nearest bucket's statistics); afterwards, while the best depth is < max_depth, every `probe_every` steps one
     step runs at best + 1 (refreshing alpha_{best+1}).
     The choice uses only past measurements, never the current step's draws, so every step stays exact;
     with temperature > 0 the output is not bit-reproducible across runs (it depends on timings).
     """
 
-    def __init__(self, max_depth: int, probe_every: int = 32, forget: float = 0.98, accept_forget: float = 0.995) -> None:
+    def __init__(self, max_depth: int, probe_every: int = 32, warmup_steps: int = 4, forget: float = 0.98,
+                 accept_forget: float = 0.995) -> None:
         self.max_depth = max_depth
         self.probe_every = probe_every
+        self.warmup_steps = warmup_steps
         self.forget = forget
         self.accept_forget = accept_forget
-        self.acc = [1.0] * max_depth
+        self.acc = [2.0] * max_depth  # optimistic prior: 2 of 2 accepted (data dominates after ~20 row-steps)
         self.reach = [2.0] * max_depth
         self.plain: dict[int, list[float]] = {}  # bucket -> [sum w, sum w t]
         self.spec: dict[int, list[float]] = {}  # bucket -> [S0, S1, S2, T1, T2] weighted sums of 1, d, d^2, t, d t
@@ -371,8 +374,8 @@ class AdaptiveDepth:
             pred = t_mean + slope * (depth - d_mean)
         elif t0 is None:
             return None
-        else:
-            pred = t0 + (t_mean - t0) * depth / d_mean
+        else:  # one depth measured: a speculative step costs t0 plus (d + 1) units (drafts + verification + commit)
+            pred = t0 + (t_mean - t0) * (depth + 1) / (d_mean + 1)
         return pred if t0 is None else max(pred, t0)  # a speculative step never costs less than a plain one
 
     def _borrow(self, bucket: int) -> None:
@@ -389,8 +392,8 @@ class AdaptiveDepth:
         bucket = max(num_rows, 1).bit_length()
         self.steps += 1
         self._borrow(bucket)
-        if bucket not in self.spec:
-            return self.max_depth  # first: measure the deepest (also measures every alpha)
+        if bucket not in self.spec or (self.steps <= self.warmup_steps and bucket not in self.plain):
+            return self.max_depth  # first steps: measure the deepest (and every alpha)
         if bucket not in self.plain:
             return 0
         rates = [self.expected_tokens(d) / self.predicted_time(d, bucket) for d in range(self.max_depth + 1)]
