@@ -104,6 +104,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "rollout_tokens_per_s": mean([r.get("rollout/tokens_per_s") for r in train if r.get("rollout/tokens_per_s")]),
         "step_seconds_mean": mean([r["timing_s/step"] for r in train]),
     }
+    depth_keys = sorted({k for r in train for k in r if k.startswith("rollout/spec_accept_rate_")})
+    out["accept_rate_per_depth_mean"] = {k.rsplit("_", 1)[-1]: mean([r[k] for r in train if r.get(k) is not None])
+                                         for k in depth_keys}
     out["phase_seconds_mean"] = {p: mean([r.get(f"timing_s/{p}", 0.0) or 0.0 for r in train]) for p in PHASES}
     return out
 
@@ -122,6 +125,8 @@ def write_report(run_dir: str | Path, extra: Mapping[str, Any] | None = None,
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
     summary = {**summarize(rows), **(extra or {})}
+    for name, other in (compare or {}).items():
+        summary[f"mean_accept_length[{name}]"] = summarize(other)["mean_accept_length"]
     plots = plot_run(rows, run_dir / "plots", compare=compare)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     lines = ["# mtprl run report", "", "| metric | value |", "|---|---|"]
