@@ -146,7 +146,26 @@ def setup(cfg: MtprlConfig, *, console=None, evaluate_only: bool = False) -> Run
     train_set, val_set = _datasets(cfg, tokenizer, need_train=not evaluate_only)
     if train_set is None:
         train_set = val_set
-    reward = build_reward(cfg)
+    reward = build_reward(cfg)  # worker processes: closed below if anything after this fails
+    try:
+        run = _build_run(cfg, device, tokenizer, train_set, val_set, reward, console)
+    except BaseException:
+        reward.close()
+        raise
+    try:
+        run.tracker.log_text("data/train", train_set.describe(), 0)  # how many prompts were filtered / truncated
+        if val_set:
+            run.tracker.log_text("data/val", val_set.describe(), 0)
+        resume = None if evaluate_only else resolve_resume(run.root, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
+        if resume is not None:
+            restore(run, resume)
+    except BaseException:
+        run.close()
+        raise
+    return run
+
+
+def _build_run(cfg: MtprlConfig, device, tokenizer, train_set, val_set, reward, console) -> Run:
     model = load_policy(cfg.actor_rollout_ref.model, device)
     mtp, actor, alg = cfg.actor_rollout_ref.model.mtp, cfg.actor_rollout_ref.actor, cfg.algorithm
     set_trainable(model, trunk=True, mtp=mtp.enable and mtp.enable_train)  # frozen MTP layers never change
@@ -160,19 +179,14 @@ def setup(cfg: MtprlConfig, *, console=None, evaluate_only: bool = False) -> Run
     scheduler = build_scheduler(optimizer, actor.optim, total)
     root = Path(cfg.trainer.default_local_dir)
     prom = cfg.actor_rollout_ref.rollout.prometheus
+    exporter = PrometheusExporter(prom.port, prom.host) if prom.enable else None  # before the tracker's live bar
     run = Run(cfg=cfg, device=device, tokenizer=tokenizer, model=model, ref_model=ref_model,
               engine=build_engine(cfg, model), reward=reward, loader=loader,
               val_prompts=val_set.prompts if val_set else [], optimizer=optimizer, scheduler=scheduler,
               tracker=Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="rl"),
-              exporter=PrometheusExporter(prom.port, prom.host) if prom.enable else None, total_steps=total,
+              exporter=exporter, total_steps=total,
               root=root, sample_gen=torch.Generator().manual_seed(cfg.trainer.seed),
               shuffle_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1), kl_coef=alg.kl_ctrl.kl_coef)
-    run.tracker.log_text("data/train", train_set.describe(), 0)  # how many prompts were filtered / truncated
-    if val_set:
-        run.tracker.log_text("data/val", val_set.describe(), 0)
-    resume = None if evaluate_only else resolve_resume(root, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
-    if resume is not None:
-        restore(run, resume)
     return run
 
 
