@@ -164,14 +164,16 @@ class CausalLM(nn.Module):
         attn_mask: torch.Tensor | None = None,
         *,
         kv_len: int | None = None,
+        logit_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Trunk on new tokens with a static cache.
 
         input_ids, position_ids, cache_slots: [B,T] (cache_slots = where each token's K/V goes in its cache row);
         cache_rows: [B] cache row per input row (default arange(B)); attn_mask: [B,T,S] bool, True = query may
         attend key slot s (default: slot <= the query's slot; the query's own slot is always admitted);
-        kv_len: read only the first kv_len slots (then attn_mask is [B,T,kv_len]; all slots must be < kv_len).
-        Returns logits [B,T,V] and final-normed hidden [B,T,H].
+        kv_len: read only the first kv_len slots (then attn_mask is [B,T,kv_len]; all slots must be < kv_len);
+        logit_index: [B,P] positions along T to compute logits at (default all: a prefill needs only the last).
+        Returns logits [B,T,V] (or [B,P,V]) and final-normed hidden [B,T,H].
         """
         _check_step_shapes(input_ids, position_ids, cache_slots, kv_cache, self.config.num_hidden_layers, "kv_cache")
         x = self.embed_tokens(input_ids)
@@ -180,7 +182,8 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, attn, i)
         hidden = self.norm(x)
-        return F.linear(hidden, self.head_weight()), hidden
+        at = hidden if logit_index is None else hidden.gather(1, logit_index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return F.linear(at, self.head_weight()), hidden
 
     def mtp_step(
         self,

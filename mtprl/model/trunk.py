@@ -189,11 +189,11 @@ def full_attn_inputs(cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch
     return AttnInputs(cos=cos, sin=sin, mask=mask[:, None])
 
 
-def step_attn_inputs(cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, cache_slots: torch.Tensor,
-                     cache_rows: torch.Tensor | None, attn_mask: torch.Tensor | None,
-                     kv_len: int | None) -> AttnInputs:
-    """AttnInputs for the incremental path; validates shapes. Default mask: key slot <= query slot.
-    The query's own slot is always admitted (a token attends to itself; avoids empty softmax rows)."""
+def step_mask(cache: KVCache, cache_slots: torch.Tensor, cache_rows: torch.Tensor | None,
+              attn_mask: torch.Tensor | None, kv_len: int | None) -> torch.Tensor:
+    """Validated boolean mask [B,1,T,S] for the incremental path (True = query may attend key slot).
+    Default: key slot <= query slot. The query's own slot is always admitted (a token attends to itself;
+    avoids empty softmax rows)."""
     b, t = cache_slots.shape
     s = cache.max_seq_len if kv_len is None else kv_len
     if not 0 < s <= cache.max_seq_len:
@@ -213,5 +213,12 @@ def step_attn_inputs(cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, cache
         if attn_mask.shape != (b, t, s):
             raise ValueError(f"attn_mask must have shape [B,T,S]={(b, t, s)}, got {tuple(attn_mask.shape)}")
         mask = attn_mask.bool() | (key[None, None, :] == cache_slots[:, :, None])  # own slot always admitted
-    return AttnInputs(cos=cos, sin=sin, mask=mask[:, None], cache=cache, cache_rows=cache_rows,
-                      cache_slots=cache_slots, kv_len=kv_len)
+    return mask[:, None]
+
+
+def step_attn_inputs(cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, cache_slots: torch.Tensor,
+                     cache_rows: torch.Tensor | None, attn_mask: torch.Tensor | None,
+                     kv_len: int | None) -> AttnInputs:
+    """AttnInputs for the incremental path (mask: see step_mask)."""
+    return AttnInputs(cos=cos, sin=sin, mask=step_mask(cache, cache_slots, cache_rows, attn_mask, kv_len),
+                      cache=cache, cache_rows=cache_rows, cache_slots=cache_slots, kv_len=kv_len)

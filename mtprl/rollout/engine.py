@@ -77,11 +77,16 @@ class Engine:
         default max_num_seqs * max_seq_len (no extra limit).
     max_num_batched_tokens: padded prompt tokens per prefill forward (a longer single prompt still runs alone).
     dtype / device: of the caches; default the model's.
+    packed: run the trunk and MTP steps through mtprl.model.packed.PackedModel (fused weights, fewer ops per
+        layer; the same maths and cache layout), re-packed from the model at the start of every generate call so
+        in-place weight updates are always seen. Costs one copy of the attention/MLP weights. False runs the
+        model's own forward_step / mtp_step.
     """
 
     def __init__(self, model: torch.nn.Module, *, max_num_seqs: int = 64, max_seq_len: int = 2048,
                  kv_token_budget: int | None = None, max_num_batched_tokens: int = 8192,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 packed: bool = True) -> None:
         if max_num_seqs < 1 or max_seq_len < 2 or max_num_batched_tokens < 1:
             raise ValueError(f"need max_num_seqs >= 1, max_seq_len >= 2, max_num_batched_tokens >= 1; got "
                              f"{max_num_seqs}, {max_seq_len}, {max_num_batched_tokens}")
@@ -95,6 +100,8 @@ class Engine:
         self.device = torch.device(device) if device is not None else ref.device
         self._trunk_cache = None
         self._mtp_cache = None
+        self.packed = packed
+        self._stepper = None  # what runs forward_step / mtp_step: the model or its PackedModel
 
     # ----- public API -----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, speculative: SpeculativeConfig | None = None,
@@ -110,6 +117,7 @@ class Engine:
         start = time.perf_counter()
         with torch.inference_mode():
             run = self._start(prompts, params, speculative, generator)
+            self._stepper = self._packed_model() if self.packed else self.model
             while run.waiting or run.live:
                 self._admit(run)
                 self._retire(run)
@@ -119,6 +127,14 @@ class Engine:
         return GenerateOutput(completions=run.results, metrics=self._metrics(run, time.perf_counter() - start))
 
     # ----- setup ----------------------------------------------------------------------------------------------
+    def _packed_model(self):
+        from mtprl.model.packed import PackedModel
+
+        if self._stepper is None or self._stepper is self.model:
+            return PackedModel(self.model)
+        self._stepper.pack()  # the policy may have changed since the last call
+        return self._stepper
+
     def _start(self, prompts, params, spec, generator) -> _Run:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -229,13 +245,15 @@ class Engine:
         for i, s in enumerate(unique):
             inp[i, :len(s.prompt)] = torch.tensor(s.prompt, device=dev)
         pos = torch.arange(width, device=dev)[None].expand(u, width)
-        logits, hidden = self.model.forward_step(inp, pos, pos, rows_view(self._trunk_cache, b0, b0 + u), kv_len=width)
+        last_pos = torch.tensor([[len(s.prompt) - 1] for s in unique], device=dev)  # logits only where sampled
+        logits, hidden = self._stepper.forward_step(inp, pos, pos, rows_view(self._trunk_cache, b0, b0 + u),
+                                                    kv_len=width, logit_index=last_pos)
         run.counters.trunk_forwards += 1
         group = torch.tensor(groups, device=dev)
         if n > u:
             move_rows(self._trunk_cache, b0 + group, b0 + torch.arange(n, device=dev), width)
         prompt_lens = torch.tensor([len(s.prompt) for s in seqs], device=dev)
-        last = logits[group, prompt_lens - 1]  # [n,V]
+        last = logits[group, 0]  # [n,V]
         tokens, lp, tlp = self._sample(last, run)
         r = run.rows
         sl = slice(b0, b0 + n)
@@ -252,7 +270,7 @@ class Engine:
             sr = run.spec_rows
             sr.stored_h[sl] = 0
             mtp = rows_view(self._mtp_cache, b0, b0 + n)
-            commit_mtp(self.model, mtp, torch.ones(n, dtype=torch.long, device=dev), hidden[group],
+            commit_mtp(self._stepper, mtp, torch.ones(n, dtype=torch.long, device=dev), hidden[group],
                        r.tokens[sl, 1:width + 1], prompt_lens, _RowsView(sr, b0, b0 + n), n, run.counters)
             sr.mtp_lengths[sl] = prompt_lens + 1
         run.live += n
@@ -286,7 +304,7 @@ class Engine:
         lengths = r.lengths[:b].clone()
         pos = (lengths - 1)[:, None]
         last = r.tokens[:b].gather(1, pos)
-        logits, hidden = self.model.forward_step(last, pos, pos, rows_view(self._trunk_cache, 0, b),
+        logits, hidden = self._stepper.forward_step(last, pos, pos, rows_view(self._trunk_cache, 0, b),
                                                  kv_len=int(lengths.max()))
         run.counters.trunk_forwards += 1
         tokens, lp, tlp = self._sample(logits[:, 0], run)
@@ -312,7 +330,7 @@ class Engine:
         offsets = torch.arange(width, device=self.device)[None]
         hidden = sr.hist[torch.arange(b, device=self.device)[:, None], (l_old[:, None] - 1 + offsets) % HIST_LEN]
         new_tokens = r.tokens[:b].gather(1, (l_old[:, None] + offsets).clamp(max=r.tokens.shape[1] - 1))
-        commit_mtp(self.model, rows_view(self._mtp_cache, 0, b), l_old, hidden, new_tokens, lag, sr, b, run.counters,
+        commit_mtp(self._stepper, rows_view(self._mtp_cache, 0, b), l_old, hidden, new_tokens, lag, sr, b, run.counters,
                    may_be_empty=True)
         sr.mtp_lengths[:b] = r.lengths[:b]
         run.steps_since_sync = 0
@@ -325,11 +343,11 @@ class Engine:
         lengths = r.lengths[:b].clone()
         trunk, mtp = rows_view(self._trunk_cache, 0, b), rows_view(self._mtp_cache, 0, b)
         root = r.tokens[:b].gather(1, (lengths - 1)[:, None]).squeeze(1)
-        draft = draft_tree(self.model, tree, tt, mtp, lengths, root, sr, b, run.params, run.generator, run.counters)
-        out, path, hidden = verify_and_accept(self.model, tree, tt, trunk, lengths, draft, run.params, run.generator,
+        draft = draft_tree(self._stepper, tree, tt, mtp, lengths, root, sr, b, run.params, run.generator, run.counters)
+        out, path, hidden = verify_and_accept(self._stepper, tree, tt, trunk, lengths, draft, run.params, run.generator,
                                               run.counters)
         rows = torch.arange(b, device=self.device)
-        commit_mtp(self.model, mtp, lengths, hidden[rows[:, None], path], out.tokens, out.num_new, sr, b, run.counters)
+        commit_mtp(self._stepper, mtp, lengths, hidden[rows[:, None], path], out.tokens, out.num_new, sr, b, run.counters)
         run.steps_since_sync = 0
         # emit: truncate at the first stop token and at the length limit
         # emit: truncate at the first stop token and at the length limit. Every value is written; those past the
