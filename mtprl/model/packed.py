@@ -1,24 +1,28 @@
 """Packed incremental forward: the rollout's fast path for `CausalLM.forward_step` / `mtp_step`.
 
 The same maths, arguments and KV-cache layout as the module path in causal_lm.py / trunk.py (that path is the
-reference: tests/model/test_packed.py checks logits, hidden states and cache contents against it), with fewer
-and larger ops per decoder block - on a CPU, and for small batches on a GPU, a decode step is dominated by the
-fixed cost of each op, not by arithmetic:
+reference: tests/model/test_packed.py checks logits, hidden states and cache contents against it, and the
+engine's exactness tests run on this path), with fewer and larger ops per decoder block - on a CPU, and for
+small batches on a GPU, a decode step costs per op, not per flop:
 
   * q|k|v projections as ONE matmul (bias fused: addmm), gate|up as ONE matmul; weights pre-transposed;
-  * the residual adds fused into the o_proj and down_proj matmuls (addmm(x, a, W) = x + a @ W);
-  * RMSNorm as one fused op (`F.rms_norm`, fp32 in/out; other dtypes normalise in fp32 as HF does);
-  * RoPE: cos/sin rows looked up from a table built once (same fp32 formula as `rope_cos_sin`, so the values
-    are bitwise those of the module path), applied to q and k together (one rotate, one fused multiply-add);
-  * the attention mask built ONCE per step as an additive float mask (already folded for GQA) and shared by all
-    layers; `F.scaled_dot_product_attention` with it (a hand-written baddbmm/softmax/bmm, with K stored
-    slot-minor, was measured: 3% faster at batch 16, 3% slower at batch 1 - not kept);
-  * K/V written with one `index_copy_` each into the flattened cache layer, the flat indices computed once per
-    step.
+  * RMSNorm as ONE fused kernel: the residual stream is carried as the signed pair [x, -x] (o_proj and down_proj
+    weights packed as [W, -W], the residual add fused into their addmm), and the first half of
+    LayerNorm([x, -x]) is exactly RMSNorm(x) (mean 0, variance mean(x^2)); F.rms_norm is ~6 ops on a CPU;
+  * RoPE: cos/sin rows looked up from a table built once (same fp32 formula as `rope_cos_sin`), applied to q
+    and k together (roll by Dh/2 with a signed sin table = rotate_half);
+  * the attention mask built ONCE per step as an additive float mask (folded for GQA), shared by all layers,
+    with `F.scaled_dot_product_attention`; per-layer cache views built once per step;
+  * K/V written with one `index_copy_` each into the flattened cache layer (flat indices computed once a step).
+Measured on the benchmark's 24-layer model (benchmarks/rollout.py, docs/rollout.md): a decode step takes 0.42x
+the module path's time at batch 1 and 0.54x at batch 16. Tried and not kept: a hand-written
+baddbmm/softmax/bmm attention over K stored slot-minor (3% faster at batch 16, 3% slower at batch 1); the
+rotated q|k as extra matmul columns instead of roll (no measurable change); torch.compile (recompiles as the
+batch and kv_len change; compiled with dynamic shapes it ran slower than eager).
 
-Weights are packed COPIES: `PackedModel.from_model` packs, and the engine packs again at the start of every
-generate call, so a policy updated in place by the optimizer (or reloaded) is always what the rollout samples
-from. Cost: one copy of the attention and MLP weights of the trunk and MTP layers (see docs/rollout.md).
+Weights are packed COPIES: the engine packs again at the start of every generate call, so a policy updated
+in place by the optimizer (or reloaded) is always what the rollout samples from. Cost: one copy of the
+attention and MLP weights of the trunk and the MTP layers (o/down twice: signed pairs).
 Not supported (ValueError): `cache_rows` (the engine keeps live rows as a prefix of the cache and never needs it).
 """
 
@@ -35,62 +39,69 @@ from mtprl.model.trunk import DecoderBlock, rope_cos_sin, rope_inv_freq, step_ma
 
 @dataclass
 class _Block:
-    """One decoder block's packed weights (W stored as [in, out] for x @ W)."""
+    """One decoder block's packed weights (W stored as [in, out] for x @ W; "signed" = [W, -W], see _norm)."""
 
-    norm1: torch.Tensor  # [2H] = [w, w] (see _rms_norm)
+    norm1: torch.Tensor  # [2H] = [w, w]
     qkv: torch.Tensor  # [H, (Hq + 2 Hkv) Dh]
     qkv_bias: torch.Tensor | None
-    q_norm: torch.Tensor | None  # [2Dh] (Qwen3)
-    k_norm: torch.Tensor | None
-    o: torch.Tensor  # [Hq Dh, H]
-    o_bias: torch.Tensor | None
-    norm2: torch.Tensor
+    qk_norm: torch.Tensor | None  # [Hq + Hkv, Dh]: q_norm for the q heads, k_norm for the k heads (Qwen3)
+    o: torch.Tensor  # signed [Hq Dh, 2H]
+    o_bias: torch.Tensor | None  # signed [2H]
+    norm2: torch.Tensor  # [2H]
     gate_up: torch.Tensor  # [H, 2 I]
-    down: torch.Tensor  # [I, H]
+    down: torch.Tensor  # signed [I, 2H]
 
 
 @dataclass
 class _MTP:
-    hidden_norm: torch.Tensor
-    token_norm: torch.Tensor
-    input_proj: torch.Tensor  # [2H, H]
+    hidden_norm: torch.Tensor  # [2H]
+    token_norm: torch.Tensor  # [2H]
+    input_proj: torch.Tensor  # signed [2H, 2H]
     block: _Block
-    final_norm: torch.Tensor
+    final_norm: torch.Tensor  # [2H]
 
 
-def _pack_block(block: DecoderBlock) -> _Block:
-    a, m = block.self_attn, block.mlp
-    bias = None
-    if a.q_proj.bias is not None:
-        bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach()
-    return _Block(
-        norm1=_norm_weight(block.input_layernorm),
-        qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach().t().contiguous(),
-        qkv_bias=bias,
-        q_norm=None if a.q_norm is None else _norm_weight(a.q_norm),
-        k_norm=None if a.k_norm is None else _norm_weight(a.k_norm),
-        o=a.o_proj.weight.detach().t().contiguous(),
-        o_bias=None if a.o_proj.bias is None else a.o_proj.bias.detach(),
-        norm2=_norm_weight(block.post_attention_layernorm),
-        gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().t().contiguous(),
-        down=m.down_proj.weight.detach().t().contiguous())
-
-
-def _rms_norm(x: torch.Tensor, weight2: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm(x) * w with the module path's numerics (normalise in fp32); weight2 = [w, w] (see _norm_weight).
-
-    fp32: the first half of LayerNorm([x, -x]): that row has mean 0 (up to rounding) and variance mean(x^2), so
-    it is x / sqrt(mean(x^2) + eps) - ONE fused kernel plus a concatenation, where F.rms_norm is a chain of about
-    six ops on a CPU (the largest single cost of a small decode step). Other dtypes: fp32 F.rms_norm, cast back."""
-    h = x.shape[-1]
-    if x.dtype == torch.float32:
-        return F.layer_norm(torch.cat([x, -x], -1), (2 * h,), weight2, None, eps)[..., :h]
-    return weight2[:h] * F.rms_norm(x.float(), (h,), None, eps).to(x.dtype)
+def _signed(weight: torch.Tensor) -> torch.Tensor:
+    """nn.Linear weight [out, in] -> [in, 2 out] = [W^T, -W^T]: x @ it is the signed pair [y, -y] of y = x W^T."""
+    w = weight.detach().t()
+    return torch.cat([w, -w], 1).contiguous()
 
 
 def _norm_weight(norm: torch.nn.Module) -> torch.Tensor:
     w = norm.weight.detach()
     return torch.cat([w, w])
+
+
+def _pack_block(block: DecoderBlock) -> _Block:
+    a, m = block.self_attn, block.mlp
+    weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()  # [(Hq + 2 Hkv) Dh, H]
+    bias = None
+    if a.q_proj.bias is not None:
+        bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach()
+    qk_norm = None
+    if a.q_norm is not None:
+        qk_norm = torch.stack([a.q_norm.weight] * a.num_heads + [a.k_norm.weight] * a.num_kv_heads).detach()
+    o_bias = None if a.o_proj.bias is None else torch.cat([a.o_proj.bias, -a.o_proj.bias]).detach()
+    return _Block(
+        norm1=_norm_weight(block.input_layernorm),
+        qkv=weight.t().contiguous(), qkv_bias=bias, qk_norm=qk_norm, o=_signed(a.o_proj.weight), o_bias=o_bias,
+        norm2=_norm_weight(block.post_attention_layernorm),
+        gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().t().contiguous(),
+        down=_signed(m.down_proj.weight))
+
+
+def _norm(signed: torch.Tensor, weight2: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm(x) * w from the signed pair [x, -x] [..., 2H] and weight2 = [w, w]: the first half of
+    LayerNorm([x, -x]) - that row has mean 0 (up to rounding) and variance mean(x^2), so LayerNorm gives
+    x / sqrt(mean(x^2) + eps) in ONE fused kernel, where F.rms_norm is a chain of about six ops on a CPU.
+    The residual stream is kept as the signed pair (o_proj and down_proj write [y, -y]), so a block's two
+    norms cost one kernel each. Normalisation runs in fp32 inside the kernel for any dtype."""
+    h = signed.shape[-1] // 2
+    return F.layer_norm(signed, (2 * h,), weight2, None, eps)[..., :h]
+
+
+def _pair(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, -x], -1)
 
 
 @dataclass
@@ -126,7 +137,7 @@ class PackedModel:
         model, cfg = self.model, self.config
         self.blocks = [_pack_block(layer) for layer in model.layers]
         self.mtp = [_MTP(hidden_norm=_norm_weight(m.hidden_layernorm), token_norm=_norm_weight(m.token_layernorm),
-                         input_proj=m.input_proj.weight.detach().t().contiguous(), block=_pack_block(m.block),
+                         input_proj=_signed(m.input_proj.weight), block=_pack_block(m.block),
                          final_norm=_norm_weight(m.final_layernorm)) for m in model.mtp_layers]
         self.embed = model.embed_tokens.weight.detach()
         self.norm = _norm_weight(model.norm)
@@ -166,33 +177,44 @@ class PackedModel:
         return _Step(cos=cos, sin=sin, mask=additive, flat_index=flat, kv_len=s)
 
     # ----- one decoder block -----------------------------------------------------------------------------------
-    def _block(self, w: _Block, x: torch.Tensor, step: _Step, cache: KVCache, layer: int) -> torch.Tensor:
-        """x [B*T, H] (rows b-major) -> [B*T, H]."""
+    def _block(self, w: _Block, xx: torch.Tensor, step: _Step, k_flat: torch.Tensor, v_flat: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Residual stream as the signed pair xx = [x, -x] [B*T, 2H] (rows b-major) -> the same after the block.
+        k_flat, v_flat: this layer's cache rows viewed [rows*Hkv*S, Dh] (written); keys, values: [B,Hkv,S',Dh]
+        views of the same cache, the first kv_len slots (read after the write)."""
         b, t = step.cos.shape[:2]
         hq, hkv, dh, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
-        h = _rms_norm(x, w.norm1, eps)
+        h = _norm(xx, w.norm1, eps)
         qkv = torch.mm(h, w.qkv) if w.qkv_bias is None else torch.addmm(w.qkv_bias, h, w.qkv)
-        qk = qkv[:, :(hq + hkv) * dh].view(b, t, hq + hkv, dh)
-        v = qkv[:, (hq + hkv) * dh:]
-        if w.q_norm is not None:
-            qk = torch.cat([_rms_norm(qk[:, :, :hq], w.q_norm, eps), _rms_norm(qk[:, :, hq:], w.k_norm, eps)], 2)
+        qk, v = qkv.split([(hq + hkv) * dh, hkv * dh], 1)
+        qk = qk.view(b, t, hq + hkv, dh)
+        if w.qk_norm is not None:
+            qk = _norm(_pair(qk), None, eps) * w.qk_norm
         qk = torch.addcmul(qk * step.cos, qk.roll(dh // 2, -1), step.sin)  # RoPE on q and k: [B,T,Hq+Hkv,Dh]
-        k_layer, v_layer = cache.k[layer], cache.v[layer]  # [b,Hkv,S,Dh] (a prefix view of the cache rows)
-        k_layer.view(-1, dh).index_copy_(0, step.flat_index, qk[:, :, hq:].reshape(-1, dh).to(k_layer.dtype))
-        v_layer.view(-1, dh).index_copy_(0, step.flat_index, v.reshape(-1, dh).to(v_layer.dtype))
-        keys, values = k_layer[:, :, :step.kv_len], v_layer[:, :, :step.kv_len]
-        if keys.dtype != x.dtype:
-            keys, values = keys.to(x.dtype), values.to(x.dtype)
-        q = qk[:, :, :hq].transpose(1, 2)  # [B,Hq,T,Dh]
+        q, k = qk.split([hq, hkv], 2)
+        k_flat.index_copy_(0, step.flat_index, k.reshape(-1, dh).to(k_flat.dtype))
+        v_flat.index_copy_(0, step.flat_index, v.reshape(-1, dh).to(v_flat.dtype))
+        if keys.dtype != xx.dtype:
+            keys, values = keys.to(xx.dtype), values.to(xx.dtype)
+        q = q.transpose(1, 2)  # [B,Hq,T,Dh]
         if hq != hkv:
             q = q.reshape(b, hkv, (hq // hkv) * t, dh)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)  # [B,Hkv,rep*T,Dh]
         out = out.reshape(b, hq, t, dh).transpose(1, 2).reshape(b * t, hq * dh)
-        x = torch.addmm(x, out, w.o) if w.o_bias is None else torch.addmm(x + w.o_bias, out, w.o)
-        h = _rms_norm(x, w.norm2, eps)
-        gate_up = torch.mm(h, w.gate_up)
-        inter = gate_up.shape[-1] // 2
-        return torch.addmm(x, F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w.down)
+        xx = torch.addmm(xx if w.o_bias is None else xx + w.o_bias, out, w.o)
+        gate, up = torch.mm(_norm(xx, w.norm2, eps), w.gate_up).chunk(2, 1)
+        return torch.addmm(xx, F.silu(gate) * up, w.down)
+
+    def _layers(self, cache: KVCache, b: int, kv_len: int, layer: int | None = None):
+        """Per layer (k_flat, v_flat, keys, values): views of the cache's first b rows, for all layers at once
+        (built once per step) or for one `layer`."""
+        dh = self.head_dim
+        k, v = cache.k[:, :b], cache.v[:, :b]
+        if layer is not None:
+            k, v = k[layer:layer + 1], v[layer:layer + 1]
+        num_layers = k.shape[0]
+        return zip(k.view(num_layers, -1, dh).unbind(0), v.view(num_layers, -1, dh).unbind(0),
+                   k[:, :, :, :kv_len].unbind(0), v[:, :, :, :kv_len].unbind(0))
 
     # ----- the incremental API (as CausalLM) ---------------------------------------------------------------------
     @torch.no_grad()
@@ -207,11 +229,11 @@ class PackedModel:
             raise ValueError("the packed path does not take cache_rows: pass a view of the cache rows instead")
         _check_step_shapes(input_ids, position_ids, cache_slots, kv_cache, self.config.num_hidden_layers, "kv_cache")
         b, t = input_ids.shape
-        x = F.embedding(input_ids, self.embed).view(b * t, -1)
-        step = self._step_inputs(position_ids, cache_slots, kv_cache, attn_mask, kv_len, x.dtype)
-        for i, w in enumerate(self.blocks):
-            x = self._block(w, x, step, kv_cache, i)
-        hidden = _rms_norm(x, self.norm, self.eps).view(b, t, -1)
+        xx = _pair(F.embedding(input_ids, self.embed).view(b * t, -1))
+        step = self._step_inputs(position_ids, cache_slots, kv_cache, attn_mask, kv_len, xx.dtype)
+        for w, views in zip(self.blocks, self._layers(kv_cache, b, step.kv_len)):
+            xx = self._block(w, xx, step, *views)
+        hidden = _norm(xx, self.norm, self.eps).reshape(b, t, -1)
         if logit_index is not None:
             hidden_at = hidden.gather(1, logit_index[:, :, None].expand(-1, -1, hidden.shape[-1]))
             return F.linear(hidden_at, self.head), hidden
@@ -237,10 +259,10 @@ class PackedModel:
         b, t = input_ids.shape
         emb = F.embedding(input_ids, self.embed).view(b * t, -1)
         h = prev_hidden.reshape(b * t, -1)
-        x = torch.mm(torch.cat([_rms_norm(h, w.hidden_norm, self.eps), _rms_norm(emb, w.token_norm, self.eps)], -1),
-                     w.input_proj)
-        step = self._step_inputs(position_ids, cache_slots, mtp_kv_cache, attn_mask, kv_len, x.dtype)
-        x = self._block(w.block, x, step, mtp_kv_cache, depth)
-        hidden = _rms_norm(x, w.final_norm, self.eps).view(b, t, -1)
+        xx = torch.mm(torch.cat([_norm(_pair(h), w.hidden_norm, self.eps), _norm(_pair(emb), w.token_norm, self.eps)],
+                                -1), w.input_proj)
+        step = self._step_inputs(position_ids, cache_slots, mtp_kv_cache, attn_mask, kv_len, xx.dtype)
+        (views,) = self._layers(mtp_kv_cache, b, step.kv_len, depth)
+        xx = self._block(w.block, xx, step, *views)
+        hidden = _norm(xx, w.final_norm, self.eps).reshape(b, t, -1)
         return F.linear(hidden, self.head), hidden
-
