@@ -97,7 +97,7 @@ def _norm(signed: torch.Tensor, weight2: torch.Tensor | None, eps: float) -> tor
     The residual stream is kept as the signed pair (o_proj and down_proj write [y, -y]), so a block's two
     norms cost one kernel each. Normalisation runs in fp32 inside the kernel for any dtype."""
     h = signed.shape[-1] // 2
-    return F.layer_norm(signed, (2 * h,), weight2, None, eps)[..., :h]
+    return torch.layer_norm(signed, (2 * h,), weight2, None, eps, False)[..., :h]  # F.layer_norm minus its overhead
 
 
 def _pair(x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +113,8 @@ class _Step:
     mask: torch.Tensor  # [B,1,rep*T,S] additive (0 / -inf), GQA-folded
     flat_index: torch.Tensor  # [B*T*Hkv] index into a cache layer viewed as [R*Hkv*S, Dh]
     kv_len: int
+    batch: int  # B
+    tokens: int  # T
 
 
 class PackedModel:
@@ -146,6 +148,7 @@ class PackedModel:
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.resolved_head_dim
         self._cos = self._sin = None  # RoPE tables [len, Dh], built on first use
+        self._row_base: dict = {}  # (B, Hkv, S, device) -> [B,1,Hkv] flat cache index of each row's heads
 
     def _rope_rows(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B,T,1,Dh] for position_ids [B,T], from a table grown on demand (values as rope_cos_sin)."""
@@ -168,13 +171,17 @@ class PackedModel:
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:  # fold the rep query heads sharing a kv head into the query axis: [B,1,rep*T,S]
             mask = mask[:, :, None].expand(b, 1, rep, t, s).reshape(b, 1, rep * t, s)
-        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        additive = torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device),
+                               torch.full((), float("-inf"), dtype=dtype, device=mask.device))
         hkv, slots = self.num_kv_heads, cache.max_seq_len
-        rows = torch.arange(b, device=cache_slots.device)[:, None, None]
-        heads = torch.arange(hkv, device=cache_slots.device)[None, None, :]
-        flat = ((rows * hkv + heads) * slots + cache_slots[:, :, None]).reshape(-1)  # [B*T*Hkv], order (b, t, h)
+        key = (b, hkv, slots, cache_slots.device)
+        base = self._row_base.get(key)
+        if base is None:  # (row, head) -> first flat index of that row's head in a cache layer [R*Hkv*S, Dh]
+            rows = torch.arange(b, device=cache_slots.device)[:, None, None]
+            base = self._row_base[key] = (rows * hkv + torch.arange(hkv, device=cache_slots.device)) * slots
+        flat = (base + cache_slots[:, :, None]).view(-1)  # [B*T*Hkv], order (b, t, h)
         cos, sin = self._rope_rows(position_ids, dtype)
-        return _Step(cos=cos, sin=sin, mask=additive, flat_index=flat, kv_len=s)
+        return _Step(cos=cos, sin=sin, mask=additive, flat_index=flat, kv_len=s, batch=b, tokens=t)
 
     # ----- one decoder block -----------------------------------------------------------------------------------
     def _block(self, w: _Block, xx: torch.Tensor, step: _Step, k_flat: torch.Tensor, v_flat: torch.Tensor,
@@ -182,18 +189,21 @@ class PackedModel:
         """Residual stream as the signed pair xx = [x, -x] [B*T, 2H] (rows b-major) -> the same after the block.
         k_flat, v_flat: this layer's cache rows viewed [rows*Hkv*S, Dh] (written); keys, values: [B,Hkv,S',Dh]
         views of the same cache, the first kv_len slots (read after the write)."""
-        b, t = step.cos.shape[:2]
+        b, t = step.batch, step.tokens
         hq, hkv, dh, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
         h = _norm(xx, w.norm1, eps)
         qkv = torch.mm(h, w.qkv) if w.qkv_bias is None else torch.addmm(w.qkv_bias, h, w.qkv)
-        qk, v = qkv.split([(hq + hkv) * dh, hkv * dh], 1)
+        qk, v = qkv.split_with_sizes([(hq + hkv) * dh, hkv * dh], 1)  # (Tensor.split is a slow Python wrapper)
         qk = qk.view(b, t, hq + hkv, dh)
         if w.qk_norm is not None:
             qk = _norm(_pair(qk), None, eps) * w.qk_norm
         qk = torch.addcmul(qk * step.cos, qk.roll(dh // 2, -1), step.sin)  # RoPE on q and k: [B,T,Hq+Hkv,Dh]
-        q, k = qk.split([hq, hkv], 2)
-        k_flat.index_copy_(0, step.flat_index, k.reshape(-1, dh).to(k_flat.dtype))
-        v_flat.index_copy_(0, step.flat_index, v.reshape(-1, dh).to(v_flat.dtype))
+        q, k = qk.split_with_sizes([hq, hkv], 2)
+        k, v = k.reshape(-1, dh), v.reshape(-1, dh)
+        if keys.dtype != xx.dtype:  # a cache in another dtype than the model
+            k, v = k.to(keys.dtype), v.to(keys.dtype)
+        k_flat.index_copy_(0, step.flat_index, k)
+        v_flat.index_copy_(0, step.flat_index, v)
         if keys.dtype != xx.dtype:
             keys, values = keys.to(xx.dtype), values.to(xx.dtype)
         q = q.transpose(1, 2)  # [B,Hq,T,Dh]

@@ -203,9 +203,10 @@ def step_mask(cache: KVCache, cache_slots: torch.Tensor, cache_rows: torch.Tenso
     if cache_rows is not None and cache_rows.shape != (b,):
         raise ValueError(f"cache_rows must have shape [B]={(b,)}, got {tuple(cache_rows.shape)}")
     # bounds are checked on the host only for CPU tensors (a device sync otherwise)
-    if cache_slots.device.type == "cpu" and (int(cache_slots.min()) < 0 or int(cache_slots.max()) >= s):
-        raise ValueError(f"cache_slots must lie in [0, {s}), got range "
-                         f"[{int(cache_slots.min())}, {int(cache_slots.max())}]")
+    if cache_slots.device.type == "cpu":
+        low, high = (int(x) for x in torch.aminmax(cache_slots))
+        if low < 0 or high >= s:
+            raise ValueError(f"cache_slots must lie in [0, {s}), got range [{low}, {high}]")
     key = torch.arange(s, device=cache_slots.device)
     if attn_mask is None:
         mask = key[None, None, :] <= cache_slots[:, :, None]  # [B,T,S]
