@@ -103,8 +103,8 @@ class SpecStepOutput:
 def _place(positions: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int | None]:
     """Map negative MTP input positions (before the sequence start) to a scratch slot one past the largest real
     slot of the call. Returns positions clamped at 0, slots, kv_len and the scratch slot (None if unused)."""
-    max_slot = int(slots.max())
-    if int(slots.min()) >= 0:  # (a tree node's position may still be < 0 when the row is that short: clamp)
+    min_slot, max_slot = (int(x) for x in torch.aminmax(slots))  # one host sync
+    if min_slot >= 0:  # (a tree node's position may still be < 0 when the row is that short: clamp)
         return positions.clamp(min=0), slots, max_slot + 1, None
     scratch = max_slot + 1
     return positions.clamp(min=0), torch.where(slots < 0, scratch, slots), scratch + 1, scratch
