@@ -50,6 +50,7 @@ def rl_step(run: Run) -> dict[str, float]:
                                                alg.kl_ctrl.target_kl, alg.kl_ctrl.horizon, len(batch))
         batch.advantages, _ = get_adv_estimator(alg.adv_estimator)(
             rewards, batch.response_mask, batch.group_ids, norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma)
+    lr = run.scheduler.get_last_lr()[0]  # the lr of this step's optimizer steps (verl logs it before stepping)
     with timed(metrics, "update_actor"):
         update_metrics, skipped = actor_update(run.model, run.optimizer, batch, cfg, run.shuffle_gen)
         run.scheduler.step()
@@ -59,7 +60,7 @@ def rl_step(run: Run) -> dict[str, float]:
     metrics.update(sample_metrics(samples, cfg.data.max_response_length))
     adv = batch.advantages[batch.response_mask.bool()]
     metrics.update({"critic/advantages/mean": adv.mean().item(), "critic/advantages/max": adv.max().item(),
-                    "critic/advantages/min": adv.min().item(), "actor/lr": run.scheduler.get_last_lr()[0],
+                    "critic/advantages/min": adv.min().item(), "actor/lr": lr,
                     "training/skipped_optimizer_steps": float(skipped), "training/epoch": float(run.loader.epoch)})
     step_time = time.perf_counter() - t0
     metrics["timing_s/step"] = step_time

@@ -193,3 +193,21 @@ def test_epochs_bound_the_run_when_dynamic_sampling_uses_extra_batches(tiny_worl
     used = sum(r["train/num_gen_batches"] for r in rows)
     assert used <= 4 and len(rows) < 4  # never more batches than one epoch holds; fewer steps than batches
     assert (out / f"global_step_{rows[-1]['step']}" / "actor" / "config.json").is_file()
+
+
+def test_actor_lr_is_the_lr_the_step_used(tiny_world, tmp_path, monkeypatch):
+    # verl logs actor/lr before stepping the scheduler: the lr of this step's optimizer steps, not the next one's
+    import mtprl.trainer.loop as loop
+
+    used = []
+
+    def record_update(model, optimizer, batch, cfg, generator):
+        used.append(optimizer.param_groups[0]["lr"])
+        return {"actor/pg_loss": 0.0}, 0
+
+    monkeypatch.setattr(loop, "actor_update", record_update)
+    out = tmp_path / "lr"
+    train(_cfg(tiny_world, out, "trainer.total_training_steps=3", "trainer.val_before_train=False",
+               "trainer.test_freq=-1", "trainer.save_freq=-1", "actor_rollout_ref.actor.optim.lr_warmup_steps=4"))
+    assert used == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3])
+    assert [r["actor/lr"] for r in _rows(out)] == pytest.approx(used)
