@@ -106,6 +106,7 @@ def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + v
             grad_norm, finite = clip_and_check(model, optim_cfg.clip_grad)
+            lr = scheduler.get_last_lr()[0]  # the lr this step's optimizer step uses
             if finite:
                 optimizer.step()
                 scheduler.step()
@@ -118,7 +119,7 @@ def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.perf_counter() - t0
-            metrics.update({"actor/grad_norm": grad_norm, "actor/lr": scheduler.get_last_lr()[0],
+            metrics.update({"actor/grad_norm": grad_norm, "actor/lr": lr,
                             "training/skipped_steps": float(not finite), "timing_s/step": elapsed,
                             "perf/throughput": sum(len(e.input_ids) for e in batch) / elapsed})
             if val and cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or step == total):

@@ -66,3 +66,10 @@ def test_sft_command_line(tiny_world, tmp_path, capsys):
                "trainer.logger=[jsonl]", f"trainer.default_local_dir={tmp_path}"])
     assert rc == 0
     assert f"SFT checkpoint: {tmp_path / 'global_step_1' / 'actor'}" in capsys.readouterr().out
+
+
+def test_sft_actor_lr_is_the_lr_the_step_used(tiny_world, tmp_path):
+    out = tmp_path / "lr"
+    run_sft(_cfg(tiny_world, out, "trainer.total_training_steps=2", "trainer.test_freq=-1",
+                 "actor_rollout_ref.actor.optim.lr_warmup_steps=4"))
+    assert [r["actor/lr"] for r in _losses(out)] == pytest.approx([0.75e-3, 1.5e-3])  # warmup 1/4, 2/4 of 3e-3
