@@ -179,15 +179,20 @@ def _build_run(cfg: MtprlConfig, device, tokenizer, train_set, val_set, reward, 
     scheduler = build_scheduler(optimizer, actor.optim, total)
     root = Path(cfg.trainer.default_local_dir)
     prom = cfg.actor_rollout_ref.rollout.prometheus
+    engine = build_engine(cfg, model)
     exporter = PrometheusExporter(prom.port, prom.host) if prom.enable else None  # before the tracker's live bar
-    run = Run(cfg=cfg, device=device, tokenizer=tokenizer, model=model, ref_model=ref_model,
-              engine=build_engine(cfg, model), reward=reward, loader=loader,
-              val_prompts=val_set.prompts if val_set else [], optimizer=optimizer, scheduler=scheduler,
-              tracker=Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="rl"),
-              exporter=exporter, total_steps=total,
-              root=root, sample_gen=torch.Generator().manual_seed(cfg.trainer.seed),
-              shuffle_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1), kl_coef=alg.kl_ctrl.kl_coef)
-    return run
+    try:
+        tracker = Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="rl")
+    except BaseException:
+        if exporter is not None:  # its server thread holds the port
+            exporter.close()
+        raise
+    return Run(cfg=cfg, device=device, tokenizer=tokenizer, model=model, ref_model=ref_model,
+               engine=engine, reward=reward, loader=loader,
+               val_prompts=val_set.prompts if val_set else [], optimizer=optimizer, scheduler=scheduler,
+               tracker=tracker, exporter=exporter, total_steps=total,
+               root=root, sample_gen=torch.Generator().manual_seed(cfg.trainer.seed),
+               shuffle_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1), kl_coef=alg.kl_ctrl.kl_coef)
 
 
 def _generators(run: Run) -> dict[str, torch.Generator]:

@@ -211,3 +211,30 @@ def test_actor_lr_is_the_lr_the_step_used(tiny_world, tmp_path, monkeypatch):
                "trainer.test_freq=-1", "trainer.save_freq=-1", "actor_rollout_ref.actor.optim.lr_warmup_steps=4"))
     assert used == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3])
     assert [r["actor/lr"] for r in _rows(out)] == pytest.approx(used)
+
+
+def test_prometheus_server_is_closed_when_a_later_setup_step_fails(tiny_world, tmp_path, monkeypatch):
+    import mtprl.trainer.setup as setup_mod
+
+    exporters = []
+
+    class Recording(setup_mod.PrometheusExporter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.closed = False
+            exporters.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    def broken_tracker(*args, **kwargs):
+        raise OSError("cannot create the log directory")
+
+    monkeypatch.setattr(setup_mod, "PrometheusExporter", Recording)
+    monkeypatch.setattr(setup_mod, "Tracker", broken_tracker)
+    cfg = _cfg(tiny_world, tmp_path / "p", "actor_rollout_ref.rollout.prometheus.enable=True",
+               "actor_rollout_ref.rollout.prometheus.port=0", "trainer.resume_mode=disable")
+    with pytest.raises(OSError, match="log directory"):
+        setup_mod.setup(cfg)
+    assert len(exporters) == 1 and exporters[0].closed
