@@ -23,14 +23,16 @@ def _same_tokens(a, b):
     return [x.token_ids for x in a] == [y.token_ids for y in b]
 
 
-def test_greedy_continuous_batching_matches_reference(model):
-    """5 prompts of different lengths through 2 rows: rows finish (one by a stop token), get refilled."""
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "module"])
+def test_greedy_continuous_batching_matches_reference(model, packed):
+    """5 prompts of different lengths through 2 rows: rows finish (one by a stop token), get refilled. Both step
+    paths: the packed fast path (default) and the model's own forward_step / mtp_step."""
     ref = reference_generate(model, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=10))
     stop = ref[1].token_ids[3]  # make some sequence stop early
     params = SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=(stop,))
     ref = reference_generate(model, PROMPTS, params)
     assert any(c.finish_reason == "stop" for c in ref) and any(c.finish_reason == "length" for c in ref)
-    out = Engine(model, max_num_seqs=2, max_seq_len=64).generate(PROMPTS, params)
+    out = Engine(model, max_num_seqs=2, max_seq_len=64, packed=packed).generate(PROMPTS, params)
     assert _same_tokens(out, ref)
     assert [c.finish_reason for c in out] == [c.finish_reason for c in ref]
     assert [c.prompt_index for c in out] == list(range(len(PROMPTS)))
@@ -41,10 +43,12 @@ def test_greedy_continuous_batching_matches_reference(model):
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, max_new_tokens=8, n=2),
                                     SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=8, n=2)])
-def test_sampling_one_row_is_token_identical_to_reference(model, params):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "module"])
+def test_sampling_one_row_is_token_identical_to_reference(model, params, packed):
     """With one cache row the engine draws the same random numbers in the same order as the reference."""
     ref = reference_generate(model, PROMPTS, params, generator=torch.Generator().manual_seed(7))
-    out = Engine(model, max_num_seqs=1, max_seq_len=64).generate(PROMPTS, params, generator=torch.Generator().manual_seed(7))
+    out = Engine(model, max_num_seqs=1, max_seq_len=64, packed=packed).generate(
+        PROMPTS, params, generator=torch.Generator().manual_seed(7))
     assert _same_tokens(out, ref)
     for c, r in zip(out, ref):
         assert c.logprobs == pytest.approx(r.logprobs, abs=1e-5)
@@ -75,6 +79,22 @@ def test_same_seed_same_output_and_batch_shapes(model):
     c = eng.generate(PROMPTS, params, generator=torch.Generator().manual_seed(4))
     assert _same_tokens(a, b) and not _same_tokens(a, c)
     assert len(a) == len(PROMPTS) * 4 and all(len(x.token_ids) == 10 for x in a)
+
+
+def test_weight_updates_between_calls_are_seen():
+    """The packed copies are rebuilt every call: after an in-place update (what the optimizer does) the engine
+    samples from the new weights, exactly as the reference does."""
+    torch.manual_seed(0)
+    model = CausalLM(tiny_config()).eval()
+    eng = Engine(model, max_num_seqs=2, max_seq_len=32)
+    params = SamplingParams(temperature=0.0, max_new_tokens=6)
+    before = eng.generate(PROMPTS, params)
+    with torch.no_grad():
+        for p in model.layers.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.5)
+    after = eng.generate(PROMPTS, params)
+    assert _same_tokens(after, reference_generate(model, PROMPTS, params))
+    assert not _same_tokens(after, before)
 
 
 def test_max_seq_len_caps_generation(model):
