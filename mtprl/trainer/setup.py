@@ -85,10 +85,17 @@ class Run:
             self.exporter.update({k: v for k, v in metrics.items() if k.startswith("rollout/")}, step=self.step)
 
     def close(self) -> None:
-        self.tracker.close()
-        self.reward.close()
-        if self.exporter is not None:
-            self.exporter.close()
+        """Close tracker, reward workers and Prometheus server; each is closed even when an earlier one
+        fails (the first error is raised after)."""
+        closers = [self.tracker.close, self.reward.close] + ([self.exporter.close] if self.exporter is not None else [])
+        error: BaseException | None = None
+        for close in closers:
+            try:
+                close()
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are closed
+                error = error or e
+        if error is not None:
+            raise error
 
 
 def build_engine(cfg: MtprlConfig, model):

@@ -238,3 +238,24 @@ def test_prometheus_server_is_closed_when_a_later_setup_step_fails(tiny_world, t
     with pytest.raises(OSError, match="log directory"):
         setup_mod.setup(cfg)
     assert len(exporters) == 1 and exporters[0].closed
+
+
+def test_run_close_closes_everything_even_when_one_close_fails(tiny_world, tmp_path):
+    from mtprl.trainer.setup import setup
+
+    cfg = _cfg(tiny_world, tmp_path / "c", "actor_rollout_ref.rollout.prometheus.enable=True",
+               "actor_rollout_ref.rollout.prometheus.port=0", "trainer.resume_mode=disable")
+    run = setup(cfg)
+    closed = []
+    real_reward_close, real_exporter_close, real_tracker_close = run.reward.close, run.exporter.close, run.tracker.close
+
+    def failing_tracker_close():
+        raise OSError("disk full")
+
+    run.tracker.close = failing_tracker_close
+    run.reward.close = lambda: (closed.append("reward"), real_reward_close())
+    run.exporter.close = lambda: (closed.append("exporter"), real_exporter_close())
+    with pytest.raises(OSError, match="disk full"):
+        run.close()
+    real_tracker_close()
+    assert closed == ["reward", "exporter"]
