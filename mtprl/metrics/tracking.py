@@ -158,15 +158,19 @@ class Tracker:
         self.backends: dict[str, Backend] = {}
         if self.rank != 0:
             return
-        for name in loggers:
-            if name == "console":
-                self.backends[name] = ConsoleBackend(total_steps, console, description)
-            elif name == "jsonl":
-                self.backends[name] = JsonlBackend(self.run_dir / "metrics.jsonl")
-            elif name == "tensorboard":
-                self.backends[name] = TensorBoardBackend(self.run_dir / "tensorboard")
-            else:
-                raise ValueError(f"unknown logger '{name}'; choose from console, jsonl, tensorboard")
+        try:
+            for name in loggers:
+                if name == "console":
+                    self.backends[name] = ConsoleBackend(total_steps, console, description)
+                elif name == "jsonl":
+                    self.backends[name] = JsonlBackend(self.run_dir / "metrics.jsonl")
+                elif name == "tensorboard":
+                    self.backends[name] = TensorBoardBackend(self.run_dir / "tensorboard")
+                else:
+                    raise ValueError(f"unknown logger '{name}'; choose from console, jsonl, tensorboard")
+        except BaseException:
+            self.close()  # the backends made so far: a started progress bar, open files
+            raise
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         numeric = {k: float(v) if not isinstance(v, (int, bool)) else v for k, v in metrics.items()}

@@ -45,3 +45,24 @@ def test_rank_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "3")
     tr = Tracker(["jsonl"], tmp_path)
     assert tr.rank == 3 and not tr.backends
+
+
+
+def test_backends_made_before_a_failing_one_are_closed(tmp_path, monkeypatch):
+    import pytest
+
+    from mtprl.metrics import tracking
+
+    made = []
+
+    class RecordingJsonl(tracking.JsonlBackend):
+        def __init__(self, path):
+            super().__init__(path)
+            made.append(self)
+
+    monkeypatch.setattr(tracking, "JsonlBackend", RecordingJsonl)
+    console = Console(record=True, width=200, force_terminal=False)
+    with pytest.raises(ValueError, match="unknown logger 'wandb'"):
+        Tracker(["console", "jsonl", "wandb"], tmp_path, rank=0, console=console)
+    assert made and made[0]._file.closed and made[0]._text.closed  # no open file handles left behind
+    assert not console._live_stack  # the console progress bar was stopped
