@@ -216,6 +216,14 @@ def _check_batches(errors: list[str], cfg: MtprlConfig) -> None:
         )
     _positive(errors, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", actor.ppo_micro_batch_size_per_gpu,
               allow_none=True)
+    for who in ("rollout", "ref"):  # old / reference log-probs: a size <= 0 would split into no micro-batch at all
+        own = getattr(cfg.actor_rollout_ref, who)
+        _positive(errors, f"actor_rollout_ref.{who}.log_prob_micro_batch_size_per_gpu",
+                  own.log_prob_micro_batch_size_per_gpu, allow_none=True)
+        _positive(errors, f"actor_rollout_ref.{who}.log_prob_max_token_len_per_gpu", own.log_prob_max_token_len_per_gpu)
+    _positive(errors, "actor_rollout_ref.rollout.val_kwargs.n", rollout.val_kwargs.n)
+    _positive(errors, "actor_rollout_ref.actor.loss_scale_factor", actor.loss_scale_factor, allow_none=True)
+    _positive(errors, "sft.micro_batch_size_per_gpu", cfg.sft.micro_batch_size_per_gpu, allow_none=True)
     if actor.ppo_mini_batch_size > 0 and data.train_batch_size % max(actor.ppo_mini_batch_size, 1):
         errors.append(
             f"actor_rollout_ref.actor.ppo_mini_batch_size={actor.ppo_mini_batch_size} must divide "
@@ -252,6 +260,8 @@ def _check_algorithm(errors: list[str], cfg: MtprlConfig) -> None:
     _choice(errors, "algorithm.adv_estimator", alg.adv_estimator, ADV_ESTIMATORS)
     _choice(errors, "algorithm.kl_ctrl.type", alg.kl_ctrl.type, ("fixed", "adaptive"))
     _choice(errors, "algorithm.filter_groups.metric", alg.filter_groups.metric, FILTER_METRICS)
+    if alg.kl_ctrl.type == "adaptive" and alg.kl_ctrl.horizon <= 0:
+        errors.append(f"algorithm.kl_ctrl.horizon={alg.kl_ctrl.horizon} must be > 0 with algorithm.kl_ctrl.type=adaptive")
     if alg.filter_groups.max_num_gen_batches < 0:
         errors.append("algorithm.filter_groups.max_num_gen_batches must be >= 0 (0 = unlimited)")
     _choice(errors, "actor_rollout_ref.actor.optim.warmup_style", actor.optim.warmup_style, ("constant", "cosine"))
@@ -295,6 +305,15 @@ def _check_trainer(errors: list[str], cfg: MtprlConfig) -> None:
     _choice(errors, "trainer.resume_mode", tr.resume_mode, ("auto", "disable", "resume_path"))
     if tr.resume_mode == "resume_path" and not tr.resume_from_path:
         errors.append("trainer.resume_mode=resume_path needs trainer.resume_from_path")
+    if tr.resume_from_path and tr.resume_mode != "resume_path":
+        errors.append(
+            f"trainer.resume_from_path is set but trainer.resume_mode={tr.resume_mode!r} does not read it "
+            "(auto resumes from the latest checkpoint in trainer.default_local_dir); set trainer.resume_mode=resume_path"
+        )
+    if tr.max_actor_ckpt_to_keep is not None and tr.max_actor_ckpt_to_keep < 0:
+        errors.append(f"trainer.max_actor_ckpt_to_keep={tr.max_actor_ckpt_to_keep} must be >= 1, or null / 0 to keep all")
+    if tr.log_val_generations < 0:
+        errors.append(f"trainer.log_val_generations={tr.log_val_generations} must be >= 0")
     _positive(errors, "trainer.total_epochs", tr.total_epochs)
     _positive(errors, "trainer.total_training_steps", tr.total_training_steps, allow_none=True)
     for key, value in (("trainer.save_freq", tr.save_freq), ("trainer.test_freq", tr.test_freq)):

@@ -109,6 +109,18 @@ def test_list_key_accepts_a_single_name():
         (["actor_rollout_ref.actor.fsdp_config.fsdp_size=4"], "FSDP sharding needs multi-process training"),
         (["algorithm.lam=0.95"], "needs a critic"),
         (["data.gen_batch_size=16"], "only applies with dynamic sampling"),
+        (["actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=-1"],
+         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=-1 must be > 0"),
+        (["actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=0"],
+         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=0 must be > 0"),
+        (["actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=0"], "log_prob_max_token_len_per_gpu=0 must be > 0"),
+        (["actor_rollout_ref.rollout.val_kwargs.n=0"], "actor_rollout_ref.rollout.val_kwargs.n=0 must be > 0"),
+        (["actor_rollout_ref.actor.loss_scale_factor=0"], "loss_scale_factor=0 must be > 0"),
+        (["sft.micro_batch_size_per_gpu=-2"], "sft.micro_batch_size_per_gpu=-2 must be > 0"),
+        (["trainer.resume_from_path=/ckpt/global_step_5"], "set trainer.resume_mode=resume_path"),
+        (["trainer.max_actor_ckpt_to_keep=-1"], "max_actor_ckpt_to_keep=-1 must be >= 1"),
+        (["trainer.log_val_generations=-1"], "log_val_generations=-1 must be >= 0"),
+        (["algorithm.kl_ctrl.type=adaptive", "algorithm.kl_ctrl.horizon=0"], "horizon=0 must be > 0"),
     ],
 )
 def test_cross_field_errors(overrides, words):
