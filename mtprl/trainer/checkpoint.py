@@ -80,9 +80,16 @@ def save_checkpoint(
     os.replace(tmp, final)
     _atomic_write_text(root / LATEST_FILE, str(step))
     if keep is not None and keep > 0:
-        for old in list_checkpoints(root)[:-keep]:
+        # the newest ``keep`` up to this step; checkpoints of later steps (left by an earlier, longer run that
+        # this one resumed below) are not counted, so the one just written is never deleted
+        upto = [p for p in list_checkpoints(root) if _step_of(p) <= step]
+        for old in upto[:-keep]:
             shutil.rmtree(old)
     return final
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
