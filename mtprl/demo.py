@@ -22,6 +22,7 @@ from mtprl.data import build_math_tokenizer, load_tokenizer, write_synthetic_mat
 from mtprl.metrics import progress_bar
 from mtprl.metrics.report import read_metrics, write_report
 from mtprl.model import ModelConfig
+from mtprl.trainer.checkpoint import find_latest_checkpoint
 from mtprl.trainer.policy import init_policy_checkpoint
 
 
@@ -150,7 +151,10 @@ def run_demo(out_dir: str | Path = "runs/demo", *, overrides: list[str] = (), qu
         compare = {"MTP trained during RL": read_metrics(out / "rl" / "metrics.jsonl"),
                    "MTP frozen": read_metrics(out / "rl_frozen_mtp" / "metrics.jsonl")}
     console.rule("[bold]6/6 rollout speed and report")
-    final = Path(rl_cfg.trainer.default_local_dir) / f"global_step_{rl_cfg.trainer.total_training_steps}" / "actor"
+    last = find_latest_checkpoint(rl_cfg.trainer.default_local_dir)  # the run may end before total_training_steps
+    if last is None:
+        raise FileNotFoundError(f"the RL stage left no checkpoint in {rl_cfg.trainer.default_local_dir}")
+    final = last / "actor"
     speed_cfg = load_config(preset, rl_overrides(out, data, final, size) + list(overrides))
     extra = measure_rollout_speed(speed_cfg, console)
     extra["wall_seconds"] = time.perf_counter() - t0
