@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,8 +29,13 @@ logger = logging.getLogger(__name__)
 TRUNCATION_MODES = ("error", "left", "right", "middle")
 
 
-def read_parquet_rows(path: str | Path, required_columns: Sequence[str]) -> list[dict[str, Any]]:
-    """Read a whole parquet file as a list of row dicts; clear errors for a missing file or column."""
+def read_parquet_rows(
+    path: str | Path, required_columns: Sequence[str], config_keys: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Read a whole parquet file as a list of row dicts; clear errors for a missing file or column.
+
+    config_keys: column -> the config key that names it (``data.prompt_key``), for the missing-column hint.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -42,10 +47,9 @@ def read_parquet_rows(path: str | Path, required_columns: Sequence[str]) -> list
         raise ValueError(f"{path}: cannot be read as parquet: {err}") from err
     missing = [c for c in required_columns if c not in table.column_names]
     if missing:
-        raise ValueError(
-            f"{path}: missing column(s) {missing}; the file has {table.column_names}. "
-            "If the prompt lives under another name, set data.prompt_key to it."
-        )
+        keys = config_keys or {}
+        hints = [f" If '{c}' lives under another name, set {keys[c]} to it." for c in missing if c in keys]
+        raise ValueError(f"{path}: missing column(s) {missing}; the file has {table.column_names}." + "".join(hints))
     return table.to_pylist()
 
 
@@ -66,7 +70,8 @@ def load_prompt_records(
         raise ValueError("no parquet files given; set data.train_files / data.val_files")
     records: list[PromptRecord] = []
     for path in files:
-        rows = read_parquet_rows(path, [prompt_key, reward_fn_key, "reward_model"])
+        rows = read_parquet_rows(path, [prompt_key, reward_fn_key, "reward_model"],
+                                 {prompt_key: "data.prompt_key", reward_fn_key: "data.reward_fn_key"})
         for row_idx, row in enumerate(rows):
             records.append(
                 parse_row(
@@ -116,6 +121,24 @@ def encode_chat_prompts(tokenizer: Any, conversations: Sequence[Sequence[dict[st
     if not texts:
         return []
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def encode_record_prompts(tokenizer: Any, records: Sequence[Any]) -> list[list[int]]:
+    """`encode_chat_prompts` of records with ``messages``, ``source_file`` and ``source_row``; a chat template
+    that fails on a row (a template that rejects a role order, ...) raises a ValueError naming file and row."""
+    chat_prompt_texts(tokenizer, [])  # no template at all: its own error
+    try:
+        return encode_chat_prompts(tokenizer, [r.messages for r in records])
+    except Exception as batch_error:
+        for r in records:
+            try:
+                chat_prompt_texts(tokenizer, [r.messages])
+            except Exception as e:
+                raise ValueError(
+                    f"{r.source_file}: row {r.source_row} (0-based): the tokenizer's chat template failed on this "
+                    f"prompt: {type(e).__name__}: {e}"
+                ) from e
+        raise batch_error
 
 
 @dataclass(frozen=True)
@@ -177,7 +200,7 @@ def tokenize_prompts(
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
     if truncation not in TRUNCATION_MODES:
         raise ValueError(f"data.truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
-    all_ids = encode_chat_prompts(tokenizer, [r.messages for r in records])
+    all_ids = encode_record_prompts(tokenizer, records)
     kept: list[TokenizedPrompt] = []
     num_filtered = num_truncated = 0
     for record, ids in zip(records, all_ids):

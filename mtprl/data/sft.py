@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from mtprl.data.dataset import encode_chat_prompts, read_parquet_rows
+from mtprl.data.dataset import encode_record_prompts, read_parquet_rows
 from mtprl.data.schema import MalformedRowError, parse_messages
 
 SFT_TRUNCATION_MODES = ("error", "left", "right")
@@ -48,7 +48,9 @@ def load_sft_records(
         raise ValueError("no SFT parquet files given")
     records: list[SFTRecord] = []
     for path in files:
-        for row_idx, row in enumerate(read_parquet_rows(path, [prompt_key, response_key])):
+        rows = read_parquet_rows(path, [prompt_key, response_key],
+                                 {prompt_key: "data.prompt_key", response_key: "data.response_key"})
+        for row_idx, row in enumerate(rows):
             prompt, response = row.get(prompt_key), row.get(response_key)
             if prompt is None:
                 raise MalformedRowError(str(path), row_idx, prompt_key, "missing (null) prompt")
@@ -82,7 +84,7 @@ def tokenize_sft(
         raise ValueError(f"SFT truncation must be one of {SFT_TRUNCATION_MODES}, got {truncation!r}")
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no eos_token; SFT responses must end with one")
-    prompt_ids = encode_chat_prompts(tokenizer, [r.messages for r in records])
+    prompt_ids = encode_record_prompts(tokenizer, records)
     responses = [r.response + tokenizer.eos_token for r in records]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if records else []
     examples = []

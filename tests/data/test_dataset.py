@@ -218,3 +218,29 @@ def test_tokenizer_without_chat_template_is_an_error(tokenizer_dir, mixed_length
     plain = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"))
     with pytest.raises(ValueError, match="no chat template"):
         tokenize_prompts(load_prompt_records(mixed_lengths[0]), plain, max_prompt_length=64)
+
+
+def test_missing_data_source_column_names_reward_fn_key(tmp_path):
+    rows = [good_row(0)]
+    rows[0]["source"] = rows[0].pop("data_source")
+    path = write(rows, tmp_path / "nosource.parquet")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['data_source'\].*set data.reward_fn_key") as err:
+        load_prompt_records(path)
+    assert "data.prompt_key" not in str(err.value)  # the prompt column is there: do not point at its key
+    (record,) = load_prompt_records(path, reward_fn_key="source")
+    assert record.data_source == "math_dapo"
+
+
+def test_chat_template_failure_names_file_and_row(hf_tokenizer, tmp_path):
+    import copy
+
+    strict = copy.deepcopy(hf_tokenizer)
+    strict.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with a user message') }}"
+        "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    rows = [good_row(i) for i in range(4)]
+    rows[2]["prompt"] = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "1+2?"}]
+    path = write(rows, tmp_path / "roles.parquet")
+    with pytest.raises(ValueError, match=r"roles.parquet: row 2 \(0-based\): .*chat template.*start with a user message"):
+        build_prompt_dataset(path, strict, max_prompt_length=64)

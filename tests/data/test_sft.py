@@ -76,5 +76,6 @@ def test_malformed_rows(tmp_path, good, bad, field):
 
 def test_missing_response_column(tmp_path):
     path = write([{"prompt": "q", "answer": "a"}], tmp_path / "x.parquet")
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['response'\]"):
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['response'\].*set data.response_key") as err:
         load_sft_records(path)
+    assert "data.prompt_key" not in str(err.value)
