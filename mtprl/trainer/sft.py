@@ -17,6 +17,7 @@ import torch
 from mtprl.config.loader import ConfigError, to_dict
 from mtprl.config.schema import MtprlConfig
 from mtprl.data import PromptLoader, load_sft_records, tokenize_sft
+from mtprl.data.sft import SFT_TRUNCATION_MODES
 from mtprl.metrics import Tracker
 from mtprl.model import mtp_loss
 from mtprl.trainer.batching import pad_right, split_fixed, token_logprobs, trim_padding
@@ -66,6 +67,9 @@ def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
                           "and actor_rollout_ref.model.mtp.enable_train=True")
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: give SFT parquet files with prompt and response columns")
+    if cfg.data.truncation not in SFT_TRUNCATION_MODES:
+        raise ConfigError(f"data.truncation={cfg.data.truncation!r} is an RL prompt mode; SFT sequences are cut "
+                          "left, right or error (keep the response: left)")
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_policy_tokenizer(cfg.actor_rollout_ref.model)

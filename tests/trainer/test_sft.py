@@ -73,3 +73,11 @@ def test_sft_actor_lr_is_the_lr_the_step_used(tiny_world, tmp_path):
     run_sft(_cfg(tiny_world, out, "trainer.total_training_steps=2", "trainer.test_freq=-1",
                  "actor_rollout_ref.actor.optim.lr_warmup_steps=4"))
     assert [r["actor/lr"] for r in _losses(out)] == pytest.approx([0.75e-3, 1.5e-3])  # warmup 1/4, 2/4 of 3e-3
+
+
+def test_sft_rejects_a_truncation_mode_it_lacks_before_loading_anything(tiny_world, tmp_path, monkeypatch):
+    import mtprl.trainer.sft as sft
+
+    monkeypatch.setattr(sft, "load_policy", lambda *a, **kw: pytest.fail("the model was loaded first"))
+    with pytest.raises(ConfigError, match=r"data.truncation='middle'.*left, right or error"):
+        run_sft(_cfg(tiny_world, tmp_path, "data.truncation=middle"))
