@@ -16,6 +16,8 @@ What it does, in one process:
     sampling (top_k=0), no stop token, exactly --new-tokens per row, transformers' `generate` with its default
     dynamic KV cache.
     (b) Ours: speculative (chain of --num-steps drafts) and adaptive speculative vs plain.
+    (c) Our plain decoding on the packed fast path (the default, mtprl/model/packed.py) vs the model's own
+    forward_step (Engine(packed=False), the reference path it is tested against).
     Each configuration runs --repeats times (3x at batch 1), interleaved; we report the median tokens/s (generated tokens /
     wall time of the whole call, prefill included) and ratios of medians.
 Prompts: 32 random tokens per row. The machine is shared and noisy: torch runs with --threads threads (1 by
@@ -190,8 +192,9 @@ def main() -> None:
     for b in batches:
         prompts = prompts_all[:b]
         engine = Engine(model, max_num_seqs=b, max_seq_len=32 + args.new_tokens + 8)
+        module_engine = Engine(model, max_num_seqs=b, max_seq_len=32 + args.new_tokens + 8, packed=False)
         run_ours(engine, prompts[:1], SamplingParams(temperature=args.temperature, max_new_tokens=8), spec)  # warm-up
-        res: dict[str, list[float]] = {"plain": [], "spec": [], "adaptive": [], "hf": []}
+        res: dict[str, list[float]] = {"plain": [], "spec": [], "adaptive": [], "hf": [], "module": []}
         metrics = {}
         accept_len: dict[str, list[float]] = {"spec": [], "adaptive": []}
         # one seed per repeat, shared by the configurations. At batch 1 a run is ONE sequence whose acceptance
@@ -206,6 +209,8 @@ def main() -> None:
                     accept_len[name].append(m.mean_accept_length)
             if hf is not None and b in (1, 16):
                 res["hf"].append(run_hf(hf, prompts, args.new_tokens, args.temperature, seed=rep))
+            if b in (1, 16):
+                res["module"].append(run_ours(module_engine, prompts, params, None, seed=rep)[0])
         med = {k: statistics.median(v) for k, v in res.items() if v}
         best = {k: max(v) for k, v in res.items() if v}
         rows.append((b, med, metrics))
@@ -215,7 +220,10 @@ def main() -> None:
                 f"({med['adaptive'] / med['plain']:.2f}x plain, {med['adaptive'] / max(med['plain'], med['spec']):.3f} "
                 f"of best fixed; mean depth {m_a.mean_draft_depth:.2f})")
         if "hf" in med:
-            line += f" | transformers {med['hf']:8.1f} tok/s (ours plain {med['plain'] / med['hf']:.2f}x)"
+            line += (f" | transformers {med['hf']:8.1f} tok/s (ours plain {med['plain'] / med['hf']:.2f}x, ours spec "
+                     f"{med['spec'] / med['hf']:.2f}x)")
+        if "module" in med:
+            line += f" | plain on the module path {med['module']:8.1f} tok/s (packed {med['plain'] / med['module']:.2f}x)"
         print(line)
         print(f"           best of runs (interference only slows a run down): plain {best['plain']:.0f}, spec "
               f"{best['spec']:.0f} ({best['spec'] / best['plain']:.2f}x), adaptive {best['adaptive']:.0f} "
