@@ -43,6 +43,7 @@ BASE = dict(model_type="mimo", vocab_size=512, num_attention_heads=4, num_key_va
             num_mtp_layers=1, max_position_embeddings=1024, tie_word_embeddings=False)
 SHAPES = {  # name: (config fields, embedding scale, head scale)
     "deep": (dict(hidden_size=64, intermediate_size=192, num_hidden_layers=24), 50.0, 100.0),
+    "deep36": (dict(hidden_size=64, intermediate_size=192, num_hidden_layers=36), 50.0, 100.0),  # MiMo-7B's depth
     "wide": (dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8), 50.0, 50.0),
 }
 

@@ -150,6 +150,7 @@ class PackedModel:
         self.head_dim = cfg.resolved_head_dim
         self._cos = self._sin = None  # RoPE tables [len, Dh], built on first use
         self._row_base: dict = {}  # (B, Hkv, S, device) -> [B,1,Hkv] flat cache index of each row's heads
+        self._scalars: dict = {}  # (dtype, device) -> (0, -inf) 0-dim tensors for the additive mask
 
     def _rope_rows(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B,T,1,Dh] for position_ids [B,T], from a table grown on demand (values as rope_cos_sin)."""
@@ -177,8 +178,8 @@ class PackedModel:
         gqa = rep > 1 and b * t < 16
         if rep > 1 and not gqa:
             mask = mask[:, :, None].expand(b, 1, rep, t, s).reshape(b, 1, rep * t, s)
-        additive = torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device),
-                               torch.full((), float("-inf"), dtype=dtype, device=mask.device))
+        zero, neg_inf = self._mask_values(dtype, mask.device)
+        additive = torch.where(mask, zero, neg_inf)
         hkv, slots = self.num_kv_heads, cache.max_seq_len
         key = (b, hkv, slots, cache_slots.device)
         base = self._row_base.get(key)
@@ -188,6 +189,13 @@ class PackedModel:
         flat = base + cache_slots[:, :, None]  # [B,T,Hkv]
         cos, sin = self._rope_rows(position_ids, dtype)
         return _Step(cos=cos, sin=sin, mask=additive, flat_index=flat, kv_len=s, batch=b, tokens=t, gqa=gqa)
+
+    def _mask_values(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (dtype, device)
+        if key not in self._scalars:
+            self._scalars[key] = (torch.zeros((), dtype=dtype, device=device),
+                                  torch.full((), float("-inf"), dtype=dtype, device=device))
+        return self._scalars[key]
 
     # ----- one decoder block -----------------------------------------------------------------------------------
     def _block(self, w: _Block, xx: torch.Tensor, step: _Step, k_flat: torch.Tensor, v_flat: torch.Tensor,

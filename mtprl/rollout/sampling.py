@@ -31,7 +31,7 @@ def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     if params.greedy:
         out = torch.full_like(logits, float("-inf"))
         return out.scatter_(-1, logits.argmax(-1, keepdim=True), 0.0)
-    scaled = logits / params.temperature
+    scaled = logits / params.temperature if params.temperature != 1.0 else logits
     vocab = scaled.shape[-1]
     if 0 < params.top_k < vocab:
         kth = scaled.topk(params.top_k, dim=-1).values[..., -1:]  # [...,1]
@@ -74,7 +74,8 @@ def uniform_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generato
                   device: torch.device) -> torch.Tensor:
     """U[0,1) noise of `shape` drawn on the generator's device, moved to `device`."""
     gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, dtype=torch.float32, device=gen_device, generator=generator).to(device, non_blocking=True)
+    noise = torch.rand(shape, dtype=torch.float32, device=gen_device, generator=generator)
+    return noise if noise.device == device else noise.to(device, non_blocking=True)
 
 
 def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -85,8 +86,8 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) ->
     interval and are never drawn; u is kept strictly below the total so the index stays in range."""
     cdf = probs.float().cumsum(-1)
     total = cdf[..., -1:]
-    u = uniform_noise(total.shape, generator, probs.device) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    u = uniform_noise(total.shape, generator, probs.device).mul_(total)
+    u = torch.minimum(u, torch.nextafter(total, total.new_zeros(())))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
