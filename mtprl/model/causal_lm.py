@@ -182,8 +182,7 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, attn, i)
         hidden = self.norm(x)
-        at = hidden if logit_index is None else hidden.gather(1, logit_index[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        return F.linear(at, self.head_weight()), hidden
+        return F.linear(at_positions(hidden, logit_index), self.head_weight()), hidden
 
     def mtp_step(
         self,
@@ -223,6 +222,13 @@ class CausalLM(nn.Module):
         from mtprl.model.hf_io.checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+
+def at_positions(hidden: torch.Tensor, logit_index: torch.Tensor | None) -> torch.Tensor:
+    """hidden [B,T,H] -> [B,P,H] at logit_index [B,P] (all of hidden when None)."""
+    if logit_index is None:
+        return hidden
+    return hidden.gather(1, logit_index[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
 def _check_step_shapes(input_ids: torch.Tensor, position_ids: torch.Tensor, cache_slots: torch.Tensor,

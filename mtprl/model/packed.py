@@ -13,9 +13,9 @@ small batches on a GPU, a decode step costs per op, not per flop:
     and k together (roll by Dh/2 with a signed sin table = rotate_half);
   * the attention mask built ONCE per step as an additive float mask (folded for GQA), shared by all layers,
     with `F.scaled_dot_product_attention`; per-layer cache views built once per step;
-  * K/V written with one `index_copy_` each into the flattened cache layer (flat indices computed once a step).
-Measured on the benchmark's 24-layer model (benchmarks/rollout.py, docs/rollout.md): a decode step takes 0.42x
-the module path's time at batch 1 and 0.54x at batch 16. Tried and not kept: a hand-written
+  * K/V written with one `index_put_` each into the flattened cache layer (flat indices computed once a step).
+Measured on the benchmark's 24-layer model (benchmarks/rollout.py, docs/rollout.md): plain decoding runs 2.67x
+as fast as on the module path at batch 1 and 2.10x at batch 16. Tried and not kept: a hand-written
 baddbmm/softmax/bmm attention over K stored slot-minor (3% faster at batch 16, 3% slower at batch 1); the
 rotated q|k as extra matmul columns instead of roll (no measurable change); torch.compile (recompiles as the
 batch and kv_len change; compiled with dynamic shapes it ran slower than eager).
@@ -129,10 +129,6 @@ class PackedModel:
         self.model = model
         self.config = model.config
         self.pack()
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "PackedModel":
-        return cls(model)
 
     @torch.no_grad()
     def pack(self) -> None:
@@ -251,7 +247,7 @@ class PackedModel:
                      *, kv_len: int | None = None, logit_index: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """As CausalLM.forward_step."""
-        from mtprl.model.causal_lm import _check_step_shapes
+        from mtprl.model.causal_lm import _check_step_shapes, at_positions
 
         if cache_rows is not None:
             raise ValueError("the packed path does not take cache_rows: pass a view of the cache rows instead")
@@ -262,10 +258,7 @@ class PackedModel:
         for w, views in zip(self.blocks, self._layers(kv_cache, b, step.kv_len)):
             xx = self._block(w, xx, step, *views)
         hidden = _norm(xx, self.norm, self.eps).reshape(b, t, -1)
-        if logit_index is not None:
-            hidden_at = hidden.gather(1, logit_index[:, :, None].expand(-1, -1, hidden.shape[-1]))
-            return F.linear(hidden_at, self.head), hidden
-        return F.linear(hidden, self.head), hidden
+        return F.linear(at_positions(hidden, logit_index), self.head), hidden
 
     @torch.no_grad()
     def mtp_step(self, depth: int, prev_hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
