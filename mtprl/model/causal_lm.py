@@ -216,6 +216,19 @@ class CausalLM(nn.Module):
         hidden = self.mtp_layers[depth](prev_hidden, tok_emb, attn, depth)
         return F.linear(hidden, self.head_weight()), hidden
 
+    def mtp_chain(self, depth: int, position_ids: torch.Tensor, cache_slots: torch.Tensor, mtp_kv_cache: KVCache,
+                  *, kv_len: int | None = None):
+        """n one-token MTP steps of layer `depth`, step i at position_ids[:, i], cache_slots[:, i] ([B,n]) with
+        the default mask over kv_len slots. Returns step(i, prev_hidden [B,1,H], input_ids [B,1]) ->
+        mtp_step's (logits, hidden). Here simply one mtp_step per call; the packed path (packed.py) builds the
+        per-step inputs once for the whole chain."""
+
+        def step(i: int, prev_hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.mtp_step(depth, prev_hidden, input_ids, position_ids[:, i:i + 1], cache_slots[:, i:i + 1],
+                                 mtp_kv_cache, kv_len=kv_len)
+
+        return step
+
     # ----- checkpoints ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str, *, max_shard_bytes: int | None = None) -> None:
         """Write an HF directory (config.json, safetensors, tokenizer files of the source dir); see hf_io."""

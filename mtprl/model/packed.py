@@ -28,6 +28,7 @@ Not supported (ValueError): `cache_rows` (the engine keeps live rows as a prefix
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,9 @@ def _pair(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, -x], -1)
 
 
+ChainStep = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass
 class _Step:
     """What every layer of one step shares: RoPE rows, the additive mask, flat cache indices."""
@@ -163,9 +167,25 @@ class PackedModel:
     # ----- shared per-step inputs ------------------------------------------------------------------------------
     def _step_inputs(self, position_ids: torch.Tensor, cache_slots: torch.Tensor, cache: KVCache,
                      attn_mask: torch.Tensor | None, kv_len: int | None, dtype: torch.dtype) -> _Step:
-        b, t = cache_slots.shape
         mask = step_mask(cache, cache_slots, None, attn_mask, kv_len)  # [B,1,T,S], checked as the module path
-        s = mask.shape[-1]
+        cos, sin = self._rope_rows(position_ids, dtype)
+        return self._make_step(cos, sin, mask, self._flat_index(cache_slots, cache), dtype)
+
+    def _flat_index(self, cache_slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """[B,T,Hkv]: index of each (row, slot, kv head) in a cache layer viewed as [R*Hkv*S, Dh]."""
+        b = cache_slots.shape[0]
+        hkv, slots = self.num_kv_heads, cache.max_seq_len
+        key = (b, hkv, slots, cache_slots.device)
+        base = self._row_base.get(key)
+        if base is None:  # (row, head) -> first flat index of that row's head in a cache layer [R*Hkv*S, Dh]
+            rows = torch.arange(b, device=cache_slots.device)[:, None, None]
+            base = self._row_base[key] = (rows * hkv + torch.arange(hkv, device=cache_slots.device)) * slots
+        return base + cache_slots[:, :, None]
+
+    def _make_step(self, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, flat: torch.Tensor,
+                   dtype: torch.dtype) -> _Step:
+        """_Step from RoPE rows, the boolean mask [B,1,T,S] and flat cache indices [B,T,Hkv]."""
+        b, _, t, s = mask.shape
         rep = self.num_heads // self.num_kv_heads
         # GQA: either SDPA repeats the kv heads itself (enable_gqa; q and the output stay views of [B,T,H,Dh]), or
         # the rep query heads sharing a kv head are folded into the query axis (mask [B,1,rep*T,S]; q and the
@@ -176,14 +196,6 @@ class PackedModel:
             mask = mask[:, :, None].expand(b, 1, rep, t, s).reshape(b, 1, rep * t, s)
         zero, neg_inf = self._mask_values(dtype, mask.device)
         additive = torch.where(mask, zero, neg_inf)
-        hkv, slots = self.num_kv_heads, cache.max_seq_len
-        key = (b, hkv, slots, cache_slots.device)
-        base = self._row_base.get(key)
-        if base is None:  # (row, head) -> first flat index of that row's head in a cache layer [R*Hkv*S, Dh]
-            rows = torch.arange(b, device=cache_slots.device)[:, None, None]
-            base = self._row_base[key] = (rows * hkv + torch.arange(hkv, device=cache_slots.device)) * slots
-        flat = base + cache_slots[:, :, None]  # [B,T,Hkv]
-        cos, sin = self._rope_rows(position_ids, dtype)
         return _Step(cos=cos, sin=sin, mask=additive, flat_index=flat, kv_len=s, batch=b, tokens=t, gqa=gqa)
 
     def _mask_values(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,8 +280,7 @@ class PackedModel:
         """As CausalLM.mtp_step."""
         from mtprl.model.causal_lm import _check_step_shapes
 
-        if not 0 <= depth < len(self.mtp):
-            raise ValueError(f"depth={depth} out of range: this model has {len(self.mtp)} MTP layers")
+        self._check_depth(depth)
         if cache_rows is not None:
             raise ValueError("the packed path does not take cache_rows: pass a view of the cache rows instead")
         _check_step_shapes(input_ids, position_ids, cache_slots, mtp_kv_cache, len(self.mtp), "mtp_kv_cache")
@@ -277,13 +288,48 @@ class PackedModel:
             raise ValueError(f"prev_hidden {tuple(prev_hidden.shape)} must be [B,T,H] with B,T of input_ids "
                              f"{tuple(input_ids.shape)}")
         w = self.mtp[depth]
-        b, t = input_ids.shape
+        step = self._step_inputs(position_ids, cache_slots, mtp_kv_cache, attn_mask, kv_len, w.input_proj.dtype)
+        (views,) = self._layers(mtp_kv_cache, input_ids.shape[0], step.kv_len, depth)
+        return self._mtp_forward(w, prev_hidden, input_ids, step, views)
+
+    @torch.no_grad()
+    def mtp_chain(self, depth: int, position_ids: torch.Tensor, cache_slots: torch.Tensor, mtp_kv_cache: KVCache,
+                  *, kv_len: int | None = None) -> ChainStep:
+        """n one-token MTP steps of layer `depth` run one after another, step i at position_ids[:, i] and
+        cache_slots[:, i] ([B,n]) with the default mask (key slot <= query slot) over kv_len slots - a chain of
+        drafts, where each step's input is the last one's output. Returns step(i, prev_hidden [B,1,H],
+        input_ids [B,1]) -> (logits [B,1,V], hidden [B,1,H]), equal to mtp_step on the same inputs: the per-step
+        inputs (mask, RoPE rows, cache indices, cache views) are built once here for all n, not once per step."""
+        from mtprl.model.causal_lm import _check_step_shapes
+
+        self._check_depth(depth)
+        _check_step_shapes(position_ids, position_ids, cache_slots, mtp_kv_cache, len(self.mtp), "mtp_kv_cache")
+        w = self.mtp[depth]
+        dtype = w.input_proj.dtype
+        mask = step_mask(mtp_kv_cache, cache_slots, None, None, kv_len)  # [B,1,n,S]
+        cos, sin = self._rope_rows(position_ids, dtype)
+        flat = self._flat_index(cache_slots, mtp_kv_cache)
+        steps = [self._make_step(cos[:, i:i + 1], sin[:, i:i + 1], mask[:, :, i:i + 1], flat[:, i:i + 1], dtype)
+                 for i in range(cache_slots.shape[1])]
+        (views,) = self._layers(mtp_kv_cache, cache_slots.shape[0], mask.shape[-1], depth)
+
+        def step(i: int, prev_hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                return self._mtp_forward(w, prev_hidden, input_ids, steps[i], views)
+
+        return step
+
+    def _check_depth(self, depth: int) -> None:
+        if not 0 <= depth < len(self.mtp):
+            raise ValueError(f"depth={depth} out of range: this model has {len(self.mtp)} MTP layers")
+
+    def _mtp_forward(self, w: _MTP, prev_hidden: torch.Tensor, input_ids: torch.Tensor, step: _Step,
+                     views: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t = step.batch, step.tokens
         emb = F.embedding(input_ids, self.embed).view(b * t, -1)
         h = prev_hidden.reshape(b * t, -1)
         xx = torch.mm(torch.cat([_norm(_pair(h), w.hidden_norm, self.eps), _norm(_pair(emb), w.token_norm, self.eps)],
                                 -1), w.input_proj)
-        step = self._step_inputs(position_ids, cache_slots, mtp_kv_cache, attn_mask, kv_len, xx.dtype)
-        (views,) = self._layers(mtp_kv_cache, b, step.kv_len, depth)
         xx = self._block(w.block, xx, step, *views)
         hidden = _norm(xx, w.final_norm, self.eps).reshape(b, t, -1)
         return F.linear(hidden, self.head), hidden

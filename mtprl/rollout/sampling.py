@@ -78,15 +78,18 @@ def uniform_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generato
     return noise if noise.device == device else noise.to(device, non_blocking=True)
 
 
-def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None,
+                      uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """[..., V] non-negative weights (need not sum to 1, at least one > 0) -> [...] long token ids ~ probs.
 
     Inverse CDF: token = first v with cdf_v > u, u ~ U[0, total) (one uniform per row; ~6x cheaper on CPU than
     the exponential race, which needs a logarithm per vocabulary entry). Zero-weight tokens have an empty
-    interval and are never drawn; u is kept strictly below the total so the index stays in range."""
+    interval and are never drawn; u is kept strictly below the total so the index stays in range.
+    `uniforms` [..., 1]: U[0,1) draws to use instead of drawing from `generator` (drawn ahead, e.g. for every
+    level of a draft chain at once); consumed (scaled in place)."""
     cdf = probs.float().cumsum(-1)
     total = cdf[..., -1:]
-    u = uniform_noise(total.shape, generator, probs.device).mul_(total)
+    u = (uniform_noise(total.shape, generator, probs.device) if uniforms is None else uniforms).mul_(total)
     u = torch.minimum(u, torch.nextafter(total, total.new_zeros(())))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 

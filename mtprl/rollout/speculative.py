@@ -48,7 +48,7 @@ from mtprl.model import KVCache
 from mtprl.rollout.acceptance import chain_accept, greedy_chain_accept, greedy_tree_accept, tree_accept
 from mtprl.rollout.kv_cache import RowState, copy_slots
 from mtprl.rollout.sampling import (processed_logprobs, sample_from_probs, sample_without_replacement,
-                                   temperature_logprobs)
+                                   temperature_logprobs, uniform_noise)
 from mtprl.rollout.tree import DraftTree, TreeTensors
 from mtprl.rollout.types import SamplingParams
 
@@ -211,6 +211,9 @@ def draft_tree(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, mtp: KV
         ctx.hbuf[k] = buf
     q_level = q_root[:, None]  # [b,1,V] draft logits of the root's children
     for level in range(tree.max_depth):
+        if tree.is_chain and level + 2 > num_mtp:  # the rest is a chain of EAGLE-style recursions
+            _draft_chain_tail(ctx, level, q_level[:, 0], draft, params, generator)
+            break
         _sample_children(ctx, level, q_level, draft, params, generator)
         if level + 1 == tree.max_depth:
             break
@@ -225,6 +228,38 @@ def draft_tree(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, mtp: KV
             ctx.hbuf[num_mtp][:, start:end] = hidden
             q_level = logits
     return draft
+
+
+def _draft_chain_tail(ctx: _DraftCtx, first: int, q: torch.Tensor, draft: Draft, params: SamplingParams,
+                      generator: torch.Generator | None) -> None:
+    """A chain from node `first` on, once every remaining draft is a recursion of the last MTP layer D: sample
+    node first+1 from q [b,V] (its draft logits), run layer D on it (input hidden = layer D's output at its
+    parent), sample node first+2 from the result, ... to the chain's end. The same draws and forwards as the
+    level loop of draft_tree, with the per-level inputs built once: the MTP steps through the model's
+    `mtp_chain` (chain nodes e have position = slot = L-D-1+e), the uniforms of every level drawn at once."""
+    model, lengths, tokens = ctx.model, ctx.lengths, ctx.node_tokens
+    num_mtp, last = model.config.num_mtp_layers, ctx.tree.max_depth  # nodes first+1 .. last get drafted
+    nodes = torch.arange(first + 1, last, device=lengths.device)  # the nodes layer D runs on
+    step = None
+    if nodes.numel():
+        positions = lengths[:, None] - num_mtp - 1 + nodes[None]  # >= L-1 >= 0: no scratch slot needed
+        kv_len = int(lengths.max()) - num_mtp + last - 1  # one past the largest slot
+        step = model.mtp_chain(num_mtp - 1, positions, positions, ctx.mtp, kv_len=kv_len)
+    uniforms = None if params.greedy else uniform_noise((tokens.shape[0], last - first), generator, lengths.device)
+    hidden = ctx.hbuf[num_mtp][:, first:first + 1]
+    for e in range(first, last):  # q: draft logits of node e+1
+        draft.logits[:, e] = q
+        if params.greedy:
+            tokens[:, e + 1] = q.argmax(-1)
+        else:
+            lp = processed_logprobs(q, params)
+            draft.logprobs[:, e] = lp
+            tokens[:, e + 1] = sample_from_probs(lp.exp(), None, uniforms[:, e - first, None])
+        if e + 1 == last:
+            break
+        ctx.counters.mtp_forwards += 1
+        logits, hidden = step(e - first, hidden, tokens[:, e + 1:e + 2])
+        q = logits[:, 0]
 
 
 def verify_and_accept(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, trunk: KVCache,
