@@ -102,6 +102,7 @@ class Engine:
         self._mtp_cache = None
         self.packed = packed
         self._stepper = None  # what runs forward_step / mtp_step: the model or its PackedModel
+        self._adaptive: dict[tuple, AdaptiveDepth] = {}  # adaptive speculation state per setting (_adaptive_state)
 
     # ----- public API -----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, speculative: SpeculativeConfig | None = None,
@@ -173,8 +174,20 @@ class Engine:
             run.trees = [(t, t.tensors(self.device)) for t in (tree.truncate(d) for d in range(tree.max_depth + 1))]
             run.reached = torch.zeros(tree.max_depth, dtype=torch.long, device=self.device)
             run.accepted = torch.zeros_like(run.reached)
-            run.adaptive = AdaptiveDepth(tree.max_depth) if spec.adaptive else None
+            run.adaptive = self._adaptive_state(spec, params, tree.max_depth) if spec.adaptive else None
         return run
+
+    def _adaptive_state(self, spec: SpeculativeConfig, params: SamplingParams, max_depth: int) -> AdaptiveDepth:
+        """The AdaptiveDepth for this draft shape and sampling setting, kept across generate calls: step timings
+        and acceptance rates carry over (an RL loop calls generate every step with the same settings), so the
+        exploration (deepest steps, then a plain step, per batch-size bucket) is paid once per engine, not once
+        per call. Acceptance estimates forget old steps, so a policy that changes between calls is tracked."""
+        key = (spec.num_steps, spec.eagle_topk, spec.num_draft_tokens, params.greedy, params.temperature,
+               params.top_k, params.top_p)
+        state = self._adaptive.get(key)
+        if state is None:
+            state = self._adaptive[key] = AdaptiveDepth(max_depth)
+        return state
 
     def _ensure_caches(self, num_slots: int, with_mtp: bool) -> None:
         """Allocate (once, or grow) the trunk cache and, when speculating, the MTP cache."""

@@ -116,3 +116,29 @@ def test_catch_up_after_plain_steps_restores_mtp_state(draftable_model, monkeypa
     assert [c.token_ids for c in out.completions] == [c.token_ids for c in plain]
     assert captured["checks"] > 10
     assert 0.5 < out.metrics.mean_draft_depth < 2.5
+
+
+def test_adaptive_state_is_kept_across_generate_calls(draftable_model, monkeypatch):
+    """The exploration is paid once per engine and setting: a second call with the same speculative and sampling
+    settings continues the same AdaptiveDepth (its measurements and step count); another temperature gets its
+    own state."""
+    model = draftable_model(num_mtp_layers=1, vocab=32, noise=0.1)
+    eng = Engine(model, max_num_seqs=2, max_seq_len=64)
+    spec = SpeculativeConfig(num_steps=3, adaptive=True)
+    params = SamplingParams(temperature=1.0, max_new_tokens=20)
+    eng.generate([[1, 2, 3], [4, 5]], params, speculative=spec, generator=torch.Generator().manual_seed(0))
+    (state,) = eng._adaptive.values()
+    steps = state.steps
+    assert steps > 5 and state.plain and state.spec  # warm-up done: both kinds of step measured
+    chosen = []
+    original = AdaptiveDepth.choose
+
+    def record(self, rows):
+        chosen.append(original(self, rows))
+        return chosen[-1]
+
+    monkeypatch.setattr(AdaptiveDepth, "choose", record)
+    eng.generate([[1, 2, 3], [4, 5]], params, speculative=spec, generator=torch.Generator().manual_seed(1))
+    assert list(eng._adaptive.values()) == [state] and state.steps == steps + len(chosen)
+    eng.generate([[1, 2, 3]], SamplingParams(temperature=0.5, max_new_tokens=8), speculative=spec)
+    assert len(eng._adaptive) == 2
