@@ -151,6 +151,7 @@ class PackedModel:
         self._cos = self._sin = None  # RoPE tables [len, Dh], built on first use
         self._row_base: dict = {}  # (B, Hkv, S, device) -> [B,1,Hkv] flat cache index of each row's heads
         self._scalars: dict = {}  # (dtype, device) -> (0, -inf) 0-dim tensors for the additive mask
+        self._flat_views: dict = {}  # cache storage + rows -> per-layer flat K / V write views (see _layers)
 
     def _rope_rows(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B,T,1,Dh] for position_ids [B,T], from a table grown on demand (values as rope_cos_sin)."""
@@ -184,7 +185,7 @@ class PackedModel:
 
     def _make_step(self, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, flat: torch.Tensor,
                    dtype: torch.dtype) -> _Step:
-        """_Step from RoPE rows, the boolean mask [B,1,T,S] and flat cache indices [B,T,Hkv]."""
+        """_Step from RoPE rows, the mask [B,1,T,S] (boolean, or already additive) and flat cache indices [B,T,Hkv]."""
         b, _, t, s = mask.shape
         rep = self.num_heads // self.num_kv_heads
         # GQA: either SDPA repeats the kv heads itself (enable_gqa; q and the output stay views of [B,T,H,Dh]), or
@@ -194,8 +195,10 @@ class PackedModel:
         gqa = rep > 1 and b * t < 16
         if rep > 1 and not gqa:
             mask = mask[:, :, None].expand(b, 1, rep, t, s).reshape(b, 1, rep * t, s)
-        zero, neg_inf = self._mask_values(dtype, mask.device)
-        additive = torch.where(mask, zero, neg_inf)
+        additive = mask
+        if mask.dtype == torch.bool:
+            zero, neg_inf = self._mask_values(dtype, mask.device)
+            additive = torch.where(mask, zero, neg_inf)
         return _Step(cos=cos, sin=sin, mask=additive, flat_index=flat, kv_len=s, batch=b, tokens=t, gqa=gqa)
 
     def _mask_values(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,14 +246,19 @@ class PackedModel:
 
     def _layers(self, cache: KVCache, b: int, kv_len: int, layer: int | None = None):
         """Per layer (k_flat, v_flat, keys, values): views of the cache's first b rows, for all layers at once
-        (built once per step) or for one `layer`."""
-        dh = self.head_dim
+        (built once per step) or for one `layer`. The flat write views do not depend on the step: they are kept
+        per cache storage and row count (a view costs about a microsecond; a 24-layer step needs 48 of them)."""
         k, v = cache.k[:, :b], cache.v[:, :b]
         if layer is not None:
             k, v = k[layer:layer + 1], v[layer:layer + 1]
-        num_layers = k.shape[0]
-        return zip(k.view(num_layers, -1, dh).unbind(0), v.view(num_layers, -1, dh).unbind(0),
-                   k[:, :, :, :kv_len].unbind(0), v[:, :, :, :kv_len].unbind(0))
+        key = (k.data_ptr(), v.data_ptr(), k.shape, k.stride(), v.stride())
+        flat = self._flat_views.get(key)
+        if flat is None:
+            if len(self._flat_views) > 16:  # views keep their cache alive: stay bounded (pack() clears)
+                self._flat_views.clear()
+            num_layers, dh = k.shape[0], self.head_dim
+            flat = self._flat_views[key] = (k.view(num_layers, -1, dh).unbind(0), v.view(num_layers, -1, dh).unbind(0))
+        return zip(*flat, k[:, :, :, :kv_len].unbind(0), v[:, :, :, :kv_len].unbind(0))
 
     # ----- the incremental API (as CausalLM) ---------------------------------------------------------------------
     @torch.no_grad()
@@ -307,10 +315,13 @@ class PackedModel:
         w = self.mtp[depth]
         dtype = w.input_proj.dtype
         mask = step_mask(mtp_kv_cache, cache_slots, None, None, kv_len)  # [B,1,n,S]
+        zero, neg_inf = self._mask_values(dtype, mask.device)
         cos, sin = self._rope_rows(position_ids, dtype)
-        flat = self._flat_index(cache_slots, mtp_kv_cache)
-        steps = [self._make_step(cos[:, i:i + 1], sin[:, i:i + 1], mask[:, :, i:i + 1], flat[:, i:i + 1], dtype)
-                 for i in range(cache_slots.shape[1])]
+        ones = [1] * cache_slots.shape[1]  # (split_with_sizes: Tensor.split is a slow Python wrapper)
+        steps = [self._make_step(*parts, dtype) for parts in zip(
+            cos.split_with_sizes(ones, 1), sin.split_with_sizes(ones, 1),
+            torch.where(mask, zero, neg_inf).split_with_sizes(ones, 2),
+            self._flat_index(cache_slots, mtp_kv_cache).split_with_sizes(ones, 1))]
         (views,) = self._layers(mtp_kv_cache, cache_slots.shape[0], mask.shape[-1], depth)
 
         def step(i: int, prev_hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,7 @@ happens with probability 0 in exact arithmetic).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mtprl.rollout.sampling import sample_from_probs, uniform_noise
 from mtprl.rollout.tree import TreeTensors
@@ -47,24 +48,25 @@ def chain_accept(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_to
                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling along a chain of K drafts.
 
-    target_probs [B,K+1,V]: p at the root and after each draft; draft_probs [B,K,V]: q that drew each draft;
-    draft_tokens [B,K]. Returns num_accepted [B] (a in 0..K) and tokens [B,K+1]: tokens[:, :a] = the accepted
-    drafts, tokens[:, a] = the residual / bonus sample, tokens[:, a+1:] = unused.
+    target_probs [B,K+1,V]: p at the root and after each draft; draft_probs [B,K,V]: q that drew each draft
+    (or [B,K+1,V] with a zero last row: q at the bonus position, saves a copy); draft_tokens [B,K].
+    Returns num_accepted [B] (a in 0..K) and tokens [B,K+1]: tokens[:, :a] = the accepted drafts,
+    tokens[:, a] = the residual / bonus sample, tokens[:, a+1:] = unused.
     """
     b, k1, v = target_probs.shape
     k = k1 - 1
     p_d = target_probs[:, :k].gather(-1, draft_tokens[..., None]).squeeze(-1)  # [B,K]
-    q_d = draft_probs.gather(-1, draft_tokens[..., None]).squeeze(-1)  # [B,K]
+    q_d = draft_probs[:, :k].gather(-1, draft_tokens[..., None]).squeeze(-1)  # [B,K]
     u = uniform_noise((b, k), generator, target_probs.device)
     accept = u * q_d < p_d  # probability min(1, p/q)
     num_accepted = accept.long().cumprod(-1).sum(-1)  # [B]
     index = num_accepted[:, None, None].expand(b, 1, v)
     p_a = target_probs.gather(1, index).squeeze(1)  # [B,V]
-    q_ext = torch.cat([draft_probs, draft_probs.new_zeros(b, 1, v)], dim=1)  # q = 0 at the bonus position
-    q_a = q_ext.gather(1, index).squeeze(1)
+    if draft_probs.shape[1] == k:
+        draft_probs = torch.cat([draft_probs, draft_probs.new_zeros(b, 1, v)], dim=1)  # q = 0 at the bonus position
+    q_a = draft_probs.gather(1, index).squeeze(1)
     final = sample_from_probs(_residual(p_a, q_a), generator)  # [B]
-    tokens = torch.cat([draft_tokens, draft_tokens.new_zeros(b, 1)], dim=1)
-    tokens.scatter_(1, num_accepted[:, None], final[:, None])
+    tokens = F.pad(draft_tokens, (0, 1)).scatter_(1, num_accepted[:, None], final[:, None])
     return num_accepted, tokens
 
 

@@ -127,13 +127,13 @@ def tree_attn_mask(base: torch.Tensor, region_anc: torch.Tensor, kv_len: int, sc
 @dataclass
 class Draft:
     """A drafted tree for b rows: node_tokens [b,N] (node 0 = root), node_valid [b,N] (False = drawn outside the
-    draft's support), logits [b,N,V] raw draft logits of each node's children (leaves: zeros), logprobs
-    [b,N,V] the processed draft distributions the children were drawn from (None when greedy)."""
+    draft's support), logits [b,N,V] raw draft logits of each node's children (leaves: zeros), probs [b,N,V]
+    the processed draft distributions the children were drawn from (leaves: zeros; None when greedy)."""
 
     node_tokens: torch.Tensor
     node_valid: torch.Tensor
     logits: torch.Tensor
-    logprobs: torch.Tensor | None
+    probs: torch.Tensor | None
 
 
 @dataclass
@@ -170,7 +170,7 @@ def _mtp_on_nodes(ctx: _DraftCtx, k: int, nodes: range, hidden_src: torch.Tensor
 def _sample_children(ctx: _DraftCtx, level: int, q_logits: torch.Tensor, draft: Draft, params: SamplingParams,
                      generator: torch.Generator | None) -> None:
     """Draw the children of the level-`level` nodes from their draft logits q_logits [b,P,V] (P = nodes of the
-    level, in order); fills node_tokens / node_valid of level+1 and the parents' logits / logprobs."""
+    level, in order); fills node_tokens / node_valid of level+1 and the parents' logits / probs."""
     start, end = ctx.tree.level_ranges[level]
     draft.logits[:, start:end] = q_logits
     kids = ctx.tt.level_children[level]
@@ -180,13 +180,13 @@ def _sample_children(ctx: _DraftCtx, level: int, q_logits: torch.Tensor, draft: 
         tokens = q_logits.argmax(-1, keepdim=True) if kids.num == 1 else q_logits.topk(kids.num, dim=-1).indices
         ctx.node_tokens[:, kids.child] = tokens[:, kids.parent_pos, kids.rank]
         return
-    lp = processed_logprobs(q_logits, params)  # [b,P,V]
-    draft.logprobs[:, start:end] = lp
+    probs = processed_logprobs(q_logits, params).exp()  # [b,P,V]
+    draft.probs[:, start:end] = probs
     if kids.num == 1:  # one child per parent: a plain sample (always inside the support)
-        tokens = sample_from_probs(lp.exp(), generator)[..., None]  # [b,P,1]
+        tokens = sample_from_probs(probs, generator)[..., None]  # [b,P,1]
         ctx.node_tokens[:, kids.child] = tokens[:, kids.parent_pos, kids.rank]
         return
-    tokens, valid = sample_without_replacement(lp.exp(), kids.num, generator)  # [b,P,num]
+    tokens, valid = sample_without_replacement(probs, kids.num, generator)  # [b,P,num]
     ctx.node_tokens[:, kids.child] = tokens[:, kids.parent_pos, kids.rank]
     draft.node_valid[:, kids.child] = valid[:, kids.parent_pos, kids.rank]
 
@@ -202,7 +202,7 @@ def draft_tree(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, mtp: KV
     q_root = spec_rows.q_root_logits[:b]
     draft = Draft(node_tokens=node_tokens, node_valid=torch.ones(b, n, dtype=torch.bool, device=device),
                   logits=q_root.new_zeros(b, n, q_root.shape[1]),
-                  logprobs=None if params.greedy else torch.zeros(b, n, q_root.shape[1], device=device))
+                  probs=None if params.greedy else torch.zeros(b, n, q_root.shape[1], device=device))
     ctx = _DraftCtx(model, tree, tt, mtp, lengths, node_tokens, counters)
     stored = spec_rows.stored_h[:b]
     for k in range(1, num_mtp + 1):
@@ -252,9 +252,9 @@ def _draft_chain_tail(ctx: _DraftCtx, first: int, q: torch.Tensor, draft: Draft,
         if params.greedy:
             tokens[:, e + 1] = q.argmax(-1)
         else:
-            lp = processed_logprobs(q, params)
-            draft.logprobs[:, e] = lp
-            tokens[:, e + 1] = sample_from_probs(lp.exp(), None, uniforms[:, e - first, None])
+            probs = draft.probs[:, e]
+            torch.exp(processed_logprobs(q, params), out=probs)
+            tokens[:, e + 1] = sample_from_probs(probs, None, uniforms[:, e - first, None])
         if e + 1 == last:
             break
         ctx.counters.mtp_forwards += 1
@@ -267,7 +267,7 @@ def verify_and_accept(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, 
                       counters: StepCounters) -> tuple[SpecStepOutput, torch.Tensor, torch.Tensor]:
     """Steps 2-4a: trunk forward over the tree, exact acceptance, tree K/V compaction of the trunk cache.
     Returns the step output, the path with the root [b,M+1] (node ids) and the trunk hidden [b,N,H]."""
-    node_tokens, node_valid, draft_logprobs = draft.node_tokens, draft.node_valid, draft.logprobs
+    node_tokens, node_valid, draft_probs = draft.node_tokens, draft.node_valid, draft.probs
     b, n = node_tokens.shape
     m = tree.max_depth
     node_ids = torch.arange(n, device=lengths.device)
@@ -283,14 +283,14 @@ def verify_and_accept(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, 
             num_acc, tokens = greedy_chain_accept(logits.argmax(-1), node_tokens[:, 1:])
         else:
             target_lp = processed_logprobs(logits, params)
-            num_acc, tokens = chain_accept(target_lp.exp(), draft_logprobs[:, :m].exp(), node_tokens[:, 1:], generator)
+            num_acc, tokens = chain_accept(target_lp.exp(), draft_probs, node_tokens[:, 1:], generator)  # leaf row 0
         path = node_ids[None].expand(b, n)
     else:
         if params.greedy:
             num_acc, path, tokens = greedy_tree_accept(tt, logits.argmax(-1), node_tokens)
         else:
             target_lp = processed_logprobs(logits, params)
-            num_acc, path, tokens = tree_accept(tt, target_lp.exp(), draft_logprobs.exp(), node_tokens, node_valid,
+            num_acc, path, tokens = tree_accept(tt, target_lp.exp(), draft_probs, node_tokens, node_valid,
                                                 generator)
         path = torch.cat([torch.zeros_like(path[:, :1]), path], dim=1)  # [b,M+1] root first
         dst = lengths[:, None] - 1 + torch.arange(1, m + 1, device=lengths.device)[None]
