@@ -14,8 +14,8 @@ small batches on a GPU, a decode step costs per op, not per flop:
   * the attention mask built ONCE per step as an additive float mask (folded for GQA), shared by all layers,
     with `F.scaled_dot_product_attention`; per-layer cache views built once per step;
   * K/V written with one `index_put_` each into the flattened cache layer (flat indices computed once a step).
-Measured on the benchmark's 24-layer model (benchmarks/rollout.py, docs/rollout.md): plain decoding runs 2.67x
-as fast as on the module path at batch 1 and 2.10x at batch 16. Tried and not kept: a hand-written
+Measured on the benchmark's 24-layer model (benchmarks/rollout.py, docs/rollout.md): plain decoding runs 2.72x
+as fast as on the module path at batch 1 and 2.07x at batch 16. Tried and not kept: a hand-written
 baddbmm/softmax/bmm attention over K stored slot-minor (3% faster at batch 16, 3% slower at batch 1); the
 rotated q|k as extra matmul columns instead of roll (no measurable change); torch.compile (recompiles as the
 batch and kv_len change; compiled with dynamic shapes it ran slower than eager).

@@ -142,3 +142,42 @@ def test_bf16_close_to_module_path():
     got, _ = PackedModel(model).forward_step(ids, pos, pos, model.new_kv_cache(2, 8))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref.float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@torch.no_grad()
+def test_mtp_chain_equals_mtp_step_per_level(name):
+    """mtp_chain (per-level inputs built once) == one mtp_step per level, each level fed the last one's hidden
+    state, rows at different positions; on both paths, against the module path's mtp_step."""
+    model = _model(name)
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    g = torch.Generator().manual_seed(2)
+    context = torch.randint(vocab, (3, 6), generator=g)
+    h0 = torch.randn(3, 1, hidden, generator=g)
+    tokens = torch.randint(vocab, (3, 4), generator=g)
+    start = torch.tensor([[6], [4], [5]])  # each row's first chain position (slot = position)
+    positions = start + torch.arange(4)
+
+    def per_level(stepper, cache, mtp_cache):
+        stepper.mtp_step(0, torch.randn(3, 6, hidden, generator=torch.Generator().manual_seed(3)), context,
+                         torch.arange(6).expand(3, 6), torch.arange(6).expand(3, 6), mtp_cache)
+        outs, h = [], h0
+        for i in range(4):
+            logits, h = model.mtp_step(0, h, tokens[:, i:i + 1], positions[:, i:i + 1], positions[:, i:i + 1],
+                                       mtp_cache, kv_len=10)
+            outs += [logits, h]
+        return outs
+
+    def chained(stepper, cache, mtp_cache):
+        stepper.mtp_step(0, torch.randn(3, 6, hidden, generator=torch.Generator().manual_seed(3)), context,
+                         torch.arange(6).expand(3, 6), torch.arange(6).expand(3, 6), mtp_cache)
+        step = stepper.mtp_chain(0, positions, positions, mtp_cache, kv_len=10)
+        outs, h = [], h0
+        for i in range(4):
+            logits, h = step(i, h, tokens[:, i:i + 1])
+            outs += [logits, h]
+        return outs
+
+    ref = _both(model, per_level)[0]
+    for got in _both(model, chained):
+        _assert_same(ref, got)
