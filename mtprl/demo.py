@@ -74,9 +74,10 @@ def rl_overrides(out: Path, data, sft_dir: Path, size: DemoSize, name: str = "rl
 
 
 def measure_rollout_speed(cfg, console: Console) -> dict[str, float]:
-    """Tokens/s of the final policy, plain vs speculative with the same seeds, median of 3: on the whole
-    validation set with rollout.n samples per prompt (the RL shape: a wide batch), and one prompt at a time
-    (batch 1, the latency shape)."""
+    """Tokens/s of the final policy with the same seeds, median of 3: plain, speculative with the configured
+    draft steps, and adaptive speculation (the engine picks the depth, 0 = plain, per step; its measurements
+    carry over between calls on the engine); on the whole validation set with rollout.n samples per prompt
+    (the RL shape: a wide batch), and one prompt at a time (batch 1, the latency shape)."""
     import torch
 
     from mtprl.data import build_prompt_dataset
@@ -92,26 +93,31 @@ def measure_rollout_speed(cfg, console: Console) -> dict[str, float]:
     wide = sampling_params(cfg, tok)
     narrow = dataclasses.replace(wide, n=1)
     ids = [p.prompt_ids for p in prompts]
+    spec = speculative_config(cfg)
+    modes = (("plain", None), ("speculative", spec), ("adaptive", dataclasses.replace(spec, adaptive=True)))
     out = {}
     bar = progress_bar(console)
-    task = bar.add_task("rollout speed", total=12)
+    task = bar.add_task("rollout speed", total=6 * len(modes))
     bar.start()
     for shape, params, batches in (("batch", wide, [ids]), ("b1", narrow, [[x] for x in ids[:16]])):
-        for label, spec in (("plain", None), ("speculative", speculative_config(cfg))):
+        for label, mode in modes:
             rates = []
             for rep in range(3):
                 gen = torch.Generator().manual_seed(rep)
                 tokens = seconds = 0.0
                 for prompts_ in batches:
-                    m = engine.generate_with_metrics(prompts_, params, speculative=spec, generator=gen).metrics
+                    m = engine.generate_with_metrics(prompts_, params, speculative=mode, generator=gen).metrics
                     tokens, seconds = tokens + m.num_generated_tokens, seconds + m.elapsed_s
                 rates.append(tokens / seconds)
                 bar.advance(task)
             out[f"rollout_tokens_per_s_{label}_{shape}"] = sorted(rates)[1]
-        out[f"rollout_speedup_{shape}"] = out[f"rollout_tokens_per_s_speculative_{shape}"] / out[f"rollout_tokens_per_s_plain_{shape}"]
+        plain = out[f"rollout_tokens_per_s_plain_{shape}"]
+        out[f"rollout_speedup_{shape}"] = out[f"rollout_tokens_per_s_speculative_{shape}"] / plain
+        out[f"rollout_speedup_adaptive_{shape}"] = out[f"rollout_tokens_per_s_adaptive_{shape}"] / plain
         console.print(f"rollout tokens/s, {'RL batch' if shape == 'batch' else 'batch 1'} (median of 3): plain "
-                      f"{out[f'rollout_tokens_per_s_plain_{shape}']:.0f}, speculative "
-                      f"{out[f'rollout_tokens_per_s_speculative_{shape}']:.0f} ({out[f'rollout_speedup_{shape}']:.2f}x)")
+                      f"{plain:.0f}, speculative {out[f'rollout_tokens_per_s_speculative_{shape}']:.0f} "
+                      f"({out[f'rollout_speedup_{shape}']:.2f}x), adaptive "
+                      f"{out[f'rollout_tokens_per_s_adaptive_{shape}']:.0f} ({out[f'rollout_speedup_adaptive_{shape}']:.2f}x)")
     bar.stop()
     return out
 

@@ -11,7 +11,8 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
     for key in ("val_acc_before", "val_acc_after", "min_accept_length", "wall_seconds",
                 "rollout_tokens_per_s_plain_batch", "rollout_tokens_per_s_speculative_batch",
-                "rollout_tokens_per_s_plain_b1", "rollout_speedup_b1"):
+                "rollout_tokens_per_s_plain_b1", "rollout_speedup_b1", "rollout_tokens_per_s_adaptive_batch",
+                "rollout_speedup_adaptive_b1"):
         assert summary[key] is not None, key
     assert summary["num_steps"] == 2
     for name in ("reward_and_val_acc", "accept_length", "time_per_phase"):
