@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	if nvidia-smi >/dev/null 2>&1; then echo "CUDA found: torch from pyproject.toml"; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c 'from mtprl.model import cpu_attention; cpu_attention.kernel()'  # builds the CPU attention kernel once (~30 s; optional)
 	touch $(STAMP)
 
 test: setup

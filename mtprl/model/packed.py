@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mtprl.model import cpu_attention
 from mtprl.model.kv_cache import KVCache
 from mtprl.model.trunk import DecoderBlock, rope_cos_sin, rope_inv_freq, step_mask
 
@@ -119,7 +120,8 @@ class _Step:
     kv_len: int
     batch: int  # B
     tokens: int  # T
-    gqa: bool  # attention through SDPA's enable_gqa instead of folding (see _step_inputs)
+    gqa: bool  # attention through SDPA's enable_gqa instead of folding (see _make_step)
+    kernel: bool  # attention through cpu_attention.decode_attention (GQA folded)
 
 
 class PackedModel:
@@ -192,14 +194,16 @@ class PackedModel:
         # the rep query heads sharing a kv head are folded into the query axis (mask [B,1,rep*T,S]; q and the
         # output are copied when T > 1). Measured on a CPU: folding is faster from ~16 query rows on, SDPA's own
         # GQA below that (benchmarks/rollout.py's model: 0.7x the attention time at batch 16, 0.9x at batch 1).
-        gqa = rep > 1 and b * t < 16
+        kernel = cpu_attention.usable(rep * t, self.head_dim, dtype, mask.device)
+        gqa = rep > 1 and b * t < 16 and not kernel
         if rep > 1 and not gqa:
             mask = mask[:, :, None].expand(b, 1, rep, t, s).reshape(b, 1, rep * t, s)
         additive = mask
         if mask.dtype == torch.bool:
             zero, neg_inf = self._mask_values(dtype, mask.device)
             additive = torch.where(mask, zero, neg_inf)
-        return _Step(cos=cos, sin=sin, mask=additive, flat_index=flat, kv_len=s, batch=b, tokens=t, gqa=gqa)
+        return _Step(cos=cos, sin=sin, mask=additive, flat_index=flat, kv_len=s, batch=b, tokens=t, gqa=gqa,
+                     kernel=kernel)
 
     def _mask_values(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (dtype, device)
@@ -232,7 +236,10 @@ class PackedModel:
         if keys.dtype != xx.dtype:
             keys, values = keys.to(xx.dtype), values.to(xx.dtype)
         q = q.transpose(1, 2)  # [B,Hq,T,Dh]
-        if step.gqa:
+        if step.kernel:
+            out = cpu_attention.decode_attention(q.reshape(b, hkv, (hq // hkv) * t, dh), keys, values, step.mask,
+                                                 dh ** -0.5).reshape(b, hq, t, dh)
+        elif step.gqa:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
         elif hq != hkv:
             out = F.scaled_dot_product_attention(q.reshape(b, hkv, (hq // hkv) * t, dh), keys, values,

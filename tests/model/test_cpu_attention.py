@@ -1,0 +1,64 @@
+"""The CPU decode-attention kernel (mtprl/model/csrc/decode_attention.cpp) == F.scaled_dot_product_attention."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtprl.model import cpu_attention
+
+needs_kernel = pytest.mark.skipif(shutil.which("c++") is None or not cpu_attention.enabled(),
+                                  reason="no C++ compiler, or MTPRL_CPU_ATTENTION=0")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = cpu_attention.kernel()
+    assert k is not None, "a C++ compiler is present but the kernel did not build (see the warning logged)"
+    return k
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [16, 32])
+@pytest.mark.parametrize("rows,slots", [(1, 1), (2, 7), (3, 8), (4, 203), (2, 1000)])
+def test_kernel_matches_sdpa_on_cache_views(kernel, head_dim, rows, slots):
+    """K/V as slices of a larger [R,H,S,D] cache (strided rows and heads), masks with -inf holes, a mask shared
+    by the heads and one per head; exact zero weight for masked keys (a huge value there must not leak)."""
+    g = torch.Generator().manual_seed(head_dim * 1000 + rows * 10 + slots)
+    b, h = 3, 2
+    cache_k = torch.randn(b + 1, h, slots + 5, head_dim, generator=g)
+    cache_v = torch.randn(b + 1, h, slots + 5, head_dim, generator=g)
+    keys, values = cache_k[:b, :, :slots], cache_v[:b, :, :slots]
+    q = torch.randn(b, h, rows, head_dim, generator=g) * 2
+    for shared in (True, False):
+        visible = torch.rand(b, 1 if shared else h, rows, slots, generator=g) < 0.7
+        visible[..., 0] = True  # every query row sees at least one key
+        mask = torch.where(visible, 0.0, float("-inf"))
+        cache_v[:b, :, :slots][~visible.expand(b, h, rows, slots).any(2)] = 1e30  # never attended: must not leak
+        values = cache_v[:b, :, :slots]
+        ref = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = cpu_attention.decode_attention(q, keys, values, mask, head_dim ** -0.5)
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
+
+
+@needs_kernel
+def test_kernel_rejects_what_it_does_not_serve(kernel):
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 4, 16)
+    mask = torch.zeros(1, 1, 1, 4)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        cpu_attention.decode_attention(torch.randn(1, 1, 1, 64), torch.randn(1, 1, 4, 64), torch.randn(1, 1, 4, 64),
+                                       mask, 0.125)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_attention.decode_attention(q.double(), k.double(), k.double(), mask.double(), 0.25)
+    assert not cpu_attention.usable(cpu_attention.MAX_ROWS[16] + 1, 16, torch.float32, torch.device("cpu"))
+    assert not cpu_attention.usable(1, 64, torch.float32, torch.device("cpu"))
+    assert not cpu_attention.usable(1, 16, torch.bfloat16, torch.device("cpu"))
+    assert cpu_attention.usable(1, 16, torch.float32, torch.device("cpu"))
+
+
+def test_disabled_kernel_falls_back(monkeypatch):
+    monkeypatch.setenv("MTPRL_CPU_ATTENTION", "0")
+    monkeypatch.setattr(cpu_attention, "_state", {})
+    assert cpu_attention.kernel() is None
+    assert not cpu_attention.usable(1, 16, torch.float32, torch.device("cpu"))
