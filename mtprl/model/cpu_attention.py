@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -54,13 +55,24 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        _log.info("building the CPU decode-attention kernel (once per machine, about 30 s)")
+        if _first_build():  # a first build takes ~30 s: say so (later loads take milliseconds)
+            print("mtprl: building the CPU decode-attention kernel (once per machine, about 30 s)", file=sys.stderr,
+                  flush=True)
         return load(name="mtprl_decode_attention", sources=[str(SOURCE)],
                     extra_cflags=["-O3", "-march=native"], verbose=False)
     except Exception as exc:  # no AVX2, compiler error, ...: an optimisation, never a requirement
         _log.warning("CPU decode-attention kernel not built (%s): using scaled_dot_product_attention",
                      str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
         return None
+
+
+def _first_build() -> bool:
+    try:  # (a private helper of torch's: any failure just means "say it")
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return not any(Path(_get_build_directory("mtprl_decode_attention", verbose=False)).glob("*.so"))
+    except Exception:
+        return True
 
 
 def usable(rows: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
