@@ -12,7 +12,9 @@ small batches on a GPU, a decode step costs per op, not per flop:
   * RoPE: cos/sin rows looked up from a table built once (same fp32 formula as `rope_cos_sin`), applied to q
     and k together (roll by Dh/2 with a signed sin table = rotate_half);
   * the attention mask built ONCE per step as an additive float mask (folded for GQA), shared by all layers,
-    with `F.scaled_dot_product_attention`; per-layer cache views built once per step;
+    with `F.scaled_dot_product_attention`, or on the CPU for small head dims and few query rows with
+    cpu_attention.py's kernel (SDPA's per-(row, head) GEMM set-up dominates there); per-layer cache views built once
+    per step (the flat write views kept per cache);
   * K/V written with one `index_put_` each into the flattened cache layer (flat indices computed once a step).
 Measured on the benchmark's 24-layer model (benchmarks/rollout.py, docs/rollout.md): plain decoding runs 2.72x
 as fast as on the module path at batch 1 and 2.07x at batch 16. Tried and not kept: a hand-written
