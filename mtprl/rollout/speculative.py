@@ -234,9 +234,10 @@ def _draft_chain_tail(ctx: _DraftCtx, first: int, q: torch.Tensor, draft: Draft,
                       generator: torch.Generator | None) -> None:
     """A chain from node `first` on, once every remaining draft is a recursion of the last MTP layer D: sample
     node first+1 from q [b,V] (its draft logits), run layer D on it (input hidden = layer D's output at its
-    parent), sample node first+2 from the result, ... to the chain's end. The same draws and forwards as the
-    level loop of draft_tree, with the per-level inputs built once: the MTP steps through the model's
-    `mtp_chain` (chain nodes e have position = slot = L-D-1+e), the uniforms of every level drawn at once."""
+    parent), sample node first+2 from the result, ... to the chain's end. The same forwards and distributions
+    as the level loop of draft_tree, cheaper: the MTP steps go through the model's `mtp_chain` (per-level
+    inputs built once; chain node e has position = slot = L-D-1+e) and the uniforms of every level are drawn
+    at once (so the random stream differs from the level loop's; exactness does not depend on it)."""
     model, lengths, tokens = ctx.model, ctx.lengths, ctx.node_tokens
     num_mtp, last = model.config.num_mtp_layers, ctx.tree.max_depth  # nodes first+1 .. last get drafted
     nodes = torch.arange(first + 1, last, device=lengths.device)  # the nodes layer D runs on
