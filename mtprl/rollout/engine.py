@@ -28,7 +28,7 @@ from mtprl.rollout.speculative import (AdaptiveDepth, SpecRows, StepCounters, co
 from mtprl.rollout.tree import build_tree
 from mtprl.rollout.types import Completion, GenerateOutput, RolloutMetrics, SamplingParams, SpeculativeConfig
 
-HIST_LEN = 64  # adaptive mode: ring of trunk hidden states; a row is re-synced at least every HIST_LEN - 1 steps
+HIST_LEN = 64  # adaptive mode: ring of trunk hidden states by position; a row's MTP lag stays below HIST_LEN - 1
 
 
 @dataclass
@@ -37,6 +37,13 @@ class _Seq:
     sample_index: int
     prompt: list[int]
     limit: int  # max total length (prompt + generated)
+
+
+def _weights_signature(params: list[torch.Tensor]) -> tuple:
+    """Changes whenever a parameter is modified in place (its version counter: optimizer steps, load_state_dict,
+    copy_) or given new storage (`p.data = ...`), so the packed copy is rebuilt only when the weights changed.
+    (The engine keeps the model's parameter objects from construction: replace a submodule -> build a new Engine.)"""
+    return tuple((p.data_ptr(), p._version) for p in params)
 
 
 @dataclass
@@ -65,7 +72,7 @@ class _Run:
     accepted: torch.Tensor | None = None
     trees: list = field(default_factory=list)  # trees[d] = (DraftTree, TreeTensors) truncated to depth d
     adaptive: AdaptiveDepth | None = None
-    steps_since_sync: int = 0
+    max_lag: int = 0  # adaptive mode: an upper bound of lengths - mtp_lengths over the live rows
 
 
 class Engine:
@@ -102,6 +109,11 @@ class Engine:
         self._mtp_cache = None
         self.packed = packed
         self._stepper = None  # what runs forward_step / mtp_step: the model or its PackedModel
+        self._packed_signature = None  # _weights_signature of the model when last packed
+        self._params = list(model.parameters())  # (walking the module tree costs ~1 ms a call)
+        self._spec_rows = None  # (shape, SpecRows) reused across calls
+        self._aranges = None  # see _rows_index
+        self._trees: dict[tuple, list] = {}  # draft shape -> [(DraftTree, TreeTensors) per depth]
         self._adaptive: dict[tuple, AdaptiveDepth] = {}  # adaptive speculation state per setting (_adaptive_state)
 
     # ----- public API -----------------------------------------------------------------------------------------
@@ -131,10 +143,15 @@ class Engine:
     def _packed_model(self):
         from mtprl.model.packed import PackedModel
 
+        signature = _weights_signature(self._params)
         if self._stepper is None or self._stepper is self.model:
-            return PackedModel(self.model)
-        self._stepper.pack()  # the policy may have changed since the last call
-        return self._stepper
+            stepper = PackedModel(self.model)
+        else:
+            stepper = self._stepper
+            if signature != self._packed_signature:  # the policy changed since the last call (optimizer step, load)
+                stepper.pack()
+        self._packed_signature = signature
+        return stepper
 
     def _start(self, prompts, params, spec, generator) -> _Run:
         if not isinstance(params, SamplingParams):
@@ -161,17 +178,24 @@ class Engine:
         num_slots = self._trunk_cache.max_seq_len
         rows = DecodeRows.empty(self.max_num_seqs, num_slots, self.device)
         spec_rows = None
-        if spec is not None:
+        if spec is not None:  # reused across calls: every field is written at admission or commit before a read
             cfg = self.model.config
-            spec_rows = SpecRows.empty(self.max_num_seqs, cfg.vocab_size, cfg.num_mtp_layers, cfg.hidden_size,
-                                       HIST_LEN if spec.adaptive else 1, self.dtype, self.device)
+            shape = (self.max_num_seqs, cfg.vocab_size, cfg.num_mtp_layers, cfg.hidden_size,
+                     HIST_LEN if spec.adaptive else 1, self.dtype, self.device)
+            if self._spec_rows is None or self._spec_rows[0] != shape:
+                self._spec_rows = (shape, SpecRows.empty(*shape))
+            spec_rows = self._spec_rows[1]
         run = _Run(params=params, spec=spec, generator=generator, seqs=seqs, waiting=deque(range(len(seqs))),
                    rows=rows, spec_rows=spec_rows, budget=KVBudget(self.kv_token_budget),
                    stop_ids=torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device),
                    done=torch.zeros(self.max_num_seqs, dtype=torch.bool, device=self.device),
                    results=[None] * len(seqs))
         if tree is not None:
-            run.trees = [(t, t.tensors(self.device)) for t in (tree.truncate(d) for d in range(tree.max_depth + 1))]
+            key = (spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
+            if key not in self._trees:  # (read-only index tensors: built once per draft shape)
+                self._trees[key] = [(t, t.tensors(self.device)) for t in (tree.truncate(d)
+                                                                          for d in range(tree.max_depth + 1))]
+            run.trees = self._trees[key]
             run.reached = torch.zeros(tree.max_depth, dtype=torch.long, device=self.device)
             run.accepted = torch.zeros_like(run.reached)
             run.adaptive = self._adaptive_state(spec, params, tree.max_depth) if spec.adaptive else None
@@ -282,10 +306,17 @@ class Engine:
         if run.spec_rows is not None:  # MTP prefill = a commit of the prompt from committed length 1
             sr = run.spec_rows
             sr.stored_h[sl] = 0
-            mtp = rows_view(self._mtp_cache, b0, b0 + n)
-            commit_mtp(self._stepper, mtp, torch.ones(n, dtype=torch.long, device=dev), hidden[group],
-                       r.tokens[sl, 1:width + 1], prompt_lens, _RowsView(sr, b0, b0 + n), n, run.counters)
-            sr.mtp_lengths[sl] = prompt_lens + 1
+            if run.adaptive is not None and width <= HIST_LEN - 3:
+                # lazily: the prompt's trunk hidden states wait in the ring, and the catch-up before the first
+                # speculative step commits them (if adaptive keeps choosing plain steps, the MTP work never runs)
+                sr.hist[sl, :width] = hidden[group].to(sr.hist.dtype)
+                sr.mtp_lengths[sl] = 1
+                run.max_lag = max(run.max_lag, width)
+            else:
+                mtp = rows_view(self._mtp_cache, b0, b0 + n)
+                commit_mtp(self._stepper, mtp, torch.ones(n, dtype=torch.long, device=dev), hidden[group],
+                           r.tokens[sl, 1:width + 1], prompt_lens, _RowsView(sr, b0, b0 + n), n, run.counters)
+                sr.mtp_lengths[sl] = prompt_lens + 1
         run.live += n
 
     # ----- decode steps ---------------------------------------------------------------------------------------
@@ -296,8 +327,10 @@ class Engine:
             depth = run.trees[-1][0].max_depth
             if run.adaptive is not None:
                 depth = run.adaptive.choose(b)
-                if depth == 0 and run.steps_since_sync >= HIST_LEN - 2:
-                    depth = 1  # keep the MTP lag inside the hidden-state ring
+                if depth == 0 and run.max_lag >= HIST_LEN - 2:  # (a bound: refresh it from the live rows)
+                    run.max_lag = int((run.rows.lengths[:b] - run.spec_rows.mtp_lengths[:b]).max())
+                    if run.max_lag >= HIST_LEN - 2:
+                        depth = 1  # keep the MTP lag inside the hidden-state ring (the step catches up first)
         t0 = time.perf_counter()
         if depth == 0:
             self._plain_step(run, b)
@@ -308,7 +341,7 @@ class Engine:
         run.row_steps += b
         run.depth_sum += depth
         if run.adaptive is not None:
-            if depth == 0:
+            if depth == 0 and self.device.type != "cpu":
                 torch.any(run.done[:b]).item()  # wait for the step (a device sync) before timing it
             run.adaptive.observe(depth, b, time.perf_counter() - t0, step_reached, step_accepted)
 
@@ -326,11 +359,17 @@ class Engine:
         r.trunk_logprobs[:b].scatter_(1, lengths[:, None], tlp[:, None])
         if run.adaptive is not None:  # remember h^0 for the MTP catch-up
             sr = run.spec_rows
-            sr.hist[torch.arange(b, device=self.device), (lengths - 1) % HIST_LEN] = hidden[:, 0].to(sr.hist.dtype)
-            run.steps_since_sync += 1
+            sr.hist.index_put_((self._rows_index(b), pos[:, 0] % HIST_LEN), hidden[:, 0].to(sr.hist.dtype))
+            run.max_lag += 1
         r.lengths[:b] = lengths + 1
         run.done[:b] = self._is_stop(tokens, run) | (lengths + 1 >= r.limits[:b])
         run.tokens_emitted += b
+
+    def _rows_index(self, b: int) -> torch.Tensor:
+        """arange(b) on the engine's device, kept (one fewer op per adaptive plain step)."""
+        if self._aranges is None or self._aranges.shape[0] < b:
+            self._aranges = torch.arange(max(b, self.max_num_seqs), device=self.device)
+        return self._aranges[:b]
 
     def _catch_up_mtp(self, run: _Run, b: int) -> None:
         """Adaptive mode: run the MTP commit over positions decoded by plain steps since the last sync."""
@@ -346,13 +385,13 @@ class Engine:
         commit_mtp(self._stepper, rows_view(self._mtp_cache, 0, b), l_old, hidden, new_tokens, lag, sr, b, run.counters,
                    may_be_empty=True)
         sr.mtp_lengths[:b] = r.lengths[:b]
-        run.steps_since_sync = 0
 
     def _spec_step(self, run: _Run, b: int, depth: int) -> tuple[list[int], list[int]]:
         if run.adaptive is not None:
             self._catch_up_mtp(run, b)
         tree, tt = run.trees[depth]
         r, sr = run.rows, run.spec_rows
+        run.max_lag = 0  # (every live row is caught up, and the step commits what it emits)
         lengths = r.lengths[:b].clone()
         trunk, mtp = rows_view(self._trunk_cache, 0, b), rows_view(self._mtp_cache, 0, b)
         root = r.tokens[:b].gather(1, (lengths - 1)[:, None]).squeeze(1)
@@ -361,7 +400,6 @@ class Engine:
                                               run.counters)
         rows = torch.arange(b, device=self.device)
         commit_mtp(self._stepper, mtp, lengths, hidden[rows[:, None], path], out.tokens, out.num_new, sr, b, run.counters)
-        run.steps_since_sync = 0
         # emit: truncate at the first stop token and at the length limit
         # emit: truncate at the first stop token and at the length limit. Every value is written; those past the
         # new length are garbage that is never read (buffers are read below `lengths` only).
@@ -413,10 +451,11 @@ class Engine:
         src, dst, new_b = compaction_moves(finished)
         if src:
             src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
-            num_slots = int(r.lengths[src_t].max())
-            for cache in (self._trunk_cache, self._mtp_cache if run.spec is not None else None):
-                if cache is not None:
-                    move_rows(cache, src_t, dst_t, num_slots)
+            move_rows(self._trunk_cache, src_t, dst_t, int(r.lengths[src_t].max()))
+            if run.spec is not None:  # MTP layer k holds slots < mtp_length - k (none yet for a lazy prompt)
+                mtp_slots = int(run.spec_rows.mtp_lengths[src_t].max()) - 1
+                if mtp_slots > 0:
+                    move_rows(self._mtp_cache, src_t, dst_t, mtp_slots)
             r.move(src_t, dst_t)
             if run.spec_rows is not None:
                 run.spec_rows.move(src_t, dst_t)

@@ -365,8 +365,10 @@ class AdaptiveDepth:
     t(d) = t(0) + (t(d*) - t(0)) (d + 1) / (d* + 1); never below t(0). Pooling all steps in one fit keeps the estimate from being driven by one
     noisy sample.
     Pick argmax_d E(d) / t(d). Exploration: the first `warmup_steps` steps run max_depth (they measure every
-    alpha; one step of one row is too little to judge), the next a plain step (a bucket seen later starts from the nearest bucket's statistics); afterwards, while the best depth is < max_depth, every `probe_every` steps one
-    step runs at best + 1 (refreshing alpha_{best+1}).
+    alpha; one step of one row is too little to judge), the next a plain step (a bucket seen later starts from
+    the nearest bucket's statistics); afterwards, while the best depth is < max_depth, every `probe_every` steps
+    one step runs at best + 1 (refreshing alpha_{best+1}) - unless even perfect acceptance at best + 1 could not
+    beat best (then the costs alone decide and the probe would be wasted).
     The choice uses only past measurements, never the current step's draws, so every step stays exact;
     with temperature > 0 the output is not bit-reproducible across runs (it depends on timings).
     """
@@ -432,11 +434,23 @@ class AdaptiveDepth:
             return self.max_depth  # first steps: measure the deepest (and every alpha)
         if bucket not in self.plain:
             return 0
-        rates = [self.expected_tokens(d) / self.predicted_time(d, bucket) for d in range(self.max_depth + 1)]
+        tokens, prod = [1.0], 1.0  # E(d) for d = 0..max_depth (expected_tokens, in one pass)
+        for a in self.alphas():
+            prod *= a
+            tokens.append(tokens[-1] + prod)
+        rates = [tokens[d] / self.predicted_time(d, bucket) for d in range(self.max_depth + 1)]
         best = max(range(self.max_depth + 1), key=lambda d: (rates[d], -d))
-        if best < self.max_depth and self.steps % self.probe_every == 0:
+        if best < self.max_depth and self.steps % self.probe_every == 0 and self._probe_can_win(best, bucket, rates):
             return best + 1
         return best
+
+    def _probe_can_win(self, best: int, bucket: int, rates: list[float]) -> bool:
+        """Whether depth best+1 could beat best if its acceptance were perfect (alpha_{best+1} = 1): if not, a
+        probe cannot change the choice (the step costs are what rule it out) and is skipped."""
+        prod = 1.0
+        for a in self.alphas()[:best]:
+            prod *= a
+        return (self.expected_tokens(best) + prod) / self.predicted_time(best + 1, bucket) > rates[best]
 
     def observe(self, depth: int, num_rows: int, seconds: float, reached: list[int], accepted: list[int]) -> None:
         bucket = max(num_rows, 1).bit_length()

@@ -62,14 +62,24 @@ def test_new_bucket_learns_its_own_costs():
 def test_interpolates_unmeasured_depths_and_probes():
     ad = AdaptiveDepth(max_depth=4, probe_every=4, warmup_steps=1)
     ad.choose(8)
-    _feed(ad, 4, 8, 0.050, alpha=0.5, n=40)  # deep drafts rarely accepted, verification expensive
+    _feed(ad, 4, 8, 0.030, alpha=0.5, n=40)  # deep drafts rarely accepted
     ad.choose(8)
     _feed(ad, 0, 8, 0.010, alpha=0.0)
     # one depth measured: t(d) = t0 + (t(4) - t0) (d + 1) / 5
-    assert ad.predicted_time(2, (8).bit_length()) == pytest.approx(0.010 + 0.040 * 3 / 5)
-    # plain: 1 token in 10 ms beats E(1) = 1.5 tokens in 26 ms
+    assert ad.predicted_time(2, (8).bit_length()) == pytest.approx(0.010 + 0.020 * 3 / 5)
+    # plain: 1 token in 10 ms beats E(1) = 1.5 tokens in 18 ms, but 2 tokens (perfect acceptance) would not
     choices = [ad.choose(8) for _ in range(8)]
     assert choices.count(0) >= 6 and 1 in choices  # every probe_every steps one probe at best + 1
+
+
+def test_no_probe_when_even_perfect_acceptance_cannot_pay():
+    ad = AdaptiveDepth(max_depth=4, probe_every=2, warmup_steps=1)
+    ad.choose(8)
+    _feed(ad, 4, 8, 0.050, alpha=0.5, n=40)
+    ad.choose(8)
+    _feed(ad, 0, 8, 0.010, alpha=0.0)
+    # t(1) = 26 ms: even 2 tokens per step lose to 1 token in 10 ms, so probing depth 1 is wasted work
+    assert [ad.choose(8) for _ in range(10)] == [0] * 10
 
 
 def test_line_fit_pools_depths():
@@ -82,9 +92,13 @@ def test_line_fit_pools_depths():
     assert ad.predicted_time(0, 1) == pytest.approx(0.004)
 
 
-def test_catch_up_after_plain_steps_restores_mtp_state(draftable_model, monkeypatch):
+@pytest.mark.parametrize("hist_len", [64, 8])
+def test_catch_up_after_plain_steps_restores_mtp_state(draftable_model, monkeypatch, hist_len):
     """Force a schedule with runs of plain steps; before every draft the MTP state (q_root, stored hidden) must
-    equal the full forward's, i.e. the lagging positions were committed from the trunk's hidden states."""
+    equal the full forward's, i.e. the lagging positions (the prompt too: short prompts are committed lazily)
+    were committed from the trunk's hidden states. A small ring (hist_len 8) also exercises eager prompt commits
+    (prompts longer than the ring allows) and the speculative steps forced to keep the lag inside the ring."""
+    monkeypatch.setattr(engine_mod, "HIST_LEN", hist_len)
     model = draftable_model(num_mtp_layers=2, vocab=32, noise=1.0)
     schedule = iter([3, 0, 0, 0, 2, 0, 1, 0, 0, 0, 0, 0, 3, 3, 0, 2] * 10)
     monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows: next(schedule))
@@ -108,7 +122,7 @@ def test_catch_up_after_plain_steps_restores_mtp_state(draftable_model, monkeypa
 
     monkeypatch.setattr(Engine, "_spec_step", spec_step)
     monkeypatch.setattr(engine_mod, "draft_tree", draft)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]]
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
     params = SamplingParams(temperature=0.0, max_new_tokens=30)
     eng = Engine(model, max_num_seqs=2, max_seq_len=64)
     plain = eng.generate(prompts, params)
@@ -142,3 +156,32 @@ def test_adaptive_state_is_kept_across_generate_calls(draftable_model, monkeypat
     assert list(eng._adaptive.values()) == [state] and state.steps == steps + len(chosen)
     eng.generate([[1, 2, 3]], SamplingParams(temperature=0.5, max_new_tokens=8), speculative=spec)
     assert len(eng._adaptive) == 2
+
+
+def test_adaptive_plain_steps_do_no_mtp_work_and_packing_is_skipped_when_weights_did_not_change(draftable_model,
+                                                                                                monkeypatch):
+    """When adaptive speculation runs only plain steps, no MTP forward runs at all (short prompts are committed
+    lazily); and the engine re-packs its weight copy only after the weights changed."""
+    from mtprl.model.packed import PackedModel
+
+    model = draftable_model(num_mtp_layers=1, vocab=32, noise=0.1)
+    monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows: 0)
+    packs = []
+    original_pack = PackedModel.pack
+    monkeypatch.setattr(PackedModel, "pack", lambda self: packs.append(1) or original_pack(self))
+    eng = Engine(model, max_num_seqs=4, max_seq_len=64)
+    params = SamplingParams(temperature=1.0, max_new_tokens=12)
+    spec = SpeculativeConfig(num_steps=3, adaptive=True)
+    out = eng.generate_with_metrics([[1, 2, 3], [4, 5]], params, speculative=spec)
+    assert out.metrics.num_draft_forwards == 0 and out.metrics.num_decode_steps > 5
+    eng.generate([[1, 2, 3]], params)
+    assert len(packs) == 1  # built once, not rebuilt: nothing changed
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.01)  # in place, as an optimizer step
+    eng.generate([[1, 2, 3]], params)
+    assert len(packs) == 2
+    with torch.no_grad():
+        p = next(model.parameters())
+        p.data = p.data.clone()  # replaced storage
+    eng.generate([[1, 2, 3]], params)
+    assert len(packs) == 3
