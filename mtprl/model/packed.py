@@ -22,8 +22,9 @@ baddbmm/softmax/bmm attention over K stored slot-minor (3% faster at batch 16, 3
 rotated q|k as extra matmul columns instead of roll (no measurable change); torch.compile (recompiles as the
 batch and kv_len change; compiled with dynamic shapes it ran slower than eager).
 
-Weights are packed COPIES: the engine packs again at the start of every generate call, so a policy updated
-in place by the optimizer (or reloaded) is always what the rollout samples from. Cost: one copy of the
+Weights are packed COPIES: the engine packs again at the start of a generate call whenever the model's
+parameters changed, so a policy updated in place by the optimizer (or reloaded) is always what the rollout
+samples from. Cost: one copy of the
 attention and MLP weights of the trunk and the MTP layers (o/down twice: signed pairs).
 Not supported (ValueError): `cache_rows` (the engine keeps live rows as a prefix of the cache and never needs it).
 """

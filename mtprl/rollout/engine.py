@@ -85,9 +85,10 @@ class Engine:
     max_num_batched_tokens: padded prompt tokens per prefill forward (a longer single prompt still runs alone).
     dtype / device: of the caches; default the model's.
     packed: run the trunk and MTP steps through mtprl.model.packed.PackedModel (fused weights, fewer ops per
-        layer; the same maths and cache layout), re-packed from the model at the start of every generate call so
-        in-place weight updates are always seen. Costs one copy of the attention/MLP weights. False runs the
-        model's own forward_step / mtp_step.
+        layer; the same maths and cache layout), re-packed at the start of a generate call whenever a parameter
+        changed (version counter or storage), so in-place weight updates are always seen. Costs one copy of the
+        attention/MLP weights. Replacing a submodule of the model needs a new Engine. False runs the model's own
+        forward_step / mtp_step.
     """
 
     def __init__(self, model: torch.nn.Module, *, max_num_seqs: int = 64, max_seq_len: int = 2048,
