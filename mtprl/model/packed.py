@@ -16,8 +16,8 @@ small batches on a GPU, a decode step costs per op, not per flop:
     cpu_attention.py's kernel (SDPA's per-(row, head) GEMM set-up dominates there); per-layer cache views built once
     per step (the flat write views kept per cache);
   * K/V written with one `index_put_` each into the flattened cache layer (flat indices computed once a step).
-Measured on the benchmark's 24-layer model (benchmarks/rollout.py, docs/rollout.md): plain decoding runs 2.92x
-as fast as on the module path at batch 1 and 2.59x at batch 16. Tried and not kept: a hand-written
+Measured on the benchmark's 24-layer model (benchmarks/rollout.py, docs/rollout.md): plain decoding runs 2.94x
+as fast as on the module path at batch 1 and 2.49x at batch 16. Tried and not kept: a hand-written
 baddbmm/softmax/bmm attention over K stored slot-minor (3% faster at batch 16, 3% slower at batch 1); the
 rotated q|k as extra matmul columns instead of roll (no measurable change); torch.compile (recompiles as the
 batch and kv_len change; compiled with dynamic shapes it ran slower than eager).
