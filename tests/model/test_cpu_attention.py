@@ -1,6 +1,7 @@
 """The CPU decode-attention kernel (mtprl/model/csrc/decode_attention.cpp) == F.scaled_dot_product_attention."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,8 +9,16 @@ import torch.nn.functional as F
 
 from mtprl.model import cpu_attention
 
-needs_kernel = pytest.mark.skipif(shutil.which("c++") is None or not cpu_attention.enabled(),
-                                  reason="no C++ compiler, or MTPRL_CPU_ATTENTION=0")
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+needs_kernel = pytest.mark.skipif(shutil.which("c++") is None or not cpu_attention.enabled() or not _cpu_has_avx2_fma(),
+                                  reason="no C++ compiler, no AVX2/FMA (Linux x86), or MTPRL_CPU_ATTENTION=0")
 
 
 @pytest.fixture(scope="module")
