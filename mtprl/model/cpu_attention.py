@@ -15,11 +15,11 @@ callers keep using SDPA: the kernel is an optimisation, never a requirement.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -30,22 +30,17 @@ import torch
 MAX_ROWS = {16: 12, 32: 4}
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 _log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_state: dict = {}
 
 
 def enabled() -> bool:
     return os.environ.get("MTPRL_CPU_ATTENTION", "1") not in ("0", "false", "off", "")
 
 
+@functools.cache
 def kernel():
-    """The compiled module (its `decode_attention(q, k, v, mask, scale)`), or None when disabled or unbuildable."""
-    if "module" in _state:
-        return _state["module"]
-    with _lock:
-        if "module" not in _state:
-            _state["module"] = _build() if enabled() else None
-    return _state["module"]
+    """The compiled module (its `decode_attention(q, k, v, mask, scale)`), or None when disabled or unbuildable.
+    Built or loaded once per process (`kernel.cache_clear()` forgets the result)."""
+    return _build() if enabled() else None
 
 
 def _build():
