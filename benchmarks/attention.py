@@ -55,7 +55,8 @@ def main() -> None:
 
             def sdpa():
                 for layer in range(layers):
-                    F.scaled_dot_product_attention(q, k_cache[layer, :, :, :s], v_cache[layer, :, :, :s], attn_mask=mask)
+                    F.scaled_dot_product_attention(q, k_cache[layer, :, :, :s], v_cache[layer, :, :, :s],
+                                                   attn_mask=mask)
 
             def ours():
                 for layer in range(layers):

@@ -367,7 +367,7 @@ class Engine:
         run.tokens_emitted += b
 
     def _rows_index(self, b: int) -> torch.Tensor:
-        """arange(b) on the engine's device, kept (one fewer op per adaptive plain step)."""
+        """arange(b) on the engine's device, kept (one op fewer per use on the decode path)."""
         if self._aranges is None or self._aranges.shape[0] < b:
             self._aranges = torch.arange(max(b, self.max_num_seqs), device=self.device)
         return self._aranges[:b]
@@ -399,9 +399,8 @@ class Engine:
         draft = draft_tree(self._stepper, tree, tt, mtp, lengths, root, sr, b, run.params, run.generator, run.counters)
         out, path, hidden = verify_and_accept(self._stepper, tree, tt, trunk, lengths, draft, run.params, run.generator,
                                               run.counters)
-        rows = torch.arange(b, device=self.device)
-        commit_mtp(self._stepper, mtp, lengths, hidden[rows[:, None], path], out.tokens, out.num_new, sr, b, run.counters)
-        # emit: truncate at the first stop token and at the length limit
+        path_hidden = hidden[self._rows_index(b)[:, None], path]  # [b,M+1,H] trunk hidden along the accepted path
+        commit_mtp(self._stepper, mtp, lengths, path_hidden, out.tokens, out.num_new, sr, b, run.counters)
         # emit: truncate at the first stop token and at the length limit. Every value is written; those past the
         # new length are garbage that is never read (buffers are read below `lengths` only).
         m1 = out.tokens.shape[1]
