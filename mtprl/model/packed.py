@@ -24,8 +24,8 @@ batch and kv_len change; compiled with dynamic shapes it ran slower than eager).
 
 Weights are packed COPIES: the engine packs again at the start of a generate call whenever the model's
 parameters changed, so a policy updated in place by the optimizer (or reloaded) is always what the rollout
-samples from. Cost: one copy of the
-attention and MLP weights of the trunk and the MTP layers (o/down twice: signed pairs).
+samples from. Cost: one copy of the attention and MLP weights of the trunk and the MTP layers (o/down twice:
+signed pairs).
 Not supported (ValueError): `cache_rows` (the engine keeps live rows as a prefix of the cache and never needs it).
 """
 
@@ -239,16 +239,15 @@ class PackedModel:
         if keys.dtype != xx.dtype:
             keys, values = keys.to(xx.dtype), values.to(xx.dtype)
         q = q.transpose(1, 2)  # [B,Hq,T,Dh]
-        if step.kernel:
-            out = cpu_attention.decode_attention(q.reshape(b, hkv, (hq // hkv) * t, dh), keys, values, step.mask,
-                                                 dh ** -0.5).reshape(b, hq, t, dh)
-        elif step.gqa:
+        if step.gqa:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
-        elif hq != hkv:
-            out = F.scaled_dot_product_attention(q.reshape(b, hkv, (hq // hkv) * t, dh), keys, values,
-                                                 attn_mask=step.mask).reshape(b, hq, t, dh)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
+        else:  # the rep query heads of a kv head folded into its query rows (a view when T = 1 or rep = 1)
+            qf = q.reshape(b, hkv, (hq // hkv) * t, dh)
+            if step.kernel:
+                out = cpu_attention.decode_attention(qf, keys, values, step.mask, dh ** -0.5)
+            else:
+                out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=step.mask)
+            out = out.reshape(b, hq, t, dh)
         out = out.transpose(1, 2).reshape(b * t, hq * dh)
         xx = torch.addmm(xx if w.o_bias is None else xx + w.o_bias, out, w.o)
         gate, up = torch.mm(_norm(xx, w.norm2, eps), w.gate_up).chunk(2, 1)
