@@ -43,7 +43,9 @@ class MTPConfig:
     enable_train: bool = False  # add the MTP loss to the actor update
     enable_rollout: bool = False  # use the MTP layers as draft heads in the rollout engine
     mtp_loss_scaling_factor: float = 0.1  # lambda in lambda/D * sum_k L_k
-    detach_encoder: bool = False  # MTP gradients stop at trunk hidden states and embeddings
+    # MTP gradients reach neither the trunk nor the embedding table, by any route: the trunk hidden h^0, the
+    # token lookup and, with tied embeddings, the output head (the table itself) are detached for the MTP path
+    detach_encoder: bool = False
     speculative_algorithm: str = "EAGLE"  # EAGLE | MTP | NEXTN: drafts come from the model's MTP layers
     speculative_num_steps: int = 2  # draft length K (chain depth)
     speculative_eagle_topk: int = 2  # branching of the draft tree (1 = a chain)
@@ -51,7 +53,9 @@ class MTPConfig:
     # ours
     num_layers: Optional[int] = None  # MTP layers to create when the checkpoint has none
     loss_type: str = "ce"  # ce | kl | tv
-    detach_lm_head: bool = False  # MTP gradients do not reach the shared output head
+    # MTP gradients do not reach the output head through the MTP logits (untied lm_head; implied for a tied
+    # head by detach_encoder); the untied lm_head is trained by the MTP loss unless this is set
+    detach_lm_head: bool = False
     adaptive: bool = False  # choose the number of draft steps per decode step from measured acceptance
 
 

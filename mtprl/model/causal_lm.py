@@ -102,10 +102,11 @@ class CausalLM(nn.Module):
         """input_ids [B,T]; position_ids [B,T] (default: see default_position_ids); attention_mask [B,T] 1 = real.
 
         compute_mtp: run the MTP layers (False: mtp_logits == []).
-        mtp_detach_encoder: the MTP path sees the trunk hidden h^0 and the embedding lookup detached, so an MTP
-            loss sends no gradient into the trunk or the embedding table (through these inputs).
-        mtp_detach_head: the MTP logits use the head weight detached (with tied embeddings the head IS the
-            embedding table, so set both to keep the MTP loss entirely off the trunk).
+        mtp_detach_encoder: the MTP path sees the trunk hidden h^0, the embedding table and (when tied, the head
+            IS that table) the output head detached, so an MTP loss sends no gradient into the trunk or the
+            embedding table by any route. An untied lm_head still trains from the MTP loss (mtp_detach_head).
+        mtp_detach_head: the MTP logits use the head weight detached (lm_head untied; the embedding table as
+            head when tied, while the token lookup Emb(t_{i+k}) still trains it unless mtp_detach_encoder).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B,T], got shape {tuple(input_ids.shape)}")
@@ -127,7 +128,9 @@ class CausalLM(nn.Module):
         if not compute_mtp or not self.mtp_layers:
             return out
         emb_weight = self.embed_tokens.weight.detach() if mtp_detach_encoder else self.embed_tokens.weight
-        mtp_head = head.detach() if mtp_detach_head else head
+        # tied: head is embed_tokens.weight, so detaching the encoder must detach the MTP path's head too
+        detach_head = mtp_detach_head or (mtp_detach_encoder and self.lm_head is None)
+        mtp_head = head.detach() if detach_head else head
         prev = hidden.detach() if mtp_detach_encoder else hidden
         for k, mtp_layer in enumerate(self.mtp_layers, start=1):
             tok_emb = F.embedding(shift_left(input_ids, k), emb_weight)  # Emb(t_{i+k}) [B,T,H]

@@ -122,3 +122,20 @@ def test_detach_encoder_only_trains_the_untied_head_and_no_detach_trains_the_tru
                    "norm.weight")
     for name in trunk_names:
         assert grads[name].abs().sum() > 0, name
+
+
+def test_detach_encoder_alone_keeps_mtp_loss_off_a_tied_head():
+    # tied: the head IS embed_tokens.weight, so detach_encoder must also detach the MTP path's head
+    grads = _grads_after_mtp_loss(tied=True, detach_encoder=True, detach_head=False)
+    for name, grad in grads.items():
+        if name.startswith("mtp_layers."):
+            assert grad.abs().sum() > 0, f"MTP parameter {name} got no gradient"
+        else:
+            assert torch.count_nonzero(grad) == 0, f"trunk / embedding parameter {name} got MTP gradient"
+
+
+def test_detach_head_alone_with_tied_embeddings_still_trains_the_embedding_lookup():
+    # detach_lm_head only stops the head path; the MTP layers' token lookup Emb(t_{i+k}) still trains the table
+    grads = _grads_after_mtp_loss(tied=True, detach_encoder=False, detach_head=True)
+    assert grads["embed_tokens.weight"].abs().sum() > 0
+    assert grads["layers.0.self_attn.q_proj.weight"].abs().sum() > 0
