@@ -3,13 +3,13 @@
 Paper: DAPO (Yu et al. 2025, arXiv:2503.14476, §3.2, eq. 11): the constraint
 0 < |{o_i : is_equivalent(a, o_i)}| < G, i.e. keep a prompt only if its G responses are neither all
 right nor all wrong. As in verl's ``RayDAPOTrainer``: a group is kept when the *population* std
-(``np.std``, ddof=0) of its metric (acc, score, seq_reward, ...) is > 0, and generation batches are
-accumulated until ``target_num_groups`` (= ``data.train_batch_size``) groups are kept or
-``max_num_gen_batches`` batches were generated (0 = unlimited), past which it is an error.
+(``np.std``, ddof=0) of its metric (acc, score, seq_reward, ...) is > 0 or when it holds a single
+sample (``std > 0 or len == 1``: with ``rollout.n=1`` every group is a singleton, and dropping them
+would never fill a batch), and generation batches are accumulated until ``target_num_groups``
+(= ``data.train_batch_size``) groups are kept or ``max_num_gen_batches`` batches were generated
+(0 = unlimited), past which it is an error. ``keep_singletons=False`` drops singletons too (std 0).
 
 Where we differ from verl:
-  * a group of one sample has std 0 and is dropped (SPEC §4); verl keeps singleton groups
-    (``std > 0 or len == 1``). ``keep_singletons=True`` restores verl's rule.
   * the kept batch is cut to exactly ``target_num_groups`` whole groups (verl cuts to
     ``train_batch_size * n`` trajectories, which splits a group when group sizes differ);
   * the same group id in two generation batches counts as two groups (ids are per batch); give each
@@ -58,9 +58,10 @@ def _to_list(values) -> list:
 def filter_groups_by_std(
     metric_values: Sequence[float] | torch.Tensor | np.ndarray,
     group_ids: Sequence[Hashable] | torch.Tensor | np.ndarray,
-    keep_singletons: bool = False,
+    keep_singletons: bool = True,
 ) -> FilterResult:
-    """Keep the groups whose metric has population std > 0 (module docstring).
+    """Keep the groups whose metric has population std > 0, and (verl's rule) groups of one sample
+    unless ``keep_singletons=False`` (module docstring).
 
     metric_values [N]: one number (or bool) per sample; group_ids [N]: same id = same prompt.
     """
@@ -104,7 +105,7 @@ class DynamicSamplingAccumulator(Generic[T]):
 
     target_num_groups: int
     max_num_gen_batches: int = 0
-    keep_singletons: bool = False
+    keep_singletons: bool = True  # verl: a group of one sample is kept
     num_gen_batches: int = field(default=0, init=False)  # generation batches added so far
     num_groups_seen: int = field(default=0, init=False)  # groups in those batches, kept or not
     _groups: list[list[T]] = field(default_factory=list, init=False, repr=False)  # kept, in arrival order

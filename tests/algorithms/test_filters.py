@@ -9,18 +9,29 @@ from mtprl.algorithms import DynamicSamplingAccumulator, filter_groups_by_std
 
 def test_filter_hand_picked_groups():
     # a: [1, 1, 1] all right -> std 0, drop;   b: [0, 1, 0] -> std 0.471 > 0, keep
-    # c: [0] a group of one -> std 0, drop;    d: [0.5, 0.5] -> drop;   e: [True, False] -> keep
+    # c: [0] a group of one -> kept (verl);    d: [0.5, 0.5] -> drop;   e: [True, False] -> keep
     ids = ["a", "b", "a", "b", "c", "a", "b", "d", "d", "e", "e"]
     acc = [1, 0, 1, 1, 0, 1, 0, 0.5, 0.5, True, False]
     r = filter_groups_by_std(acc, ids)
-    assert r.kept_group_ids == ["b", "e"]
-    assert r.kept_indices == [1, 3, 6, 9, 10]
-    assert r.num_groups == 5 and r.num_kept_groups == 2
+    assert r.kept_group_ids == ["b", "c", "e"]
+    assert r.kept_indices == [1, 3, 4, 6, 9, 10]
+    assert r.num_groups == 5 and r.num_kept_groups == 3
 
 
-def test_filter_keep_singletons_matches_verl_rule():
-    r = filter_groups_by_std([1.0, 0.0, 1.0, 1.0], [0, 1, 2, 2], keep_singletons=True)
-    assert r.kept_group_ids == [0, 1]  # verl: std > 0 or len == 1
+def test_filter_keeps_singletons_by_default_as_verl():
+    # verl: kept = [uid for uid, std in ... if std > 0 or len(vals[uid]) == 1]
+    r = filter_groups_by_std([1.0, 0.0, 1.0, 1.0], [0, 1, 2, 2])
+    assert r.kept_group_ids == [0, 1]
+    r = filter_groups_by_std([1.0, 0.0, 1.0, 1.0], [0, 1, 2, 2], keep_singletons=False)
+    assert r.kept_group_ids == []
+
+
+def test_accumulator_with_one_sample_per_group_fills_in_one_batch():
+    # GRPO with rollout.n=1: every group is a singleton; dropping them would never fill a batch
+    acc = DynamicSamplingAccumulator(target_num_groups=3, max_num_gen_batches=1)
+    acc.add(*_batch("b1", [[1], [0], [1]]))
+    assert acc.done and acc.num_gen_batches == 1
+    assert acc.samples() == [("b1", 0, 0), ("b1", 1, 0), ("b1", 2, 0)]
 
 
 def test_filter_uses_population_std_and_accepts_tensors():
