@@ -34,10 +34,11 @@ def warmup_steps(optim: OptimConfig, total_steps: int) -> int:
 
 
 def lr_factor(step: int, *, warmup: int, total: int, style: str, min_lr_ratio: float) -> float:
-    """Multiplier of the base lr for optimizer step ``step`` (0-based): linear warmup to 1, then
-    constant, or cosine from 1 down to ``min_lr_ratio`` at ``total``."""
+    """Multiplier of the base lr for scheduler step ``step`` (0-based): linear warmup ``step / warmup``
+    (0 at step 0, as verl's ``get_constant_schedule_with_warmup`` / ``get_cosine_schedule_with_warmup``),
+    then constant 1, or cosine from 1 down to ``min_lr_ratio`` at ``total``."""
     if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     if style == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -113,13 +113,13 @@ def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
             lr = scheduler.get_last_lr()[0]  # the lr this step's optimizer step uses
             if finite:
                 optimizer.step()
-                scheduler.step()
                 bad_steps = 0
-            else:
+            else:  # the optimizer step is skipped, the schedule still advances (verl's SFT and RL actors)
                 bad_steps += 1
                 if bad_steps >= cfg.actor_rollout_ref.actor.max_bad_steps:
                     raise FloatingPointError(f"{bad_steps} consecutive steps with a non-finite gradient norm; "
                                              f"the last good checkpoint is {last_saved or 'none'}; lower the lr")
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.perf_counter() - t0

@@ -209,7 +209,7 @@ def test_actor_lr_is_the_lr_the_step_used(tiny_world, tmp_path, monkeypatch):
     out = tmp_path / "lr"
     train(_cfg(tiny_world, out, "trainer.total_training_steps=3", "trainer.val_before_train=False",
                "trainer.test_freq=-1", "trainer.save_freq=-1", "actor_rollout_ref.actor.optim.lr_warmup_steps=4"))
-    assert used == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3])
+    assert used == pytest.approx([0.0, 0.25e-3, 0.5e-3])  # verl's warmup: lr * step / warmup, 0 at the first step
     assert [r["actor/lr"] for r in _rows(out)] == pytest.approx(used)
 
 

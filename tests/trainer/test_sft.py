@@ -72,7 +72,27 @@ def test_sft_actor_lr_is_the_lr_the_step_used(tiny_world, tmp_path):
     out = tmp_path / "lr"
     run_sft(_cfg(tiny_world, out, "trainer.total_training_steps=2", "trainer.test_freq=-1",
                  "actor_rollout_ref.actor.optim.lr_warmup_steps=4"))
-    assert [r["actor/lr"] for r in _losses(out)] == pytest.approx([0.75e-3, 1.5e-3])  # warmup 1/4, 2/4 of 3e-3
+    assert [r["actor/lr"] for r in _losses(out)] == pytest.approx([0.0, 0.75e-3])  # warmup 0/4, 1/4 of 3e-3 (verl)
+
+
+def test_sft_skipped_step_still_advances_the_lr_schedule(tiny_world, tmp_path, monkeypatch):
+    # verl (SFT trainer and RL actor): a non-finite grad norm skips optimizer.step, lr_scheduler.step still runs
+    import mtprl.trainer.sft as sft
+
+    real, calls = sft.clip_and_check, []
+
+    def second_step_non_finite(model, max_norm):
+        calls.append(1)
+        norm, finite = real(model, max_norm)
+        return (float("inf"), False) if len(calls) == 2 else (norm, finite)
+
+    monkeypatch.setattr(sft, "clip_and_check", second_step_non_finite)
+    out = tmp_path / "skip"
+    run_sft(_cfg(tiny_world, out, "trainer.total_training_steps=3", "trainer.test_freq=-1",
+                 "actor_rollout_ref.actor.optim.lr_warmup_steps=4"))
+    rows = _losses(out)
+    assert [r["training/skipped_steps"] for r in rows] == [0.0, 1.0, 0.0]
+    assert [r["actor/lr"] for r in rows] == pytest.approx([0.0, 0.75e-3, 1.5e-3])  # step 3 at warmup 2/4
 
 
 def test_sft_rejects_a_truncation_mode_it_lacks_before_loading_anything(tiny_world, tmp_path, monkeypatch):
