@@ -31,7 +31,7 @@ class DataConfig:
     gen_batch_size: Optional[int] = None  # prompts per generation batch (DAPO); None -> train_batch_size
     val_batch_size: Optional[int] = None  # prompts per validation batch; None -> the whole set
     truncation: str = "error"  # error | left | right | middle, for prompts over max_prompt_length
-    filter_overlong_prompts: bool = True  # drop (and count) prompts over max_prompt_length
+    filter_overlong_prompts: bool = False  # drop (and count) prompts over max_prompt_length (verl: off)
     shuffle: bool = True
     seed: int = 1  # data shuffling seed
 

@@ -126,6 +126,13 @@ def test_malformed_data_stops_before_training(tiny_world, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_overlong_prompts_are_not_filtered_by_default(tiny_world, tmp_path):
+    # verl: data.filter_overlong_prompts defaults to False; with truncation=error an overlong prompt stops the run
+    with pytest.raises(ValueError, match=r"more than max_prompt_length=4.*data.filter_overlong_prompts=true"):
+        train(_cfg(tiny_world, tmp_path / "out", "data.max_prompt_length=4"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_custom_reward_is_a_startup_error(tiny_world, tmp_path):
     with pytest.raises(ConfigError, match="nope.py"):
         train(_cfg(tiny_world, tmp_path / "out", reward_file=tmp_path / "nope.py"))
