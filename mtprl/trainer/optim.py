@@ -62,6 +62,10 @@ def clip_and_check(model: nn.Module, max_norm: float) -> tuple[float, bool]:
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0, True
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], error_if_nonfinite=False)
+    if hasattr(norm, "full_tensor"):  # FSDP2: per-rank shards' norms -> the global norm (a collective)
+        norm = norm.full_tensor()
     norm = float(norm)
+    if math.isfinite(norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
     return norm, math.isfinite(norm)

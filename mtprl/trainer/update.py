@@ -16,6 +16,7 @@ import torch
 
 from mtprl.algorithms import aggregate_loss, count_normalisers, kl_loss, policy_loss
 from mtprl.config.schema import MtprlConfig
+from mtprl.distributed.balance import partition_by_tokens
 from mtprl.model import mtp_loss
 from mtprl.trainer.batching import split_by_tokens, split_fixed, token_entropy, token_logprobs, trim_padding
 from mtprl.trainer.optim import clip_and_check
@@ -81,16 +82,40 @@ def _forward(model, mb: TrainBatch, cfg: MtprlConfig, *, compute_mtp: bool):
     return out, ids, attn, resp
 
 
+def _rank_rows(batch: TrainBatch, dp) -> list[list[int]]:
+    """Rows of ``batch`` per data-parallel rank, balanced by token count ([all rows] on one process)."""
+    if dp is None or not dp.distributed:
+        return [list(range(len(batch)))]
+    return partition_by_tokens(batch.attention_mask.sum(-1).tolist(), dp.world_size)
+
+
+def _rank_micro_batches(batch: TrainBatch, cfg: MtprlConfig, dp, role: str) -> tuple[list[int], list[list[int] | None]]:
+    """(this rank's rows, its micro-batches as indices into ``batch``) padded with ``None`` (a dummy
+    forward) up to the largest count of any rank: FSDP's per-layer all-gathers are collectives, so every
+    rank must run the same number of forwards and backwards. Every rank computes every rank's split
+    from the global batch it holds, so no collective is needed to agree on the count."""
+    parts = _rank_rows(batch, dp)
+    splits = [[[part[i] for i in g] for g in micro_batches(batch.select(part), cfg, role)] if part else []
+              for part in parts]
+    mine = splits[dp.rank if dp is not None and dp.distributed else 0]
+    return parts[dp.rank if dp is not None and dp.distributed else 0], mine + [None] * (max(map(len, splits)) - len(mine))
+
+
 @torch.no_grad()
-def compute_logprobs(model, batch: TrainBatch, cfg: MtprlConfig, role: str = "rollout") -> torch.Tensor:
+def compute_logprobs(model, batch: TrainBatch, cfg: MtprlConfig, role: str = "rollout", dp=None) -> torch.Tensor:
     """[N,T] log-probs of every token under ``model`` at the rollout temperature; ``role`` "rollout" (old
-    policy) or "ref" picks the micro-batch settings."""
+    policy) or "ref" picks the micro-batch settings. With data parallelism (``dp``) each rank scores its
+    share of the global batch and the rows are summed over ranks, so every rank returns the whole [N,T]."""
     temperature = cfg.actor_rollout_ref.rollout.temperature or 1.0
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
-    for rows in micro_batches(batch, cfg, role):
-        mb = batch.select(rows)
+    _, groups = _rank_micro_batches(batch, cfg, dp, role)
+    for rows in groups:
+        mb = batch.select(rows if rows is not None else [0])
         res, ids, _, _ = _forward(model, mb, cfg, compute_mtp=False)
-        out[torch.as_tensor(rows), : ids.shape[1]] = token_logprobs(res.logits, ids, temperature)
+        if rows is not None:
+            out[torch.as_tensor(rows), : ids.shape[1]] = token_logprobs(res.logits, ids, temperature).float()
+    if dp is not None and dp.distributed:  # each row is non-zero on exactly one rank: the sum is exact
+        torch.distributed.all_reduce(out)
     return out * batch.attention_mask
 
 
@@ -127,9 +152,15 @@ def _micro_loss(model, mb: TrainBatch, cfg: MtprlConfig, norms: tuple[int, int],
     return loss, metrics
 
 
-def actor_update(model, optimizer, batch: TrainBatch, cfg: MtprlConfig, generator: torch.Generator) -> tuple[dict, int]:
+def actor_update(model, optimizer, batch: TrainBatch, cfg: MtprlConfig, generator: torch.Generator,
+                 dp=None) -> tuple[dict, int]:
     """ppo_epochs x mini-batches of optimizer steps on ``batch``. Returns (metrics averaged over optimizer
-    steps, number of skipped steps: a non-finite loss or gradient norm skips that optimizer step)."""
+    steps, number of skipped steps: a non-finite loss or gradient norm skips that optimizer step).
+
+    With data parallelism (``dp``, an FSDP-sharded ``model``) every rank holds the same global ``batch``
+    and draws the same mini-batch order; each mini-batch is split over ranks by token count, each rank's
+    loss is normalised by the global mini-batch counts and FSDP sums the gradients, so N ranks take the
+    optimizer steps one process would take on the same batch."""
     actor, rollout = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
     mtp = cfg.actor_rollout_ref.model.mtp
     train_mtp = mtp.enable and mtp.enable_train and model.config.num_mtp_layers > 0
@@ -141,15 +172,24 @@ def actor_update(model, optimizer, batch: TrainBatch, cfg: MtprlConfig, generato
         order = torch.randperm(len(batch), generator=generator) if actor.shuffle else torch.arange(len(batch))
         for start in range(0, len(batch), mini_size):
             mini = batch.select(order[start:start + mini_size])
-            norms = count_normalisers(mini.response_mask)
+            norms = count_normalisers(mini.response_mask)  # global: every rank holds the whole mini-batch
             step_metrics: dict[str, float] = {}
-            for rows in micro_batches(mini, cfg):
-                loss, m = _micro_loss(model, mini.select(rows), cfg, norms, train_mtp)
+            _, groups = _rank_micro_batches(mini, cfg, dp, "actor")
+            for rows in groups:
+                if rows is None:  # dummy: keeps this rank in step with the others' collectives, adds nothing
+                    mb = mini.select([0])
+                    mb.response_mask = torch.zeros_like(mb.response_mask)
+                else:
+                    mb = mini.select(rows)
+                loss, m = _micro_loss(model, mb, cfg, norms, train_mtp)
+                if rows is None:
+                    loss, m = loss * 0.0, {}
                 if not math.isfinite(float(loss.detach())):
                     step_metrics["actor/nonfinite_loss"] = 1.0
                 loss.backward()
                 for k, v in m.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v
+            step_metrics = _reduce_step_metrics(step_metrics, dp)
             grad_norm, finite = clip_and_check(model, actor.optim.clip_grad)
             if finite and "actor/nonfinite_loss" not in step_metrics:
                 optimizer.step()
@@ -163,3 +203,13 @@ def actor_update(model, optimizer, batch: TrainBatch, cfg: MtprlConfig, generato
     model.eval()
     metrics = {k: v / num_steps for k, v in totals.items() if k != "actor/nonfinite_loss"}
     return metrics, skipped
+
+
+def _reduce_step_metrics(step_metrics: dict[str, float], dp) -> dict[str, float]:
+    """Sum the micro-batch metrics over ranks: each is already weighted by its share of the global
+    mini-batch (and a non-finite loss on any rank flags the step on every rank)."""
+    if dp is None or not dp.distributed:
+        return step_metrics
+    keys = sorted(set().union(*dp.all_gather_object(sorted(step_metrics))))
+    summed = dp.all_reduce([step_metrics.get(k, 0.0) for k in keys])
+    return {k: v for k, v in zip(keys, summed) if k != "actor/nonfinite_loss" or v > 0}

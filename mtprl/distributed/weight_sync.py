@@ -1,0 +1,83 @@
+"""Trainer -> rollout weight sync for colocated ranks (verl's hybrid engine).
+
+Each rank trains an FSDP2 shard of the policy and generates with a full copy of the weights in its
+rollout engine. After every update the full tensor of each parameter, MTP layers included, is
+gathered from the shards (``DTensor.full_tensor()``: an all-gather on every rank) and copied into the
+engine's copy in place, a size-capped bucket at a time so at most ``bucket_bytes`` of gathered
+tensors are alive at once. In-place copies bump each parameter's version counter, which is how the
+engine knows to re-pack its fused weights before the next generation.
+
+Drafters that silently stopped updating because a sync skipped the MTP parameters were shipped by
+verl, vLLM and SGLang; here every parameter of the destination must be written by every sync, or the
+sync fails (``tests/distributed`` checks weight identity after each step).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SyncStats:
+    seconds: float
+    bytes: int  # bytes written into the engine's weights (full tensors)
+    num_buckets: int
+    num_tensors: int
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@torch.no_grad()
+def sync_weights(src: nn.Module, dst: nn.Module, *, bucket_bytes: int = 512 << 20) -> SyncStats:
+    """Copy every parameter of ``src`` (sharded or not) into the same-named parameter of ``dst``.
+
+    Every rank must call this (the gathers are collectives). Raises when the two models do not hold
+    the same parameter names and shapes, so a parameter cannot be skipped silently.
+    """
+    t0 = time.perf_counter()
+    dst_params = dict(dst.named_parameters())
+    src_params = list(src.named_parameters())
+    missing = set(dst_params) - {n for n, _ in src_params}
+    extra = {n for n, _ in src_params} - set(dst_params)
+    if missing or extra:
+        raise ValueError(f"weight sync: trainer and rollout models differ: missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(extra)[:4]}")
+    bucket: list[tuple[torch.Tensor, torch.Tensor]] = []
+    size = nbytes = buckets = 0
+
+    def flush() -> None:
+        nonlocal bucket, size, buckets
+        for target, full in bucket:
+            target.copy_(full)
+        buckets += bool(bucket)
+        bucket, size = [], 0
+
+    for name, p in src_params:
+        full = _full(p.detach())
+        target = dst_params[name]
+        if full.shape != target.shape:
+            raise ValueError(f"weight sync: {name} has shape {tuple(full.shape)} in the trainer and "
+                             f"{tuple(target.shape)} in the rollout engine")
+        bucket.append((target, full.to(device=target.device, dtype=target.dtype)))
+        size += full.numel() * target.element_size()
+        nbytes += full.numel() * target.element_size()
+        if size >= bucket_bytes:
+            flush()
+    flush()
+    return SyncStats(seconds=time.perf_counter() - t0, bytes=nbytes, num_buckets=buckets, num_tensors=len(src_params))
+
+
+@torch.no_grad()
+def max_weight_diff(src: nn.Module, dst: nn.Module) -> float:
+    """max |src - dst| over all parameters (src may be sharded: a collective). For tests and checks."""
+    dst_params = dict(dst.named_parameters())
+    worst = 0.0
+    for name, p in src.named_parameters():
+        worst = max(worst, float((_full(p.detach()).to(dst_params[name]) - dst_params[name]).abs().max()))
+    return worst
