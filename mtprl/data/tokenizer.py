@@ -145,6 +145,34 @@ def load_tokenizer(path: str | Path) -> Any:
         raise FileNotFoundError(
             f"no tokenizer.json in {path}; build one with mtprl.data.tokenizer.build_math_tokenizer({str(path)!r})"
         )
-    from transformers import AutoTokenizer
+    return load_hf_tokenizer(path)
 
-    return AutoTokenizer.from_pretrained(str(path))
+
+def load_hf_tokenizer(path: str | Path, *, trust_remote_code: bool = False, source: str = "path") -> Any:
+    """The tokenizer of a local HF directory (`AutoTokenizer.from_pretrained`); nothing is downloaded.
+
+    `source` names where the path came from (a config key or CLI flag): a missing directory is a
+    FileNotFoundError "{source}='{path}': no such directory" (transformers would answer with a hub repo-id message).
+    AutoTokenizer also parses the directory's config.json as a transformers model config; for a model_type
+    transformers does not know (MiMo's "mimo") it falls back to the base config class, which logs "You are using
+    a model of type mimo to instantiate a model of type ''" and warns that `rope_scaling` is deprecated. The
+    tokenizer needs none of it, so for such a model_type we pass a neutral config: tokenizer_config.json alone
+    picks the tokenizer class (MiMo's names Qwen2Tokenizer). With trust_remote_code and an auto_map AutoConfig
+    entry the model's own config code runs, as asked.
+    """
+    from transformers import AutoTokenizer, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(path)
+    if not path.is_dir():
+        what = "no such directory" if not path.exists() else "not a directory"
+        raise FileNotFoundError(f"{source}={str(path)!r}: {what} (a local HF checkpoint or tokenizer directory is "
+                                "needed; nothing is downloaded)")
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    config_file = path / "config.json"
+    if config_file.is_file():
+        hf_config = json.loads(config_file.read_text())
+        remote = trust_remote_code and "AutoConfig" in (hf_config.get("auto_map") or {})
+        if hf_config.get("model_type") not in CONFIG_MAPPING and not remote:
+            kwargs["config"] = PretrainedConfig()
+    return AutoTokenizer.from_pretrained(str(path), **kwargs)

@@ -112,11 +112,10 @@ def build_params(args: argparse.Namespace, tokenizer: Any) -> tuple[SamplingPara
 
 def run_generate(args: argparse.Namespace) -> int:
     """Load model + tokenizer, generate, write JSONL. Returns the exit code."""
-    from transformers import AutoTokenizer
-
+    from mtprl.data.tokenizer import load_hf_tokenizer
     from mtprl.model import from_pretrained
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_hf_tokenizer(args.model, source="--model")
     prompts = args.prompt if args.prompt is not None else read_prompts(args.input)
     ids = encode_prompts(tokenizer, prompts, args.raw_prompt)
     params, spec = build_params(args, tokenizer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from mtprl.config.loader import ConfigError
@@ -36,6 +38,9 @@ def load_policy(model_cfg: ModelConfig, device: torch.device):
         )
     if not model_cfg.path:
         raise ConfigError("actor_rollout_ref.model.path is empty: give a local HF checkpoint directory")
+    if not Path(model_cfg.path).is_dir():
+        raise ConfigError(f"actor_rollout_ref.model.path={model_cfg.path!r}: no such directory (a local HF checkpoint "
+                          "directory is needed; nothing is downloaded)")
     mtp = model_cfg.mtp
     num = mtp.num_layers if mtp.enable else None
     model = from_pretrained(model_cfg.path, dtype=DTYPES[model_cfg.dtype], device=device, num_mtp_layers=num)
@@ -51,15 +56,19 @@ def load_policy(model_cfg: ModelConfig, device: torch.device):
 
 
 def load_policy_tokenizer(model_cfg: ModelConfig):
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """The tokenizer of ``model.tokenizer_path`` (default ``model.path``); errors name the key."""
+    from mtprl.data.tokenizer import load_hf_tokenizer
 
+    key = "actor_rollout_ref.model." + ("tokenizer_path" if model_cfg.tokenizer_path else "path")
     path = model_cfg.tokenizer_path or model_cfg.path
-    hf_logging.set_verbosity_error()  # "model of type mimo" notices: we only read the tokenizer files here
+    if not path:
+        raise ConfigError(f"{key} is empty: give a local HF checkpoint directory")
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        tok = load_hf_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code, source=key)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"no tokenizer could be loaded from {path!r}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"no tokenizer could be loaded from {key}={path!r}: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -41,7 +41,8 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     """The dict of path/config.json (ValueError if the directory or file is missing)."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"{str(path)!r} is not a directory; pass a local HF checkpoint directory "
+        what = "no such directory" if not path.exists() else "not a directory"
+        raise ValueError(f"{str(path)!r}: {what}; pass a local HF checkpoint directory "
                          "(config.json + *.safetensors); nothing is downloaded")
     if not (path / "config.json").is_file():
         raise ValueError(f"{str(path)!r} has no config.json")
