@@ -102,11 +102,16 @@ class SpecStepOutput:
 
 def _place(positions: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int | None]:
     """Map negative MTP input positions (before the sequence start) to a scratch slot one past the largest real
-    slot of the call. Returns positions clamped at 0, slots, kv_len and the scratch slot (None if unused)."""
+    slot of the call. Returns positions clamped at 0, slots, kv_len and the scratch slot (None if unused).
+
+    The scratch slot holds no true K/V of any row: a row's true slots in layer k lie below every slot the call
+    writes for it. When EVERY slot is negative (prompts shorter than the layer's depth,
+    e.g. a 1-token prompt's prefill commit with D >= 2) the layer holds no true K/V in any row, so the scratch
+    slot is 0 (kv_len 1) rather than max_slot + 1 < 1."""
     min_slot, max_slot = (int(x) for x in torch.aminmax(slots))  # one host sync
     if min_slot >= 0:  # (a tree node's position may still be < 0 when the row is that short: clamp)
         return positions.clamp(min=0), slots, max_slot + 1, None
-    scratch = max_slot + 1
+    scratch = max(max_slot, -1) + 1
     return positions.clamp(min=0), torch.where(slots < 0, scratch, slots), scratch + 1, scratch
 
 

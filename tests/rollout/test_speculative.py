@@ -150,3 +150,28 @@ def test_tree_rank0_path_drafts_like_the_chain(draftable_model):
     # both runs commit the same greedy tokens, so the states match step by step
     for a, b in zip(logs["chain"], logs["tree"]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [SpeculativeConfig(num_steps=3), SpeculativeConfig(num_steps=3, eagle_topk=2, num_draft_tokens=6),
+                                  SpeculativeConfig(num_steps=3, adaptive=True)], ids=["chain", "tree", "adaptive"])
+def test_prompts_shorter_than_the_mtp_depth(draftable_model, spec):
+    """D = 3 MTP layers: the prefill commit of a 1-token prompt has only negative MTP input positions in layers 2
+    and 3 (a 2-token prompt in layer 3), so every slot of that forward is the scratch slot (it used to be slot
+    max_slot + 1 <= 0 and kv_len 0: a ValueError). Alone and batched with a longer prompt: greedy == plain;
+    sampled: the logprobs are the trunk's of a full forward (finite, no garbage from the scratch slot)."""
+    model = draftable_model(num_mtp_layers=3, seed=3, noise=1.0)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=14)
+    for prompts in ([[5]], [[6, 7]], [[5], [6, 7], [1, 2, 3, 4]]):
+        eng = Engine(model, max_num_seqs=3, max_seq_len=40)  # (fresh: adaptive explores at depth 3 first)
+        plain = eng.generate(prompts, greedy)
+        out = eng.generate_with_metrics(prompts, greedy, speculative=spec)
+        assert [c.token_ids for c in out.completions] == [c.token_ids for c in plain]
+        assert out.metrics.mean_draft_depth > 0 and out.metrics.accept_rate_per_depth[0] > 0  # speculative steps ran
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=10, n=3)
+    out = eng.generate([[5], [6, 7]], sampled, speculative=spec, generator=torch.Generator().manual_seed(0))
+    for c in out:
+        prompt = [[5], [6, 7]][c.prompt_index]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + c.token_ids]), compute_mtp=False).logits[0, len(prompt) - 1:-1]
+        want = temperature_logprobs(logits, 1.0).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c.trunk_logprobs), want, atol=1e-5, rtol=0)
