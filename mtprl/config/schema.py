@@ -184,6 +184,10 @@ class RolloutConfig:
     log_prob_max_token_len_per_gpu: int = 16384
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    # multi-rank runs: the engine holds its own full copy of the weights, refreshed from the FSDP shards after
+    # every update in buckets of at most this many MB of gathered tensors (verl's key and default)
+    update_weights_bucket_megabytes: int = 512
+    free_cache_engine: bool = False  # multi-rank: drop the engine's weight copy and KV cache during the update
 
 
 @dataclass
@@ -276,6 +280,9 @@ class TrainerConfig:
     default_local_dir: str = "checkpoints/${trainer.project_name}/${trainer.experiment_name}"
     max_actor_ckpt_to_keep: Optional[int] = None
     seed: int = 1  # ours: model init / sampling seed
+    # ours: every collective of a multi-rank run (gloo / nccl process group) fails after this many seconds, so a
+    # dead peer ends the run with an error instead of a hang
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -287,6 +294,20 @@ class SFTConfig:
 
 
 @dataclass
+class RayInitConfig:
+    """verl's ``ray_kwargs.ray_init``: passed to ``ray.init`` when a multi-rank run starts its workers."""
+
+    address: Optional[str] = None  # None: start a local cluster; "auto": join the one `ray start` runs here
+    num_cpus: Optional[int] = None  # CPUs of a local cluster (None: Ray's count)
+    runtime_env: Dict[str, Any] = field(default_factory=dict)  # env_vars, working_dir, excludes (the seed's runtime_env.yaml)
+
+
+@dataclass
+class RayKwargsConfig:
+    ray_init: RayInitConfig = field(default_factory=RayInitConfig)
+
+
+@dataclass
 class MtprlConfig:
     data: DataConfig = field(default_factory=DataConfig)
     actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
@@ -295,11 +316,13 @@ class MtprlConfig:
     custom_reward_function: CustomRewardFunctionConfig = field(default_factory=CustomRewardFunctionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    ray_kwargs: RayKwargsConfig = field(default_factory=RayKwargsConfig)
 
 
 # Dict-typed keys: ``+key.sub=value`` may add new entries below these paths.
 OPEN_DICT_PATHS = (
     "actor_rollout_ref.model.override_config",
+    "ray_kwargs.ray_init.runtime_env",
     "actor_rollout_ref.actor.megatron.override_transformer_config",
     "actor_rollout_ref.ref.megatron.override_transformer_config",
 )

@@ -132,20 +132,20 @@ def _check_backends(errors: list[str], cfg: MtprlConfig) -> None:
                 f"actor_rollout_ref.{who}.ulysses_sequence_parallel_size={sp} is not available: sequence/context "
                 "parallelism needs a back-end that is not available; use use_dynamic_bsz=True to bound memory"
             )
+    world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
     for who in ("actor", "ref"):
         fsdp = getattr(arr, who).fsdp_config
         for name in ("param_offload", "optimizer_offload"):
-            if getattr(fsdp, name):
+            if getattr(fsdp, name) and world == 1 and cfg.trainer.device != "cpu":
                 errors.append(
-                    f"actor_rollout_ref.{who}.fsdp_config.{name}=True is not available: CPU offload only pays on "
-                    "GPU and is not implemented; leave it False"
+                    f"actor_rollout_ref.{who}.fsdp_config.{name}=True needs FSDP, which mtprl applies with more than "
+                    "one rank (trainer.nnodes x trainer.n_gpus_per_node > 1); on one GPU leave it False"
                 )
-    for who in ("actor", "ref"):
-        size = getattr(arr, who).fsdp_config.fsdp_size
-        if size not in (-1, 1):
+        size = fsdp.fsdp_size
+        if size not in (-1, world):
             errors.append(
-                f"actor_rollout_ref.{who}.fsdp_config.fsdp_size={size} is not available: FSDP sharding needs "
-                "multi-process training, which is not available yet; leave it -1"
+                f"actor_rollout_ref.{who}.fsdp_config.fsdp_size={size} is not available: mtprl shards over all "
+                f"ranks (hybrid sharding is not built); leave it -1 (= {world} here)"
             )
     if cfg.algorithm.lam != 1.0:
         errors.append(f"algorithm.lam={cfg.algorithm.lam}: GAE's lambda needs a critic, and there is none "
@@ -158,11 +158,18 @@ def _check_backends(errors: list[str], cfg: MtprlConfig) -> None:
     if cfg.trainer.critic_warmup != 0:
         errors.append(f"trainer.critic_warmup={cfg.trainer.critic_warmup}: there is no critic (GRPO-family only)")
     world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
-    if world > 1:
+    if cfg.trainer.nnodes < 1 or cfg.trainer.n_gpus_per_node < 1:
+        errors.append(f"trainer.nnodes={cfg.trainer.nnodes} and trainer.n_gpus_per_node={cfg.trainer.n_gpus_per_node} "
+                      "must be >= 1")
+    elif world > 1 and (cfg.data.gen_batch_size or cfg.data.train_batch_size) % world:
         errors.append(
-            f"trainer.nnodes x trainer.n_gpus_per_node = {world}: multi-process training is not available yet; "
-            "use trainer.nnodes=1 trainer.n_gpus_per_node=1"
-        )
+            f"data.gen_batch_size={cfg.data.gen_batch_size or cfg.data.train_batch_size} must be a multiple of the {world} ranks "
+            "(trainer.nnodes x trainer.n_gpus_per_node): each rank generates whole prompt groups of an equal share")
+    if cfg.trainer.collective_timeout_s <= 0:
+        errors.append(f"trainer.collective_timeout_s={cfg.trainer.collective_timeout_s} must be > 0 (seconds)")
+    if cfg.actor_rollout_ref.rollout.update_weights_bucket_megabytes < 1:
+        errors.append("actor_rollout_ref.rollout.update_weights_bucket_megabytes="
+                      f"{cfg.actor_rollout_ref.rollout.update_weights_bucket_megabytes} must be >= 1")
 
 
 def _check_mtp(errors: list[str], cfg: MtprlConfig) -> None:
