@@ -9,15 +9,22 @@ GEMMs win: the packed path uses the kernel only within MAX_ROWS.
 
 Built with `torch.utils.cpp_extension.load` (-O3 -march=native; needs a C++ compiler and an AVX2+FMA CPU) into
 torch's extension cache (~30 s once per machine; `make setup` does it), then loaded in well under a second.
-`MTPRL_CPU_ATTENTION=0` turns it off. When it cannot be built, `kernel()` returns None once with a warning and
-callers keep using SDPA: the kernel is an optimisation, never a requirement.
+`MTPRL_CPU_ATTENTION=0` turns it off. When it cannot be built or loaded, `kernel()` returns None with one
+warning and callers keep using SDPA: the kernel is an optimisation, never a requirement.
+
+The cache is keyed by extension name only, and may be shared by machines (a shared home on a cluster): a
+-march=native build from a CPU with more instruction-set extensions would die with SIGILL on another. So the
+name carries a hash of the CPU's flags (/proc/cpuinfo) and the compile flags (`build_name`): each kind of CPU
+gets its own build.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +36,7 @@ import torch
 # chain per key then costs more than the GEMM set-up it saves), so those sizes always use SDPA.
 MAX_ROWS = {16: 12, 32: 4}
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+CFLAGS = ("-O3", "-march=native")
 _log = logging.getLogger(__name__)
 
 
@@ -43,29 +51,57 @@ def kernel():
     return _build() if enabled() else None
 
 
+def cpu_flags() -> str:
+    """The CPU's instruction-set flags: the first `flags` (x86) or `Features` (ARM) line of /proc/cpuinfo, sorted;
+    where there is none (not Linux), the platform's machine and processor names."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")) and ":" in line:
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def build_name(flags: str, cflags: tuple[str, ...] = CFLAGS) -> str:
+    """The extension's name in torch's cache: one build per (CPU flags, compile flags)."""
+    digest = hashlib.sha256("\n".join((platform.machine(), flags, " ".join(cflags))).encode()).hexdigest()[:12]
+    return f"mtprl_decode_attention_{digest}"
+
+
+def _load_extension(name: str):
+    """Build (first time) or load the extension `name` from torch's cache."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), verbose=False)
+
+
 def _build():
+    flags = cpu_flags()
+    x86_linux = platform.machine() in ("x86_64", "AMD64") and Path("/proc/cpuinfo").is_file()
+    if x86_linux and not {"avx2", "fma"} <= set(flags.split()):  # (elsewhere the compiler's #error tells)
+        _log.warning("this CPU has no AVX2/FMA: CPU decode attention falls back to scaled_dot_product_attention")
+        return None
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         _log.warning("no C++ compiler found: CPU decode attention falls back to scaled_dot_product_attention")
         return None
+    name = build_name(flags)
     try:
-        from torch.utils.cpp_extension import load
-
-        if _first_build():  # a first build takes ~30 s: say so (later loads take milliseconds)
-            print("mtprl: building the CPU decode-attention kernel (once per machine, about 30 s)", file=sys.stderr,
-                  flush=True)
-        return load(name="mtprl_decode_attention", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native"], verbose=False)
-    except Exception as exc:  # no AVX2, compiler error, ...: an optimisation, never a requirement
-        _log.warning("CPU decode-attention kernel not built (%s): using scaled_dot_product_attention",
+        if _first_build(name):  # a first build takes ~30 s: say so (later loads take milliseconds)
+            print("mtprl: building the CPU decode-attention kernel (once per kind of CPU, about 30 s)",
+                  file=sys.stderr, flush=True)
+        return _load_extension(name)
+    except Exception as exc:  # no AVX2, compiler error, a broken cached build, ...: an optimisation only
+        _log.warning("CPU decode-attention kernel not built or loaded (%s): using scaled_dot_product_attention",
                      str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
         return None
 
 
-def _first_build() -> bool:
+def _first_build(name: str) -> bool:
     try:  # (a private helper of torch's: any failure just means "say it")
         from torch.utils.cpp_extension import _get_build_directory
 
-        return not any(Path(_get_build_directory("mtprl_decode_attention", verbose=False)).glob("*.so"))
+        return not any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
     except Exception:
         return True
 

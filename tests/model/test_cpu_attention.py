@@ -74,3 +74,73 @@ def test_disabled_kernel_falls_back(monkeypatch):
         assert not cpu_attention.usable(1, 16, torch.float32, torch.device("cpu"))
     finally:
         cpu_attention.kernel.cache_clear()  # the next caller builds / loads it again
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch):
+    """kernel() forgets its result before and after; the kernel is enabled and a compiler 'present'."""
+    monkeypatch.setenv("MTPRL_CPU_ATTENTION", "1")
+    monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(cpu_attention, "_first_build", lambda name: False)  # (no build directory created)
+    cpu_attention.kernel.cache_clear()
+    yield
+    cpu_attention.kernel.cache_clear()  # the next caller builds / loads the real one again
+
+
+def test_build_name_is_keyed_by_cpu_and_compile_flags(monkeypatch, fresh_kernel):
+    """A -march=native build must never be loaded on a CPU with other instruction-set flags (SIGILL on a cluster
+    sharing torch's extension cache): the extension name, and so its cache directory, differs per flag set."""
+    base = "avx avx2 fma sse4_2"
+    assert cpu_attention.build_name(base) == cpu_attention.build_name(base)
+    names = {cpu_attention.build_name(base), cpu_attention.build_name(base + " avx512f"),
+             cpu_attention.build_name(base, ("-O3", "-mavx2", "-mfma"))}
+    assert len(names) == 3 and all(n.startswith("mtprl_decode_attention_") for n in names)
+    assert cpu_attention.cpu_flags() == cpu_attention.cpu_flags() != ""
+    loaded = []
+    monkeypatch.setattr(cpu_attention, "_load_extension", lambda name: loaded.append(name) or name)
+    for flags in (base, base + " avx512f avx512bw"):
+        monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: flags)
+        cpu_attention.kernel.cache_clear()
+        assert cpu_attention.kernel() == cpu_attention.build_name(flags)
+    assert loaded == [cpu_attention.build_name(base), cpu_attention.build_name(base + " avx512f avx512bw")]
+    assert loaded[0] != loaded[1]
+
+
+def test_load_failure_falls_back_to_sdpa_with_one_warning(monkeypatch, fresh_kernel, caplog):
+    """A build or load that raises (compiler error, a broken or foreign .so) -> kernel() None, ONE warning however
+    often it is asked, and the packed path runs on SDPA: the same greedy tokens as the module path."""
+    from mtprl.model import CausalLM, tiny_config
+    from mtprl.rollout import Engine, SamplingParams
+
+    calls = []
+
+    def broken(name):
+        calls.append(name)
+        raise ImportError(f"{name}.so: undefined symbol: _ZN2at4_ops")
+
+    monkeypatch.setattr(cpu_attention, "_load_extension", broken)
+    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: "avx avx2 fma sse4_2")
+    torch.manual_seed(0)
+    model = CausalLM(tiny_config(head_dim=16)).eval()
+    prompts, params = [[1, 2, 3], [4, 5]], SamplingParams(temperature=0.0, max_new_tokens=6)
+    with caplog.at_level("WARNING", logger=cpu_attention.__name__):
+        packed = Engine(model, max_num_seqs=2, max_seq_len=16).generate(prompts, params)
+        for _ in range(3):
+            assert not cpu_attention.usable(1, 16, torch.float32, torch.device("cpu"))
+    module = Engine(model, max_num_seqs=2, max_seq_len=16, packed=False).generate(prompts, params)
+    assert [c.token_ids for c in packed] == [c.token_ids for c in module]
+    assert len(calls) == 1
+    warnings = [r for r in caplog.records if r.name == cpu_attention.__name__]
+    assert len(warnings) == 1 and "scaled_dot_product_attention" in warnings[0].getMessage()
+    assert "undefined symbol" in warnings[0].getMessage()
+
+
+def test_cpu_without_avx2_is_not_built(monkeypatch, fresh_kernel, caplog):
+    """On x86 Linux, a CPU whose flags lack AVX2/FMA gets SDPA (one warning) without a compile attempt."""
+    if not (Path("/proc/cpuinfo").is_file() and cpu_attention.platform.machine() in ("x86_64", "AMD64")):
+        pytest.skip("x86 Linux only")
+    monkeypatch.setattr(cpu_attention, "cpu_flags", lambda: "sse sse2 sse4_2")
+    monkeypatch.setattr(cpu_attention, "_load_extension", lambda name: pytest.fail("must not build"))
+    with caplog.at_level("WARNING", logger=cpu_attention.__name__):
+        assert cpu_attention.kernel() is None and cpu_attention.kernel() is None
+    assert len([r for r in caplog.records if r.name == cpu_attention.__name__]) == 1
