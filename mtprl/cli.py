@@ -46,7 +46,21 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from mtprl.trainer.loop import train
 
-    train(load_config(args.preset, args.overrides))
+    cfg = load_config(args.preset, args.overrides)
+    world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
+    if world > 1 and "WORLD_SIZE" not in os.environ:  # not under torchrun or a Ray worker: start the ranks
+        import yaml
+
+        from mtprl.distributed.ray_launcher import run_with_ray
+
+        runtime_env = None
+        if args.runtime_env:
+            if not os.path.isfile(args.runtime_env):
+                raise FileNotFoundError(f"--runtime-env {args.runtime_env}: no such file")
+            runtime_env = yaml.safe_load(open(args.runtime_env)) or {}
+        run_with_ray(cfg, runtime_env=runtime_env)
+    else:
+        train(cfg)
     return 0
 
 
@@ -97,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
             add_generate_args(p)
             continue
         _add_config_args(p)
+        if name == "train":
+            p.add_argument("--runtime-env", default=None, metavar="FILE",
+                           help="Ray runtime env YAML (env_vars, working_dir, excludes) for multi-rank runs; merged "
+                                "over ray_kwargs.ray_init.runtime_env")
         if name == "demo":
             p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
             p.add_argument("--quick", action="store_true", help="a few steps of everything (CI-sized)")
@@ -111,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mtprl.distributed.ray_launcher import WorkerFailed
+
     args = build_parser().parse_args(argv)
     handler = _cmd_config if args.command == "config" else COMMANDS[args.command][1]
     try:
@@ -119,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(e).splitlines():
             print(f"config error: {line}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError, WorkerFailed) as e:
         if os.environ.get("MTPRL_TRACEBACK"):
             raise
         print(f"error: {e} (MTPRL_TRACEBACK=1 shows the traceback)", file=sys.stderr)
