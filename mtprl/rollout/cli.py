@@ -43,7 +43,8 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=1, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop-token-id", type=int, action="append",
-                        help="stop token id (repeatable; default: the tokenizer's eos)")
+                        help="stop token id (repeatable; default: the tokenizer's eos_token_id and those of the "
+                             "model's config.json and generation_config.json)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=None, help="default: longest prompt + max-new-tokens")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -99,8 +100,10 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], raw: bool) -> list[list[i
 
 def build_params(args: argparse.Namespace, tokenizer: Any) -> tuple[SamplingParams, SpeculativeConfig | None]:
     stops = args.stop_token_id
-    if stops is None:
-        stops = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    if stops is None:  # the tokenizer's eos and the eos ids of the model's config / generation config
+        from mtprl.trainer.policy import eos_token_ids
+
+        stops = eos_token_ids(args.model, tokenizer)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, stop_token_ids=tuple(stops), n=args.n)
     spec = None

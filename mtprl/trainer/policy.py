@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -72,6 +73,34 @@ def load_policy_tokenizer(model_cfg: ModelConfig):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def eos_token_ids(model_dir, tokenizer) -> tuple[int, ...]:
+    """The ids generation stops at, as verl's rollouts (vLLM / SGLang) take them: the tokenizer's eos_token_id,
+    then ``eos_token_id`` of the model directory's config.json and generation_config.json (each an int or a
+    list), in that order, without repeats. (Qwen / MiMo: the tokenizer's eos may be <|endoftext|> while the
+    generation config adds <|im_end|>, the end of a chat turn.) A missing file or key adds nothing."""
+    ids: list[int] = []
+
+    def add(value, source: str) -> None:
+        for v in value if isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{source}: eos_token_id must be a token id (int >= 0) or a list of them, got {value!r}")
+            if v not in ids:
+                ids.append(v)
+
+    add(tokenizer.eos_token_id, "the tokenizer")
+    for name in ("config.json", "generation_config.json") if model_dir else ():
+        path = Path(model_dir) / name
+        if path.is_file():
+            try:
+                fields = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            add(fields.get("eos_token_id") if isinstance(fields, dict) else None, str(path))
+    return tuple(ids)
 
 
 class _CheckpointedForward:

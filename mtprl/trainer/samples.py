@@ -19,6 +19,7 @@ from mtprl.config.schema import MtprlConfig
 from mtprl.reward.registry import RewardInput, RewardManager
 from mtprl.rollout.types import SamplingParams, SpeculativeConfig
 from mtprl.trainer.batching import pad_right
+from mtprl.trainer.policy import eos_token_ids
 from mtprl.trainer.update import TrainBatch
 
 
@@ -54,7 +55,7 @@ def sampling_params(cfg: MtprlConfig, tokenizer, *, validation: bool = False) ->
     greedy = not src.do_sample or src.temperature == 0
     return SamplingParams(temperature=0.0 if greedy else src.temperature, top_p=src.top_p,
                           top_k=max(src.top_k, 0), max_new_tokens=cfg.data.max_response_length,
-                          stop_token_ids=(tokenizer.eos_token_id,), n=src.n)
+                          stop_token_ids=eos_token_ids(cfg.actor_rollout_ref.model.path, tokenizer), n=src.n)
 
 
 def speculative_config(cfg: MtprlConfig) -> SpeculativeConfig | None:

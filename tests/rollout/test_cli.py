@@ -73,3 +73,38 @@ def test_parquet_and_jsonl_inputs(model_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="parquet or .jsonl"):
         (tmp_path / "p.txt").write_text("x")
         read_prompts(str(tmp_path / "p.txt"))
+
+
+def test_stops_at_the_eos_ids_of_config_and_generation_config(tmp_path, capsys):
+    """verl's rollouts also stop at the model's config.json / generation_config.json eos ids (Qwen / MiMo base
+    tokenizers: <|endoftext|> while the chat turn ends with <|im_end|>). A tiny model whose generation_config
+    names a second eos id (the 4th token greedy decoding emits): plain and speculative generation stop right
+    after it."""
+    from transformers import AutoTokenizer
+
+    from mtprl.trainer.policy import eos_token_ids
+
+    path = tmp_path / "model"
+    build_math_tokenizer(path, vocab_size=300, num_problems=50)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(1)
+    model = CausalLM(tiny_config(vocab_size=len(tok), num_mtp_layers=1)).eval()
+    model.save_pretrained(str(path))
+    ids = encode_prompts(tok, ["1+1="], raw=False)
+    free = Engine(model, max_num_seqs=1, max_seq_len=64).generate(ids, SamplingParams(temperature=0.0, max_new_tokens=10))
+    gen = free[0].token_ids
+    cut = next(i for i in range(3, len(gen)) if gen[i] not in gen[:i])  # the first stop at gen[cut]
+    assert tok.eos_token_id not in gen[:cut + 1]
+    unused = next(t for t in range(len(tok)) if t not in gen and t != tok.eos_token_id)
+    hf = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**hf, "eos_token_id": unused}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_token_id, gen[cut]]}))
+    assert eos_token_ids(path, tok) == (tok.eos_token_id, unused, gen[cut])
+    for extra in ([], ["--speculative-num-steps", "2"]):
+        run_generate(_args("--model", str(path), "--prompt", "1+1=", "--temperature", "0", "--max-new-tokens", "10",
+                           *extra))
+        (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert row["token_ids"] == gen[:cut + 1] and row["finish_reason"] == "stop"
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": "<|im_end|>"}))
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be a token id"):
+        eos_token_ids(path, tok)
