@@ -8,18 +8,39 @@ Layout (verl's, so its tooling finds the latest step)::
         actor/                               # HF directory: config.json, safetensors, tokenizer files
         optimizer.pt                         # optimizer + LR scheduler state
         trainer_state.pt                     # step, RNG states, data cursor, counters, the config
+        manifest.json                        # written last: {"step", "seq", "files": {relative path: bytes}}
 
-A checkpoint is written into ``global_step_<k>.tmp`` and renamed into place, then the latest-step file
-is replaced the same way, so a run killed mid-save leaves the previous checkpoint intact and
-resumable.
+Save protocol (a kill at any point leaves a resumable folder):
+
+1. everything is written into ``global_step_<k>.tmp``, ``manifest.json`` last: a ``.tmp`` without a
+   manifest is an interrupted write and is never resumed from;
+2. commit: an existing ``global_step_<k>`` (a re-save of the same step) is first renamed to
+   ``global_step_<k>.old``, then ``.tmp`` is renamed to ``global_step_<k>``, then ``.old`` is removed;
+   no moment exists where neither a complete ``.tmp`` nor a complete ``global_step_<k>`` is on disk;
+3. the latest-step file is replaced (tmp file + rename), then old checkpoints are pruned
+   (renamed to ``.old`` before removal, so a half-removed one is never mistaken for a checkpoint).
+
+A checkpoint is *complete* when its manifest is there and every file it lists has the listed size
+(a truncated safetensors / optimizer file fails this). ``seq`` counts saves in this folder (one more
+than any manifest already there), so the newest complete checkpoint is the one with the largest
+``seq``, whatever the latest-step file says: a kill between the rename and the latest-step file
+write still resumes from the checkpoint just written, and a run resumed at a lower step (resume_path)
+in a folder holding later steps of an earlier run resumes from its own newest checkpoint.
+Checkpoints written before manifests existed count as complete when ``trainer_state.pt`` is there.
+
+Testing hook: ``MTPRL_FAULT=save:<k>`` / ``renamed:<k>`` SIGKILLs the process mid-write (after the
+actor, before the optimizer state) / between the rename and the latest-step file (see
+:mod:`mtprl.trainer.faults`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +48,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtprl.trainer.faults import fault_point
+
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
+_TMP_DIR = re.compile(r"^global_step_(\d+)\.tmp$")
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint where one was asked for (every candidate incomplete or corrupt)."""
+
+
+class CheckpointWarning(UserWarning):
+    """Resuming from an older checkpoint because a newer one is incomplete or corrupt."""
 
 
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
@@ -52,6 +85,81 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_manifest(tmp: Path, step: int, seq: int) -> None:
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    _atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "seq": seq, "files": files}, indent=1))
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint (missing / truncated file, no manifest), None when it is."""
+    path = Path(path)
+    if not (path / MANIFEST).exists():  # written before manifests existed, or a save that did not finish
+        return None if (path / "trainer_state.pt").is_file() else f"no {MANIFEST} (the save did not finish)"
+    manifest = _read_manifest(path)
+    if manifest is None or not isinstance(manifest.get("files"), dict):
+        return f"{MANIFEST} is unreadable"
+    for name, size in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _seq(path: Path) -> int:
+    manifest = _read_manifest(path)
+    return int(manifest["seq"]) if manifest and isinstance(manifest.get("seq"), int) else -1
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), key=_step_of)
+
+
+def _remove(path: Path) -> None:
+    """Rename to ``.old`` (atomic: the checkpoint is gone at once), then delete."""
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(path, old)
+    shutil.rmtree(old)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Step 2 of the protocol: ``tmp`` (complete) becomes ``final``; an existing ``final`` is replaced."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write_tmp(tmp: Path, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict[str, Any]) -> None:
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(str(tmp / "actor"))
+    fault_point("save", step)
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optimizer.pt")
+    torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
+    seq = 1 + max((_seq(p) for p in _step_dirs(tmp.parent)), default=0)
+    _write_manifest(tmp, step, seq)
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -62,29 +170,26 @@ def save_checkpoint(
     *,
     keep: int | None = None,
 ) -> Path:
-    """Write ``global_step_<step>`` atomically; keep only the newest ``keep`` checkpoints when set."""
+    """Write ``global_step_<step>`` by the protocol above; keep only the newest ``keep`` checkpoints when set.
+    A failing write (full disk, ...) removes its ``.tmp`` and re-raises; earlier checkpoints are untouched."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"global_step_{step}"
     tmp = root / f"global_step_{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(str(tmp / "actor"))
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optimizer.pt")
-    torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        _write_tmp(tmp, step, model, optimizer, scheduler, trainer_state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs; never a complete checkpoint
+        raise
+    _commit(tmp, final)
+    fault_point("renamed", step)
     _atomic_write_text(root / LATEST_FILE, str(step))
     if keep is not None and keep > 0:
         # the newest ``keep`` up to this step; checkpoints of later steps (left by an earlier, longer run that
         # this one resumed below) are not counted, so the one just written is never deleted
         upto = [p for p in list_checkpoints(root) if _step_of(p) <= step]
         for old in upto[:-keep]:
-            shutil.rmtree(old)
+            _remove(old)
     return final
 
 
@@ -93,24 +198,57 @@ def _step_of(path: Path) -> int:
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoint directories under ``root``, oldest first (``.tmp`` leftovers are ignored)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    found = [(s, p) for s, p in found if (p / "trainer_state.pt").is_file()]
-    return [p for _, p in sorted(found)]
+    """Complete checkpoint directories under ``root``, oldest step first (``.tmp`` / ``.old`` leftovers and
+    incomplete or corrupt directories are ignored)."""
+    return [p for p in _step_dirs(Path(root)) if checkpoint_problem(p) is None]
 
 
 def find_latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint (largest manifest ``seq``, then step). Newer directories that are
+    incomplete or corrupt are left alone and named in a :class:`CheckpointWarning`; when every checkpoint
+    directory is broken this raises :class:`CheckpointError` rather than start over silently."""
+    dirs = _step_dirs(Path(root))
+    problems = {p: checkpoint_problem(p) for p in dirs}
+    intact = [p for p in dirs if problems[p] is None]
+    broken = [p for p in dirs if problems[p] is not None]
+    if not intact:
+        if broken:
+            raise CheckpointError(
+                f"no complete checkpoint under {root}: " + "; ".join(f"{p.name}: {problems[p]}" for p in broken)
+                + ". Nothing was deleted; fix or move them, or set trainer.resume_mode=disable to start over")
+        return None
+    latest = max(intact, key=lambda p: (_seq(p), _step_of(p)))
+    newer = [p for p in broken if _seq(p) > _seq(latest) or _step_of(p) > _step_of(latest)]
+    if newer:
+        warnings.warn(
+            "; ".join(f"checkpoint {p} is incomplete or corrupt ({problems[p]})" for p in newer)
+            + f"; resuming from {latest} instead (nothing was deleted)", CheckpointWarning, stacklevel=2)
+    return latest
+
+
+def finish_interrupted_saves(root: str | Path) -> None:
+    """Complete what a killed save left half done: a complete ``.tmp`` (manifest written) is committed,
+    ``.old`` leftovers (superseded or pruned checkpoints) are removed. Incomplete ``.tmp`` directories are
+    left for the next save of that step to replace. Only the one process that writes checkpoints into
+    ``root`` may call this (a concurrent save's complete ``.tmp`` would be moved under it)."""
     root = Path(root)
-    latest = root / LATEST_FILE
-    if latest.is_file():
-        candidate = root / f"global_step_{latest.read_text().strip()}"
-        if (candidate / "trainer_state.pt").is_file():
-            return candidate
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+    if not root.is_dir():
+        return
+    for tmp in sorted(root.iterdir()):
+        m = _TMP_DIR.match(tmp.name)
+        if m and tmp.is_dir() and (tmp / MANIFEST).exists() and checkpoint_problem(tmp) is None:
+            _commit(tmp, root / f"global_step_{m.group(1)}")
+    for old in root.iterdir():
+        if old.is_dir() and old.name.endswith(".old") and _STEP_DIR.match(old.name[: -len(".old")]):
+            shutil.rmtree(old)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The training step a checkpoint was saved at."""
+    manifest = _read_manifest(Path(path))
+    if manifest is not None and isinstance(manifest.get("step"), int):
+        return manifest["step"]
+    return int(torch.load(Path(path) / "trainer_state.pt", weights_only=False)["step"])
 
 
 def load_checkpoint(
@@ -122,6 +260,9 @@ def load_checkpoint(
     path = Path(path)
     if not (path / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"{path} is not a complete mtprl checkpoint (no trainer_state.pt)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {problem}")
     ref = next(model.parameters())
     saved = from_pretrained(str(path / "actor"), dtype=ref.dtype, device=ref.device)
     missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
@@ -135,13 +276,21 @@ def load_checkpoint(
     return torch.load(path / "trainer_state.pt", weights_only=False)
 
 
-def resolve_resume(root: str | Path, resume_mode: str, resume_from_path: str | None) -> Path | None:
-    """The checkpoint to resume from per ``trainer.resume_mode`` (auto | disable | resume_path)."""
+def resolve_resume(root: str | Path, resume_mode: str, resume_from_path: str | None, *,
+                   recover: bool = True) -> Path | None:
+    """The checkpoint to resume from per ``trainer.resume_mode`` (auto | disable | resume_path). With
+    ``recover`` (the run that will write checkpoints here), auto first finishes interrupted saves;
+    read-only users (validation) pass False."""
     if resume_mode == "disable":
         return None
     if resume_mode == "resume_path":
         path = Path(resume_from_path or "")
         if not (path / "trainer_state.pt").is_file():
             raise FileNotFoundError(f"trainer.resume_from_path={resume_from_path} is not an mtprl checkpoint directory")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"trainer.resume_from_path={resume_from_path} is incomplete or corrupt: {problem}")
         return path
+    if recover:
+        finish_interrupted_saves(root)
     return find_latest_checkpoint(root)

@@ -1,5 +1,6 @@
-"""Checkpoint layout, latest-step file and pruning (a stub model: only save_pretrained is needed)."""
+"""Checkpoint layout, latest-step file, pruning and crash safety (a stub model: only save_pretrained is needed)."""
 
+import pytest
 import torch
 
 from mtprl.trainer.checkpoint import LATEST_FILE, find_latest_checkpoint, list_checkpoints, save_checkpoint
@@ -34,3 +35,117 @@ def test_keep_never_deletes_the_checkpoint_just_written(tmp_path):
     assert (tmp_path / "global_step_3" / "trainer_state.pt").is_file()
     assert find_latest_checkpoint(tmp_path).name == "global_step_3"
     assert not (tmp_path / "global_step_2").exists()
+
+
+# --- crash safety: every state a kill can leave resumes from the newest complete checkpoint ---------------
+
+
+def test_kill_between_the_rename_and_the_latest_file_resumes_from_the_new_checkpoint(tmp_path):
+    for step in (1, 2):
+        _save(tmp_path, step)
+    (tmp_path / LATEST_FILE).write_text("1")  # what a kill right after the rename of step 2 leaves
+    assert find_latest_checkpoint(tmp_path).name == "global_step_2"
+
+
+def test_a_run_resumed_below_an_older_runs_steps_resumes_from_its_own_newest(tmp_path):
+    # step 5 of an earlier, longer run; this run resumed at 2 (resume_path) and wrote 3 and 4, then was
+    # killed between the rename of 4 and the latest-step file: 4 is the newest save, not 5
+    for step in (2, 5, 3, 4):
+        _save(tmp_path, step)
+    (tmp_path / LATEST_FILE).write_text("3")
+    assert find_latest_checkpoint(tmp_path).name == "global_step_4"
+
+
+def test_interrupted_writes_are_ignored_and_finished_writes_committed(tmp_path):
+    from mtprl.trainer.checkpoint import resolve_resume
+
+    _save(tmp_path, 1)
+    partial = tmp_path / "global_step_2.tmp"  # killed mid-write: no manifest
+    (partial / "actor").mkdir(parents=True)
+    (partial / "trainer_state.pt").write_bytes(b"\x00" * 10)
+    assert resolve_resume(tmp_path, "auto", None).name == "global_step_1"
+    assert partial.is_dir()  # left for the next save of step 2 to replace
+    # killed after the manifest was written, before the rename: the write was complete, so it is committed
+    _save(tmp_path, 3)
+    (tmp_path / "global_step_3").rename(tmp_path / "global_step_3.tmp")
+    (tmp_path / LATEST_FILE).write_text("1")
+    assert resolve_resume(tmp_path, "auto", None).name == "global_step_3"
+    assert (tmp_path / "global_step_3").is_dir() and not (tmp_path / "global_step_3.tmp").exists()
+    # validation reads the folder without changing it
+    _save(tmp_path, 4)
+    (tmp_path / "global_step_4").rename(tmp_path / "global_step_4.tmp")
+    assert resolve_resume(tmp_path, "auto", None, recover=False).name == "global_step_3"
+    assert (tmp_path / "global_step_4.tmp").is_dir()
+
+
+def test_a_kill_while_a_step_is_saved_again_never_loses_it(tmp_path, monkeypatch):
+    # re-saving an existing step (a run resumed below it): the old copy used to be deleted before the new one
+    # was renamed into place; a kill in between left no checkpoint of that step at all
+    import os
+
+    import mtprl.trainer.checkpoint as ckpt
+
+    _save(tmp_path, 3)
+    real_replace = os.replace
+
+    def killed_at_the_second_rename(src, dst):
+        if str(src).endswith("global_step_3.tmp"):
+            raise KeyboardInterrupt  # stands in for the kill
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 3, _Stub(), None, None, {"x": "again"})
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    found = ckpt.resolve_resume(tmp_path, "auto", None)
+    assert found.name == "global_step_3" and ckpt.checkpoint_problem(found) is None
+    assert torch.load(found / "trainer_state.pt", weights_only=False)["x"] == "again"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_3", LATEST_FILE]
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_with_a_warning_naming_both(tmp_path):
+    from mtprl.trainer.checkpoint import CheckpointWarning
+
+    for step in (1, 2):
+        _save(tmp_path, step)
+    state = tmp_path / "global_step_2" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:20])  # truncated
+    with pytest.warns(CheckpointWarning, match=r"global_step_2 is incomplete or corrupt \(trainer_state.pt has 20 "
+                                               r"bytes.*resuming from \S*global_step_1 instead"):
+        assert find_latest_checkpoint(tmp_path).name == "global_step_1"
+    assert state.is_file()  # nothing deleted
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["global_step_1"]
+
+
+def test_no_intact_checkpoint_is_a_clear_error_not_a_fresh_start(tmp_path):
+    from mtprl.trainer.checkpoint import CheckpointError, resolve_resume
+
+    _save(tmp_path, 1)
+    (tmp_path / "global_step_1" / "actor" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"global_step_1: actor/config.json is missing.*trainer.resume_mode=disable"):
+        resolve_resume(tmp_path, "auto", None)
+    with pytest.raises(CheckpointError, match="trainer.resume_from_path=.*global_step_1 is incomplete"):
+        resolve_resume(tmp_path, "resume_path", str(tmp_path / "global_step_1"))
+    assert (tmp_path / "global_step_1" / "trainer_state.pt").is_file()
+
+
+def test_a_failing_write_leaves_the_previous_checkpoint_and_no_leftover(tmp_path, monkeypatch):
+    import errno
+
+    import mtprl.trainer.checkpoint as ckpt
+
+    _save(tmp_path, 1)
+    real_save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _save(tmp_path, 2)
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_1", LATEST_FILE]
+    assert (tmp_path / LATEST_FILE).read_text() == "1"
+    assert ckpt.checkpoint_problem(tmp_path / "global_step_1") is None
