@@ -68,6 +68,8 @@ class RewardOutput:
     """Rewards of a batch of N samples.
 
     scores: [N] final reward per sample (overlong shaping included); put it on the last token.
+    raw_scores: [N] the scorer's own score, before the overlong shaping (``failure_score`` for a failed
+    sample): verl's ``reward_extra_info["score"]``, which dynamic sampling on ``score`` reads.
     extra: per-sample fields, each a list of N: ``acc``, the scorer's other keys (``pred``),
     ``reward_status`` ("ok" | "error" | "timeout"), ``reward_error`` (text, "" if ok), and with
     overlong logging ``overlong_reward`` / ``overlong``.
@@ -78,6 +80,7 @@ class RewardOutput:
     scores: list[float]
     extra: dict[str, list[Any]]
     metrics: dict[str, float]
+    raw_scores: list[float]
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ class RewardManager:
             "reward/num_timeout": float(sum(s == "timeout" for s in status)),
             "reward/num_pool_restarts": float(self._pool.num_restarts - restarts_before),
         }
-        return RewardOutput(scores, extra_fields, metrics)
+        return RewardOutput(scores, extra_fields, metrics, raw_scores=list(scores))
 
     def __call__(self, inputs: Sequence[RewardInput]) -> RewardOutput:
         return self._score(inputs)

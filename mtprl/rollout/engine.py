@@ -465,9 +465,10 @@ class Engine:
     # ----- metrics --------------------------------------------------------------------------------------------
     def _metrics(self, run: _Run, elapsed: float) -> RolloutMetrics:
         generated = sum(len(c.token_ids) for c in run.results)
-        rates = []
+        rates, reached, accepted = [], [], []
         if run.reached is not None:
-            rates = [a / r if r else 0.0 for a, r in zip(run.accepted.tolist(), run.reached.tolist())]
+            reached, accepted = run.reached.tolist(), run.accepted.tolist()
+            rates = [a / r if r else 0.0 for a, r in zip(accepted, reached)]
         steps = max(run.decode_steps, 1)
         return RolloutMetrics(
             num_sequences=len(run.results), num_prompt_tokens=sum(len(s.prompt) for s in run.seqs),
@@ -476,7 +477,8 @@ class Engine:
             num_draft_forwards=run.counters.mtp_forwards,
             mean_accept_length=(run.tokens_emitted + int(run.emitted)) / max(run.row_steps, 1),
             accept_rate_per_depth=rates,
-            mean_draft_depth=run.depth_sum / steps)
+            mean_draft_depth=run.depth_sum / steps, num_row_steps=run.row_steps,
+            num_drafts_reached=reached, num_drafts_accepted=accepted)
 
 
 class _RowsView:

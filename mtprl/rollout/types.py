@@ -131,6 +131,9 @@ class RolloutMetrics:
     accept_rate_per_depth: [K] for depth j: P(draft j accepted | drafts 1..j-1 accepted), over all rows and
         steps that drafted that deep (`rollout/spec_accept_rate_{j}`); empty without speculation.
     mean_draft_depth: mean drafted depth per decode step (differs from num_steps only in adaptive mode).
+    num_row_steps: live rows summed over decode steps (the weight of mean_accept_length).
+    num_drafts_reached / num_drafts_accepted: [K] per depth j, the row-steps whose drafts 1..j-1 were all
+        accepted, and of those the ones whose draft j was accepted (accept_rate_per_depth = their ratio).
     """
 
     num_sequences: int = 0
@@ -144,6 +147,30 @@ class RolloutMetrics:
     mean_accept_length: float = 1.0
     accept_rate_per_depth: list[float] = field(default_factory=list)
     mean_draft_depth: float = 0.0
+    num_row_steps: int = 0
+    num_drafts_reached: list[int] = field(default_factory=list)
+    num_drafts_accepted: list[int] = field(default_factory=list)
+
+    @classmethod
+    def merge(cls, parts: list[RolloutMetrics]) -> RolloutMetrics:
+        """The metrics of several generate() calls as if they were one: counts and times summed, rates and
+        means re-derived from the summed counts (tokens_per_s = tokens / time, accept_length weighted by
+        row-steps, accept_rate_j = accepted_j / reached_j, draft depth weighted by decode steps)."""
+        if not parts:
+            raise ValueError("RolloutMetrics.merge needs at least one part")
+        total = {k: sum(getattr(p, k) for p in parts) for k in (
+            "num_sequences", "num_prompt_tokens", "num_generated_tokens", "elapsed_s", "num_trunk_forwards",
+            "num_decode_steps", "num_draft_forwards", "num_row_steps")}
+        depth = max(len(p.num_drafts_reached) for p in parts)
+        reached = [sum(p.num_drafts_reached[j] for p in parts if j < len(p.num_drafts_reached)) for j in range(depth)]
+        accepted = [sum(p.num_drafts_accepted[j] for p in parts if j < len(p.num_drafts_accepted)) for j in range(depth)]
+        emitted = sum(p.mean_accept_length * p.num_row_steps for p in parts)
+        depth_sum = sum(p.mean_draft_depth * p.num_decode_steps for p in parts)
+        return cls(**total, tokens_per_s=total["num_generated_tokens"] / max(total["elapsed_s"], 1e-9),
+                   mean_accept_length=emitted / total["num_row_steps"] if total["num_row_steps"] else 1.0,
+                   accept_rate_per_depth=[a / r if r else 0.0 for a, r in zip(accepted, reached)],
+                   mean_draft_depth=depth_sum / max(total["num_decode_steps"], 1),
+                   num_drafts_reached=reached, num_drafts_accepted=accepted)
 
     def as_dict(self, prefix: str = "rollout/") -> dict[str, float]:
         """Flat scalar metrics with the names the trainer logs (spec_accept_rate_{j} is 1-based)."""

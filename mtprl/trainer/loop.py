@@ -4,6 +4,8 @@ generate (n per prompt, speculative with the MTP layers) -> reward -> dynamic sa
 log-probs -> reference log-probs (only with a KL term) -> advantages -> actor update (policy + MTP)
 -> the rollout engine shares the policy module, so the new weights (MTP layers included) are what
 the next generation uses -> validation every ``test_freq`` -> checkpoint every ``save_freq``.
+As verl: ``timing_s/step`` and ``perf/throughput`` cover the whole step, validation and checkpoint
+included; ``val_before_train`` validates at the start of every run, a resumed one too (at its step).
 Set-up (model, engine, data, optimizer, resume) lives in :mod:`mtprl.trainer.setup`.
 """
 
@@ -15,7 +17,7 @@ from contextlib import contextmanager
 
 from mtprl.algorithms import adaptive_kl_coef, apply_kl_in_reward, get_adv_estimator, scores_to_token_rewards
 from mtprl.config.schema import MtprlConfig
-from mtprl.trainer.samples import collect_step_samples, sample_metrics, to_train_batch
+from mtprl.trainer.samples import SeqFinalRewards, collect_step_samples, sample_metrics, to_train_batch
 from mtprl.trainer.setup import DataExhausted, Run, save, setup
 from mtprl.trainer.update import actor_update, compute_logprobs
 from mtprl.trainer.validate import validate
@@ -28,26 +30,59 @@ def timed(metrics: dict, name: str):
     metrics[f"timing_s/{name}"] = metrics.get(f"timing_s/{name}", 0.0) + time.perf_counter() - t0
 
 
-def rl_step(run: Run) -> dict[str, float]:
-    cfg, actor, alg = run.cfg, run.cfg.actor_rollout_ref.actor, run.cfg.algorithm
-    t0 = time.perf_counter()
-    samples, metrics = collect_step_samples(cfg, run.engine, run.reward, run.next_prompts, run.sample_gen,
-                                            run.tokenizer, run.group_ids())
-    batch = to_train_batch(samples, run.tokenizer.pad_token_id).to(run.device)
+def add_logprobs(run: Run, batch, metrics: dict) -> None:
+    """Old log-probs (the rollout's, or recomputed) and, with a KL term, reference log-probs, in place."""
+    cfg = run.cfg
     with timed(metrics, "old_log_prob"):
-        batch.old_logprobs = batch.rollout_logprobs if actor.use_rollout_log_probs else compute_logprobs(run.model, batch, cfg)
+        use_rollout = cfg.actor_rollout_ref.actor.use_rollout_log_probs
+        batch.old_logprobs = batch.rollout_logprobs if use_rollout else compute_logprobs(run.model, batch, cfg)
     if run.ref_model is not None:
         with timed(metrics, "ref"):
             batch.ref_logprobs = compute_logprobs(run.ref_model, batch, cfg, role="ref")
+
+
+def token_rewards(run: Run, batch):
+    """(token rewards [N,T], KL metrics): the score on the last response token, minus β·KL_t on every
+    response token with ``algorithm.use_kl_in_reward`` (needs old and reference log-probs)."""
+    alg = run.cfg.algorithm
+    rewards = scores_to_token_rewards(batch.scores, batch.response_mask)
+    if not alg.use_kl_in_reward:
+        return rewards, {}
+    return apply_kl_in_reward(rewards, batch.old_logprobs, batch.ref_logprobs, batch.response_mask,
+                              run.kl_coef, alg.kl_penalty)
+
+
+def seq_final_rewards(run: Run, metrics: dict) -> SeqFinalRewards | None:
+    """Dynamic sampling on ``seq_final_reward`` with KL in the reward (verl computes old / reference
+    log-probs of each generation batch before filtering): Σ_t token rewards of a generation batch.
+    None otherwise (the value is then the shaped score). The kept batch's log-probs are recomputed."""
+    alg = run.cfg.algorithm
+    if not (alg.use_kl_in_reward and alg.filter_groups.enable and alg.filter_groups.metric == "seq_final_reward"):
+        return None
+
+    def values(samples) -> list[float]:
+        batch = to_train_batch(samples, run.tokenizer.pad_token_id).to(run.device)
+        add_logprobs(run, batch, metrics)
+        return token_rewards(run, batch)[0].sum(dim=-1).tolist()
+
+    return values
+
+
+def rl_step(run: Run) -> dict[str, float]:
+    """One step, generation to actor update; :func:`train` adds validation, checkpoint and the step time."""
+    cfg, actor, alg = run.cfg, run.cfg.actor_rollout_ref.actor, run.cfg.algorithm
+    filter_timing: dict[str, float] = {}
+    samples, metrics = collect_step_samples(cfg, run.engine, run.reward, run.next_prompts, run.sample_gen,
+                                            run.tokenizer, run.group_ids(), seq_final_rewards(run, filter_timing))
+    metrics.update(filter_timing)
+    batch = to_train_batch(samples, run.tokenizer.pad_token_id).to(run.device)
+    add_logprobs(run, batch, metrics)
     with timed(metrics, "adv"):
-        rewards = scores_to_token_rewards(batch.scores, batch.response_mask)  # [N,T] score on the last token
-        if alg.use_kl_in_reward:
-            rewards, kl_metrics = apply_kl_in_reward(rewards, batch.old_logprobs, batch.ref_logprobs,
-                                                     batch.response_mask, run.kl_coef, alg.kl_penalty)
-            metrics.update(kl_metrics)
-            if alg.kl_ctrl.type == "adaptive":
-                run.kl_coef = adaptive_kl_coef(run.kl_coef, kl_metrics["actor/reward_kl_penalty"],
-                                               alg.kl_ctrl.target_kl, alg.kl_ctrl.horizon, len(batch))
+        rewards, kl_metrics = token_rewards(run, batch)  # [N,T]
+        metrics.update(kl_metrics)
+        if alg.use_kl_in_reward and alg.kl_ctrl.type == "adaptive":
+            run.kl_coef = adaptive_kl_coef(run.kl_coef, kl_metrics["actor/reward_kl_penalty"],
+                                           alg.kl_ctrl.target_kl, alg.kl_ctrl.horizon, len(batch))
         batch.advantages, _ = get_adv_estimator(alg.adv_estimator)(
             rewards, batch.response_mask, batch.group_ids, norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma)
     lr = run.scheduler.get_last_lr()[0]  # the lr of this step's optimizer steps (verl logs it before stepping)
@@ -61,10 +96,8 @@ def rl_step(run: Run) -> dict[str, float]:
     adv = batch.advantages[batch.response_mask.bool()]
     metrics.update({"critic/advantages/mean": adv.mean().item(), "critic/advantages/max": adv.max().item(),
                     "critic/advantages/min": adv.min().item(), "actor/lr": lr,
-                    "training/skipped_optimizer_steps": float(skipped), "training/epoch": float(run.loader.epoch)})
-    step_time = time.perf_counter() - t0
-    metrics["timing_s/step"] = step_time
-    metrics["perf/throughput"] = float(batch.attention_mask.sum()) / step_time  # tokens (prompt + response) / s
+                    "training/skipped_optimizer_steps": float(skipped), "training/epoch": float(run.loader.epoch),
+                    "perf/total_num_tokens": float(batch.attention_mask.sum())})  # prompt + response tokens trained on
     return metrics
 
 
@@ -76,10 +109,11 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
     run = setup(cfg, console=console)
     last: dict[str, float] = {}
     try:
-        if run.step == 0 and cfg.trainer.val_before_train and run.val_prompts:
-            last = validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer, run.tracker, 0)
-            run.tracker.log(last, 0)
+        if cfg.trainer.val_before_train and run.val_prompts:  # verl: on resume too, at the resumed step
+            last = validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer, run.tracker, run.step)
+            run.tracker.log(last, run.step)
         while run.step < run.total_steps:
+            t0 = time.perf_counter()
             try:
                 metrics = rl_step(run)
             except DataExhausted:  # dynamic sampling used up the epochs before total_steps
@@ -95,6 +129,8 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
             if run.step == run.total_steps or (cfg.trainer.save_freq > 0 and run.step % cfg.trainer.save_freq == 0):
                 with timed(metrics, "save_checkpoint"):
                     save(run)
+            metrics["timing_s/step"] = time.perf_counter() - t0  # generation to checkpoint, as verl's step timer
+            metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / metrics["timing_s/step"]  # tokens / s
             run.tracker.log(metrics, run.step)
             run.export(metrics)
             last = metrics

@@ -10,14 +10,14 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from mtprl.algorithms import DynamicSamplingAccumulator
 from mtprl.config.schema import MtprlConfig
 from mtprl.reward.registry import RewardInput, RewardManager
-from mtprl.rollout.types import SamplingParams, SpeculativeConfig
+from mtprl.rollout.types import RolloutMetrics, SamplingParams, SpeculativeConfig
 from mtprl.trainer.batching import pad_right
 from mtprl.trainer.policy import eos_token_ids
 from mtprl.trainer.update import TrainBatch
@@ -35,7 +35,8 @@ class Sample:
     group_id: same id = same prompt draw in this step.  prompt: the data-set item (TokenizedPrompt).
     response_ids: generated ids (stop token included when hit).  rollout_logprobs: the trunk's
     log-probs of those ids at the sampling temperature, one per id.  score: final reward (overlong
-    shaping included); acc: correctness; reward_extra: the scorer's other fields (pred, ...).
+    shaping included); raw_score: the scorer's score before the shaping; acc: correctness;
+    reward_extra: the scorer's other fields (pred, ...).
     """
 
     group_id: int
@@ -45,6 +46,7 @@ class Sample:
     status: Status
     response_text: str = ""
     score: float = 0.0
+    raw_score: float = 0.0
     acc: float = 0.0
     reward_extra: dict[str, Any] = field(default_factory=dict)
 
@@ -68,7 +70,7 @@ def speculative_config(cfg: MtprlConfig) -> SpeculativeConfig | None:
 
 
 def generate_samples(engine, prompts: Sequence[Any], params: SamplingParams, spec, generator, tokenizer,
-                     group_ids: Iterator[int]) -> tuple[list[Sample], dict[str, float]]:
+                     group_ids: Iterator[int]) -> tuple[list[Sample], RolloutMetrics]:
     """Generate ``params.n`` responses per prompt; one group id per prompt."""
     out = engine.generate_with_metrics([p.prompt_ids for p in prompts], params, speculative=spec, generator=generator)
     gids = [next(group_ids) for _ in prompts]
@@ -79,7 +81,7 @@ def generate_samples(engine, prompts: Sequence[Any], params: SamplingParams, spe
                response_text=tokenizer.decode(c.token_ids, skip_special_tokens=True))
         for c in out.completions
     ]
-    return samples, out.metrics.as_dict()
+    return samples, out.metrics
 
 
 def score_samples(manager: RewardManager, samples: list[Sample]) -> dict[str, float]:
@@ -89,47 +91,78 @@ def score_samples(manager: RewardManager, samples: list[Sample]) -> dict[str, fl
                           extra_info=dict(s.prompt.record.extra_info or {})) for s in samples]
     out = manager(inputs)
     for i, s in enumerate(samples):
-        s.score = out.scores[i]
+        s.score, s.raw_score = out.scores[i], out.raw_scores[i]
         s.acc = float(out.extra["acc"][i])
         s.reward_extra = {k: v[i] for k, v in out.extra.items() if k != "acc"}
     return out.metrics
 
 
-def _filter_value(s: Sample, metric: str) -> float:
-    return s.acc if metric == "acc" else s.score
+SeqFinalRewards = Callable[[list[Sample]], list[float]]  # samples -> sum of their token rewards after KL-in-reward
+
+
+def filter_metric_values(samples: Sequence[Sample], metric: str,
+                         seq_final_rewards: SeqFinalRewards | None = None) -> list[float]:
+    """The per-sample value dynamic sampling groups on (``algorithm.filter_groups.metric``), as verl's
+    ``RayDAPOTrainer``: ``acc``; ``score`` = the scorer's own score (``reward_extra_info["score"]``,
+    before the overlong shaping); ``seq_reward`` = Σ_t token-level scores = the shaped score (it sits on
+    the last token); ``seq_final_reward`` = Σ_t token-level rewards after the KL-in-reward penalty:
+    ``seq_final_rewards(samples)`` when KL is in the reward, else the shaped score again."""
+    if metric == "acc":
+        return [float(s.acc) for s in samples]
+    if metric == "score":
+        return [s.raw_score for s in samples]
+    if metric == "seq_final_reward" and seq_final_rewards is not None:
+        return list(seq_final_rewards(list(samples)))
+    if metric in ("seq_reward", "seq_final_reward"):
+        return [s.score for s in samples]
+    raise ValueError(f"algorithm.filter_groups.metric={metric!r}: expected acc, score, seq_reward or seq_final_reward")
+
+
+def merge_reward_metrics(parts: Sequence[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """The reward metrics of several scored batches, each (number of samples, metrics), as one batch's:
+    the ``*/mean`` entries averaged over all samples, the others (``reward/num_*`` counts) summed."""
+    total = sum(n for n, _ in parts)
+    out: dict[str, float] = {}
+    for n, metrics in parts:
+        for k, v in metrics.items():
+            out[k] = out.get(k, 0.0) + (v * n / max(total, 1) if k.endswith("/mean") else v)
+    return out
 
 
 def collect_step_samples(cfg: MtprlConfig, engine, manager, next_prompts, generator, tokenizer,
-                         group_ids: Iterator[int]) -> tuple[list[Sample], dict[str, float]]:
+                         group_ids: Iterator[int], seq_final_rewards: SeqFinalRewards | None = None
+                         ) -> tuple[list[Sample], dict[str, float]]:
     """Generate + score batches of ``data.gen_batch_size`` prompts until the step has its samples:
     one batch without dynamic sampling; with it, batches until ``train_batch_size`` groups whose
-    metric varies are kept (``max_num_gen_batches`` bounds the tries)."""
+    metric varies (or that hold one sample) are kept (``max_num_gen_batches`` bounds the tries).
+    The rollout and reward metrics cover every generation batch of the step (summed counts, means
+    over all of them); ``seq_final_rewards``: see :func:`filter_metric_values`."""
     params, spec = sampling_params(cfg, tokenizer), speculative_config(cfg)
     fg = cfg.algorithm.filter_groups
     acc = DynamicSamplingAccumulator(target_num_groups=cfg.data.train_batch_size,
                                      max_num_gen_batches=fg.max_num_gen_batches) if fg.enable else None
-    metrics: dict[str, float] = {}
     timing = {"timing_s/gen": 0.0, "timing_s/reward": 0.0}
-    rollout_rows: list[dict[str, float]] = []
+    rollout: list[RolloutMetrics] = []
+    rewards: list[tuple[int, dict[str, float]]] = []
     while True:
         prompts = next_prompts()  # data.gen_batch_size prompts
         t0 = time.perf_counter()
         samples, r_metrics = generate_samples(engine, prompts, params, spec, generator, tokenizer, group_ids)
         t1 = time.perf_counter()
-        metrics.update(score_samples(manager, samples))
+        rewards.append((len(samples), score_samples(manager, samples)))
         timing["timing_s/gen"] += t1 - t0
         timing["timing_s/reward"] += time.perf_counter() - t1
-        rollout_rows.append(r_metrics)
+        rollout.append(r_metrics)
         if acc is None:
             break
-        acc.add(samples, [_filter_value(s, fg.metric) for s in samples], [s.group_id for s in samples])
+        acc.add(samples, filter_metric_values(samples, fg.metric, seq_final_rewards), [s.group_id for s in samples])
         if acc.done:
             samples = acc.samples()
-            metrics.update(acc.metrics())
             break
-    for key in rollout_rows[0]:
-        metrics[key] = sum(r.get(key, 0.0) for r in rollout_rows) / len(rollout_rows)
-    return samples, {**metrics, **timing}
+    metrics = {**merge_reward_metrics(rewards), **RolloutMetrics.merge(rollout).as_dict(), **timing}
+    if acc is not None:
+        metrics.update(acc.metrics())
+    return samples, metrics
 
 
 def to_train_batch(samples: Sequence[Sample], pad_id: int) -> TrainBatch:

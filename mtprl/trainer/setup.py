@@ -52,11 +52,11 @@ class Run:
     _batches: Iterator | None = field(default=None, repr=False)
 
     def next_prompts(self) -> list:
-        """The next loader batch (``data.gen_batch_size`` prompts), rolling over epochs. Without
-        ``trainer.total_training_steps`` the run is ``trainer.total_epochs`` passes over the data: past
-        them this raises DataExhausted (dynamic sampling may use up the data before total_steps)."""
+        """The next loader batch (``data.gen_batch_size`` prompts), rolling over epochs. The run is at most
+        ``trainer.total_epochs`` passes over the data, ``trainer.total_training_steps`` or not (verl's
+        epoch loop): past them this raises DataExhausted (dynamic sampling may use up the data first)."""
         while True:
-            if self.loader.epoch >= self.cfg.trainer.total_epochs and self.cfg.trainer.total_training_steps is None:
+            if self.loader.epoch >= self.cfg.trainer.total_epochs:
                 raise DataExhausted(f"trainer.total_epochs={self.cfg.trainer.total_epochs} passes over the data done")
             if self._batches is None:
                 self._batches = iter(self.loader)
@@ -181,9 +181,11 @@ def _build_run(cfg: MtprlConfig, device, tokenizer, train_set, val_set, reward, 
         ref_model = copy.deepcopy(model).requires_grad_(False).eval()
     loader = PromptLoader(train_set.prompts, batch_size=cfg.data.gen_batch_size, seed=cfg.data.seed,
                           shuffle=cfg.data.shuffle)
-    total = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * len(loader)
+    epoch_steps = cfg.trainer.total_epochs * len(loader)
+    schedule = cfg.trainer.total_training_steps or epoch_steps  # verl: total_training_steps sets the LR schedule
+    total = min(schedule, epoch_steps)  # and the run stops at whichever of the two bounds comes first
     optimizer = build_optimizer(model, actor.optim)
-    scheduler = build_scheduler(optimizer, actor.optim, total)
+    scheduler = build_scheduler(optimizer, actor.optim, schedule)
     root = Path(cfg.trainer.default_local_dir)
     prom = cfg.actor_rollout_ref.rollout.prometheus
     engine = build_engine(cfg, model)

@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 
 from mtprl.config.schema import MtprlConfig
+from mtprl.rollout.types import RolloutMetrics
 from mtprl.trainer.samples import counter, generate_samples, sampling_params, score_samples, speculative_config
 
 
@@ -20,15 +21,14 @@ def validate(cfg: MtprlConfig, engine, manager, val_prompts, tokenizer, tracker,
     params, spec = sampling_params(cfg, tokenizer, validation=True), speculative_config(cfg)
     generator = torch.Generator().manual_seed(cfg.trainer.seed + 7919)
     size = cfg.data.val_batch_size or len(val_prompts)
-    samples, rollout = [], defaultdict(list)
+    samples, rollout = [], []
     gids = counter(0)
     for start in range(0, len(val_prompts), size):
         batch, r_metrics = generate_samples(engine, [val_prompts[i] for i in range(start, min(start + size, len(val_prompts)))],
                                             params, spec, generator, tokenizer, gids)
         score_samples(manager, batch)
         samples += batch
-        for k, v in r_metrics.items():
-            rollout[k].append(v)
+        rollout.append(r_metrics)
     by_source: dict[str, list] = defaultdict(list)
     for s in samples:
         by_source[s.prompt.record.data_source].append(s)
@@ -38,7 +38,7 @@ def validate(cfg: MtprlConfig, engine, manager, val_prompts, tokenizer, tracker,
         metrics[f"val-core/{source}/acc/mean@{n}"] = sum(s.acc for s in group) / len(group)
         metrics[f"val-aux/{source}/score/mean@{n}"] = sum(s.score for s in group) / len(group)
     metrics["val/response_length/mean"] = sum(len(s.response_ids) for s in samples) / len(samples)
-    metrics.update({f"val/{k}": sum(v) / len(v) for k, v in rollout.items()})
+    metrics.update(RolloutMetrics.merge(rollout).as_dict(prefix="val/rollout/"))  # counts summed over the batches
     for s in samples[: cfg.trainer.log_val_generations]:
         prompt = s.prompt.record.messages[-1]["content"]
         tracker.log_text("val/generations", f"[prompt] {prompt!r} [response] {s.response_text!r} "

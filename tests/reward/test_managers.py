@@ -44,6 +44,7 @@ def test_dapo_overlong_shaping_and_log():
     with build_reward_manager("dapo", max_resp_len=20, overlong_buffer_cfg=cfg) as rm:
         out = rm([inp("Answer: 56", length=10), inp("Answer: 56", length=18), inp("Answer: 1", length=20)])
     assert out.scores == pytest.approx([1.0, 0.5, -2.0])
+    assert out.raw_scores == [1.0, 1.0, -1.0]  # the scorer's own, before the shaping (verl's extra "score")
     assert out.extra["overlong_reward"] == pytest.approx([0.0, -0.5, -1.0])
     assert out.extra["overlong"] == [False, True, True]
     assert out.extra["acc"] == [True, True, False]  # acc is the scorer's, before shaping

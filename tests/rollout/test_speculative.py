@@ -175,3 +175,22 @@ def test_prompts_shorter_than_the_mtp_depth(draftable_model, spec):
             logits = model(torch.tensor([prompt + c.token_ids]), compute_mtp=False).logits[0, len(prompt) - 1:-1]
         want = temperature_logprobs(logits, 1.0).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(c.trunk_logprobs), want, atol=1e-5, rtol=0)
+
+
+def test_metrics_of_two_calls_merge_like_one_call(draftable_model):
+    # greedy drafts and acceptance of a row do not depend on its batch-mates: the per-row counts of two calls
+    # (prompts split in two) add up to those of one call over all prompts, and so do the derived rates
+    from mtprl.rollout.types import RolloutMetrics
+
+    eng = Engine(draftable_model(num_mtp_layers=2, seed=2, noise=1.0), max_num_seqs=8, max_seq_len=64)
+    params, spec = SamplingParams(temperature=0.0, max_new_tokens=12), SpeculativeConfig(num_steps=2)
+    whole = eng.generate_with_metrics(PROMPTS, params, speculative=spec).metrics
+    parts = [eng.generate_with_metrics(p, params, speculative=spec).metrics for p in (PROMPTS[:2], PROMPTS[2:])]
+    merged = RolloutMetrics.merge(parts)
+    assert whole.accept_rate_per_depth == [a / r for a, r in zip(whole.num_drafts_accepted, whole.num_drafts_reached)]
+    assert merged.num_drafts_reached == whole.num_drafts_reached and merged.num_row_steps == whole.num_row_steps
+    assert merged.num_sequences == 6 and merged.num_generated_tokens == whole.num_generated_tokens
+    assert merged.mean_accept_length == pytest.approx(whole.mean_accept_length)
+    assert merged.accept_rate_per_depth == pytest.approx(whole.accept_rate_per_depth)
+    assert merged.num_decode_steps == parts[0].num_decode_steps + parts[1].num_decode_steps
+    assert RolloutMetrics.merge([whole]).as_dict() == pytest.approx(whole.as_dict())

@@ -77,7 +77,7 @@ def test_three_dapo_steps_with_mtp_then_resume_exactly(tiny_world, tmp_path, par
     train(_cfg(tiny_world, part, *extra[1:], "trainer.total_training_steps=2", reward_file=parity_reward))
     train(_cfg(tiny_world, part, *extra[1:], "trainer.total_training_steps=3", reward_file=parity_reward))
     resumed = _rows(part)
-    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    assert [r["step"] for r in resumed] == [0, 1, 2, 2, 3]  # val_before_train validates the resumed run at step 2
     assert _comparable(resumed[-1]) == pytest.approx(_comparable(rows[-1]), rel=1e-5, abs=1e-6)
 
 
@@ -266,3 +266,111 @@ def test_run_close_closes_everything_even_when_one_close_fails(tiny_world, tmp_p
         run.close()
     real_tracker_close()
     assert closed == ["reward", "exporter"]
+
+
+def _fast_update(model, optimizer, batch, cfg, generator):
+    return {"actor/pg_loss": 0.0}, 0
+
+
+def test_step_time_and_throughput_include_validation_and_checkpoint(tiny_world, tmp_path, monkeypatch):
+    # verl's "step" timer wraps generation ... testing ... save_checkpoint; throughput = tokens / that time
+    import time
+
+    import mtprl.trainer.loop as loop
+
+    real_validate, real_save = loop.validate, loop.save
+
+    def slow_validate(*args, **kwargs):
+        time.sleep(0.3)
+        return real_validate(*args, **kwargs)
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.3)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "actor_update", _fast_update)
+    monkeypatch.setattr(loop, "validate", slow_validate)
+    monkeypatch.setattr(loop, "save", slow_save)
+    out = tmp_path / "timing"
+    train(_cfg(tiny_world, out, "trainer.total_training_steps=1", "trainer.val_before_train=False", "trainer.test_freq=1"))
+    row = _rows(out)[-1]
+    assert row["timing_s/testing"] >= 0.3 and row["timing_s/save_checkpoint"] >= 0.3
+    assert row["timing_s/step"] >= row["timing_s/gen"] + row["timing_s/testing"] + row["timing_s/save_checkpoint"]
+    assert row["perf/total_num_tokens"] > 0
+    assert row["perf/throughput"] == pytest.approx(row["perf/total_num_tokens"] / row["timing_s/step"])
+
+
+def test_validation_before_train_also_runs_on_resume(tiny_world, tmp_path, monkeypatch):
+    # verl validates whenever val_before_train is set, a resumed run too, logged at the resumed global step
+    import mtprl.trainer.loop as loop
+
+    monkeypatch.setattr(loop, "actor_update", _fast_update)
+    out = tmp_path / "resume_val"
+    common = ["trainer.test_freq=-1", "data.val_batch_size=16"]
+    train(_cfg(tiny_world, out, "trainer.total_training_steps=1", "trainer.val_before_train=False", *common))
+    train(_cfg(tiny_world, out, "trainer.total_training_steps=2", *common))
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 1, 2]
+    assert any(k.startswith("val-core/") for k in rows[1]) and "actor/pg_loss" not in rows[1]
+
+
+def test_total_epochs_bound_the_run_when_total_training_steps_is_larger(tiny_world, tmp_path, monkeypatch):
+    # 64 prompts, 16 per step -> one epoch is 4 steps; total_training_steps=6 is not reached
+    import mtprl.trainer.loop as loop
+
+    monkeypatch.setattr(loop, "actor_update", _fast_update)
+    out = tmp_path / "epochs_first"
+    train(_cfg(tiny_world, out, "trainer.total_epochs=1", "trainer.total_training_steps=6", "data.train_batch_size=16",
+               "actor_rollout_ref.actor.ppo_mini_batch_size=16", "actor_rollout_ref.rollout.n=1",
+               "trainer.val_before_train=False", "trainer.test_freq=-1", "trainer.save_freq=-1"))
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "4"
+
+
+def test_epochs_bound_dynamic_sampling_with_total_training_steps_and_lr_schedule_keeps_its_length(tiny_world, tmp_path):
+    from mtprl.trainer.setup import DataExhausted, setup
+
+    cfg = _cfg(tiny_world, tmp_path / "s", "trainer.resume_mode=disable", "trainer.total_epochs=1",
+               "trainer.total_training_steps=8", "algorithm.filter_groups.enable=True", "data.gen_batch_size=16",
+               "actor_rollout_ref.actor.optim.warmup_style=cosine")
+    run = setup(cfg)
+    try:
+        assert run.total_steps == 4  # min(total_training_steps, total_epochs x 4 batches)
+        for _ in range(4):
+            assert len(run.next_prompts()) == 16
+        with pytest.raises(DataExhausted, match="total_epochs=1"):
+            run.next_prompts()
+        for _ in range(4):
+            run.optimizer.step()
+            run.scheduler.step()
+        # verl: total_training_steps sets the schedule length: cosine at 4 / 8 -> half the lr
+        assert run.scheduler.get_last_lr()[0] == pytest.approx(0.5e-3)
+    finally:
+        run.close()
+
+
+def test_seq_final_reward_filter_includes_the_kl_in_reward_penalty(tiny_world, tmp_path, monkeypatch):
+    # verl: seq_final_reward = Σ_t token_level_rewards, after the KL-in-reward penalty (computed per generation
+    # batch before filtering). old logprobs 0, ref -0.5 -> k1 KL 0.5 per response token; β = 0.1
+    import mtprl.trainer.loop as loop
+    from mtprl.trainer.samples import Sample, Status, filter_metric_values
+    from mtprl.trainer.setup import setup
+
+    monkeypatch.setattr(loop, "compute_logprobs",
+                        lambda model, batch, cfg, role="actor": torch.zeros(batch.input_ids.shape) - 0.5 * (role == "ref"))
+    cfg = _cfg(tiny_world, tmp_path / "k", "trainer.resume_mode=disable", "algorithm.use_kl_in_reward=True",
+               "algorithm.kl_ctrl.kl_coef=0.1", "algorithm.filter_groups.enable=True",
+               "algorithm.filter_groups.metric=seq_final_reward")
+    run = setup(cfg)
+    try:
+        timing = {}
+        values = loop.seq_final_rewards(run, timing)
+        prompt = run.val_prompts[0]
+        group = [Sample(group_id=0, prompt=prompt, response_ids=[5] * n, rollout_logprobs=[0.0] * n,
+                        status=Status.TRUNCATED, score=1.0, raw_score=1.0) for n in (2, 6)]
+        assert values(group) == pytest.approx([1.0 - 0.1 * 0.5 * 2, 1.0 - 0.1 * 0.5 * 6])
+        assert filter_metric_values(group, "seq_reward", values) == [1.0, 1.0]  # the same shaped score: dropped
+        assert filter_metric_values(group, "seq_final_reward", values) == pytest.approx([0.9, 0.7])  # kept
+        assert "timing_s/ref" in timing and "timing_s/old_log_prob" in timing
+    finally:
+        run.close()
