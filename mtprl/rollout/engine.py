@@ -10,7 +10,8 @@ compacted to a prefix, and waiting sequences admitted FIFO while rows and the KV
 (kv_cache.py). Speculative steps are in speculative.py; the reference path to test against is decode.py.
 
 Where we differ from vLLM/SGLang: no paging and no chunked prefill mixed into decode steps (prefills are their
-own forwards); a prompt is prefilled in one piece (it must fit max_seq_len).
+own forwards); a prompt is prefilled in one piece (it must fit max_seq_len). The static cache reserves
+max_seq_len slots per row, so a memory bound (kv_cache_bytes) buys rows, not tokens: rows = what fits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtprl.rollout.kv_cache import DecodeRows, KVBudget, compaction_moves, move_rows, rows_view
+from mtprl.rollout.kv_cache import (DecodeRows, KVBudget, KVCachePlan, compaction_moves, move_rows, plan_cache,
+                                    rows_view)
 from mtprl.rollout.sampling import processed_logprobs, sample_from_probs, temperature_logprobs
 from mtprl.rollout.speculative import (AdaptiveDepth, SpecRows, StepCounters, commit_mtp, draft_tree,
                                        verify_and_accept)
@@ -37,6 +39,14 @@ class _Seq:
     sample_index: int
     prompt: list[int]
     limit: int  # max total length (prompt + generated)
+
+
+def cache_slots(max_seq_len: int, spec: SpeculativeConfig | None) -> int:
+    """Slots per cache row: max_seq_len + 2, and when speculating the draft tree's nodes + 1 more (verification
+    writes the tree's nodes at slots past a row's length)."""
+    if spec is None:
+        return max_seq_len + 2
+    return max_seq_len + 3 + build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens).num_nodes
 
 
 def _weights_signature(params: list[torch.Tensor]) -> tuple:
@@ -59,6 +69,7 @@ class _Run:
     spec_rows: SpecRows | None
     budget: KVBudget
     stop_ids: torch.Tensor
+    num_rows: int  # R, cache rows (<= max_num_seqs)
     done: torch.Tensor  # [R] bool, valid for live rows
     live: int = 0
     results: list = field(default_factory=list)
@@ -78,8 +89,11 @@ class _Run:
 class Engine:
     """Generation engine bound to one model.
 
-    max_num_seqs: cache rows = maximum live sequences per step.
+    max_num_seqs: cache rows = maximum live sequences per step (fewer when kv_cache_bytes allows fewer).
     max_seq_len: longest prompt + completion (the cache holds max_seq_len plus a few speculative slots).
+    kv_cache_bytes: bound on the trunk (+ MTP) KV cache: rows = min(max_num_seqs, what fits; see cache_plan);
+        None = max_num_seqs rows. Fewer rows lower the concurrency, never the results (waiting sequences are
+        admitted as rows free up); a ValueError when not even one row of max_seq_len fits.
     kv_token_budget: sum over live sequences of (prompt_len + max_new_tokens, capped at max_seq_len);
         default max_num_seqs * max_seq_len (no extra limit).
     max_num_batched_tokens: padded prompt tokens per prefill forward (a longer single prompt still runs alone).
@@ -94,16 +108,19 @@ class Engine:
     def __init__(self, model: torch.nn.Module, *, max_num_seqs: int = 64, max_seq_len: int = 2048,
                  kv_token_budget: int | None = None, max_num_batched_tokens: int = 8192,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 packed: bool = True) -> None:
+                 packed: bool = True, kv_cache_bytes: int | None = None) -> None:
         if max_num_seqs < 1 or max_seq_len < 2 or max_num_batched_tokens < 1:
             raise ValueError(f"need max_num_seqs >= 1, max_seq_len >= 2, max_num_batched_tokens >= 1; got "
                              f"{max_num_seqs}, {max_seq_len}, {max_num_batched_tokens}")
+        if kv_cache_bytes is not None and kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be > 0 (or None for no bound), got {kv_cache_bytes}")
         ref = next(model.parameters())
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.max_seq_len = max_seq_len
         self.kv_token_budget = kv_token_budget or max_num_seqs * max_seq_len
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.kv_cache_bytes = kv_cache_bytes
         self.dtype = dtype or ref.dtype
         self.device = torch.device(device) if device is not None else ref.device
         self._trunk_cache = None
@@ -140,7 +157,15 @@ class Engine:
                     self._retire(run)
         return GenerateOutput(completions=run.results, metrics=self._metrics(run, time.perf_counter() - start))
 
+    def cache_plan(self, speculative: SpeculativeConfig | None = None) -> KVCachePlan:
+        """The cache a generate call with this speculative setting allocates (computed, nothing allocated)."""
+        return self._plan(cache_slots(self.max_seq_len, speculative), speculative is not None)
+
     # ----- setup ----------------------------------------------------------------------------------------------
+    def _plan(self, num_slots: int, with_mtp: bool) -> KVCachePlan:
+        return plan_cache(self.model.config, max_num_seqs=self.max_num_seqs, num_slots=num_slots, dtype=self.dtype,
+                          with_mtp=with_mtp, limit_bytes=self.kv_cache_bytes)
+
     def _packed_model(self):
         from mtprl.model.packed import PackedModel
 
@@ -174,14 +199,13 @@ class Engine:
         if spec is not None and self.model.config.num_mtp_layers == 0:
             raise ValueError("speculative decoding needs MTP layers; this model has num_mtp_layers=0")
         tree = None if spec is None else build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
-        extra = 2 + (0 if tree is None else tree.num_nodes + 1)
-        self._ensure_caches(self.max_seq_len + extra, with_mtp=spec is not None)
-        num_slots = self._trunk_cache.max_seq_len
-        rows = DecodeRows.empty(self.max_num_seqs, num_slots, self.device)
+        self._ensure_caches(cache_slots(self.max_seq_len, spec), with_mtp=spec is not None)
+        num_rows, num_slots = self._trunk_cache.num_rows, self._trunk_cache.max_seq_len
+        rows = DecodeRows.empty(num_rows, num_slots, self.device)
         spec_rows = None
         if spec is not None:  # reused across calls: every field is written at admission or commit before a read
             cfg = self.model.config
-            shape = (self.max_num_seqs, cfg.vocab_size, cfg.num_mtp_layers, cfg.hidden_size,
+            shape = (num_rows, cfg.vocab_size, cfg.num_mtp_layers, cfg.hidden_size,
                      HIST_LEN if spec.adaptive else 1, self.dtype, self.device)
             if self._spec_rows is None or self._spec_rows[0] != shape:
                 self._spec_rows = (shape, SpecRows.empty(*shape))
@@ -189,7 +213,7 @@ class Engine:
         run = _Run(params=params, spec=spec, generator=generator, seqs=seqs, waiting=deque(range(len(seqs))),
                    rows=rows, spec_rows=spec_rows, budget=KVBudget(self.kv_token_budget),
                    stop_ids=torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device),
-                   done=torch.zeros(self.max_num_seqs, dtype=torch.bool, device=self.device),
+                   num_rows=num_rows, done=torch.zeros(num_rows, dtype=torch.bool, device=self.device),
                    results=[None] * len(seqs))
         if tree is not None:
             key = (spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
@@ -215,14 +239,16 @@ class Engine:
         return state
 
     def _ensure_caches(self, num_slots: int, with_mtp: bool) -> None:
-        """Allocate (once, or grow) the trunk cache and, when speculating, the MTP cache."""
+        """Allocate (once, or re-allocate for more slots or the MTP layers' share of the bound) the trunk cache
+        and, when speculating, the MTP cache, with the rows the plan gives (kept once there is an MTP cache)."""
         cache = self._trunk_cache
-        if cache is None or cache.max_seq_len < num_slots:
-            self._trunk_cache = self.model.new_kv_cache(self.max_num_seqs, num_slots, self.dtype, self.device)
-            self._mtp_cache = None
-        num_slots = self._trunk_cache.max_seq_len
+        with_mtp = with_mtp or self._mtp_cache is not None
+        plan = self._plan(max(num_slots, 0 if cache is None else cache.max_seq_len), with_mtp)
+        if cache is None or cache.max_seq_len < plan.slots or cache.num_rows != plan.rows:
+            self._trunk_cache = self._mtp_cache = cache = None  # (freed before the new ones are allocated)
+            self._trunk_cache = self.model.new_kv_cache(plan.rows, plan.slots, self.dtype, self.device)
         if with_mtp and self._mtp_cache is None:
-            self._mtp_cache = self.model.new_mtp_kv_cache(self.max_num_seqs, num_slots, self.dtype, self.device)
+            self._mtp_cache = self.model.new_mtp_kv_cache(plan.rows, plan.slots, self.dtype, self.device)
 
     # ----- sampling -------------------------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, run: _Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,7 +277,7 @@ class Engine:
         taken: list[int] = []
         prompts: list[int] = []
         max_len = 0
-        while run.waiting and run.live + len(taken) < self.max_num_seqs:
+        while run.waiting and run.live + len(taken) < run.num_rows:
             seq = run.seqs[run.waiting[0]]
             new_prompt = not prompts or prompts[-1] != seq.prompt_index
             width = max(max_len, len(seq.prompt))

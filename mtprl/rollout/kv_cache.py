@@ -14,7 +14,11 @@ KV-token budget: a sequence reserves prompt_len + max_new_tokens (capped by max_
 admission until it finishes; admission is FIFO and stops at the first sequence that does not fit (no
 overtaking: the order of results and of random draws is a deterministic function of the inputs). With a
 static cache the budget bounds the live working set (attention reads, memory on a paged back-end); the
-physical cache is max_num_seqs x (max_seq_len + speculative slack) slots either way.
+physical cache is R x (max_seq_len + speculative slack) slots either way.
+Memory plan (`plan_cache`): R = max_num_seqs, or fewer when a byte bound is given (on CUDA a share of the free
+memory, on the CPU a configured size): R = floor(bound / (slots x bytes per slot)), bytes per slot = 2 (K, V)
+x layers (trunk + MTP when speculating) x Hkv x Dh x dtype size. Fewer rows only lower the concurrency:
+waiting sequences are admitted as rows free up.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from mtprl.model import KVCache
+from mtprl.model import KVCache, ModelConfig
+
+GiB = 2 ** 30
 
 
 def rows_view(cache: KVCache, start: int, end: int) -> KVCache:
@@ -122,3 +128,60 @@ def compaction_moves(finished: list[bool]) -> tuple[list[int], list[int], int]:
     movers = [r for r in range(new_b, b) if not finished[r]]
     assert len(holes) == len(movers)
     return movers, holes, new_b
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    """The static KV cache an engine allocates.
+
+    rows: cache rows = sequences decoded at once (<= max_num_seqs; fewer when the bound allows fewer).
+    slots: slots per row (max_seq_len + speculative slack).
+    bytes_per_slot: K and V of one slot over every cached layer (trunk, plus MTP when speculating).
+    limit_bytes: the bound the cache had to fit (None = none: max_num_seqs rows).
+    """
+
+    rows: int
+    slots: int
+    bytes_per_slot: int
+    limit_bytes: int | None
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.slots
+
+    @property
+    def bytes(self) -> int:
+        return self.tokens * self.bytes_per_slot
+
+    def describe(self) -> str:
+        """One line: rows, tokens, size (and the bound)."""
+        bound = "" if self.limit_bytes is None else f" of {_size(self.limit_bytes)} allowed"
+        return f"KV cache: {self.rows} rows x {self.slots} slots = {self.tokens} tokens, {_size(self.bytes)}{bound}"
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes} B"
+
+
+def kv_bytes_per_slot(config: ModelConfig, dtype: torch.dtype, with_mtp: bool) -> int:
+    """2 (K, V) x cached layers x Hkv x Dh x bytes per element."""
+    layers = config.num_hidden_layers + (config.num_mtp_layers if with_mtp else 0)
+    return 2 * layers * config.num_key_value_heads * config.resolved_head_dim * dtype.itemsize
+
+
+def plan_cache(config: ModelConfig, *, max_num_seqs: int, num_slots: int, dtype: torch.dtype, with_mtp: bool,
+               limit_bytes: int | None, limit_name: str = "kv_cache_bytes") -> KVCachePlan:
+    """rows = min(max_num_seqs, floor(limit_bytes / (num_slots x bytes per slot))); a ValueError naming
+    limit_name when not even one row of num_slots slots fits."""
+    per_slot = kv_bytes_per_slot(config, dtype, with_mtp)
+    rows = max_num_seqs
+    if limit_bytes is not None:
+        rows = min(max_num_seqs, limit_bytes // (num_slots * per_slot))
+        if rows < 1:
+            raise ValueError(
+                f"{limit_name}: one KV cache row of {num_slots} slots ({num_slots * per_slot / GiB:.3f} GiB) does not "
+                f"fit the {limit_bytes / GiB:.3f} GiB allowed; allow more memory or lower max_seq_len")
+    return KVCachePlan(rows=rows, slots=num_slots, bytes_per_slot=per_slot, limit_bytes=limit_bytes)

@@ -139,3 +139,32 @@ def test_bad_inputs(model):
         eng.generate([[1]], {"temperature": 1.0})
     with pytest.raises(ValueError):
         Engine(model, max_num_seqs=0)
+
+
+def test_kv_cache_bytes_bounds_the_rows_not_the_results(draftable_model):
+    """kv_cache_bytes for 3 plain rows of max_num_seqs 8: K+V per slot = 2 x 2 layers x 2 heads x 8 x 4 bytes = 256 B
+    (2 x (2 + 2 MTP) layers x 2 x 8 x 4 = 512 B when speculating), 32 + 2 slots a plain row, 32 + 3 + 3 a chain-of-2
+    row. All
+    5 prompts x 2 samples come out as with an unbounded engine; a speculative call re-plans to the 1 row that
+    fits with the MTP cache, and keeps it for later plain calls."""
+    from mtprl.rollout import SpeculativeConfig
+
+    model = draftable_model(num_mtp_layers=2, vocab=32)
+    bound = 3 * 34 * 256 + 100
+    eng = Engine(model, max_num_seqs=8, max_seq_len=32, kv_cache_bytes=bound)
+    spec = SpeculativeConfig(num_steps=2)
+    plain_plan, spec_plan = eng.cache_plan(), eng.cache_plan(spec)
+    assert (plain_plan.rows, plain_plan.slots, plain_plan.bytes_per_slot) == (3, 34, 256)
+    assert (spec_plan.rows, spec_plan.slots, spec_plan.bytes_per_slot) == (1, 38, 512)  # 26212 // 19456
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, n=2)
+    want = Engine(model, max_num_seqs=8, max_seq_len=32).generate(PROMPTS, params)
+    got = eng.generate_with_metrics(PROMPTS, params)
+    assert eng._trunk_cache.num_rows == 3 and got.metrics.num_sequences == 10
+    assert _same_tokens(got.completions, want)
+    assert _same_tokens(eng.generate(PROMPTS, params, speculative=spec), want)
+    assert eng._trunk_cache.num_rows == eng._mtp_cache.num_rows == 1
+    assert _same_tokens(eng.generate(PROMPTS, params), want) and eng._trunk_cache.num_rows == 1
+    with pytest.raises(ValueError, match=r"kv_cache_bytes: one KV cache row of 34 slots"):
+        Engine(model, max_num_seqs=8, max_seq_len=32, kv_cache_bytes=34 * 256 - 1).generate(PROMPTS, params)
+    with pytest.raises(ValueError, match="kv_cache_bytes must be > 0"):
+        Engine(model, kv_cache_bytes=0)
