@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(e).splitlines():
             print(f"config error: {line}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError, WorkerFailed) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError, ImportError, WorkerFailed) as e:
         if os.environ.get("MTPRL_TRACEBACK"):
             raise
         print(f"error: {e} (MTPRL_TRACEBACK=1 shows the traceback)", file=sys.stderr)

@@ -263,7 +263,9 @@ class CustomRewardFunctionConfig:
 class TrainerConfig:
     project_name: str = "mtprl"
     experiment_name: str = "default"
-    logger: List[str] = field(default_factory=lambda: ["console"])  # console | jsonl | tensorboard
+    # console | jsonl | tensorboard | wandb | mlflow (the last two: pip install 'mtprl[wandb]' / 'mtprl[mlflow]')
+    logger: List[str] = field(default_factory=lambda: ["console"])
+    wandb_tags: List[str] = field(default_factory=list)  # ours (verl forks' name): wandb tags, mlflow run tags
     log_val_generations: int = 0
     nnodes: int = 1
     n_gpus_per_node: int = 1  # processes per node (CPU: 1)

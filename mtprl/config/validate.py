@@ -9,6 +9,7 @@ and what to do instead.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from typing import Iterable
 
 from mtprl.config.loader import ConfigError
@@ -18,7 +19,7 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "se
 ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus")
 KL_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 TRUNCATIONS = ("error", "left", "right", "middle")
-LOGGERS = ("console", "jsonl", "tensorboard")
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb", "mlflow")
 REWARD_MANAGERS = ("naive", "dapo")
 MTP_LOSS_TYPES = ("ce", "kl", "tv")
 MTP_DRAFT_ALGORITHMS = ("EAGLE", "MTP", "NEXTN")
@@ -305,8 +306,10 @@ def _check_reward_and_data(errors: list[str], cfg: MtprlConfig) -> None:
 def _check_trainer(errors: list[str], cfg: MtprlConfig) -> None:
     tr = cfg.trainer
     for name in tr.logger:
-        why = " (no network: wandb/mlflow/swanlab are not available)" if name in ("wandb", "mlflow", "swanlab") else ""
-        _choice(errors, "trainer.logger", name, LOGGERS, why=why)
+        _choice(errors, "trainer.logger", name, LOGGERS)
+        if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
+            errors.append(f"trainer.logger includes '{name}' but the {name} package is not installed: "
+                          f"pip install 'mtprl[{name}]'")
     _choice(errors, "trainer.device", tr.device, DEVICES)
     _choice(errors, "actor_rollout_ref.model.dtype", cfg.actor_rollout_ref.model.dtype, DTYPES)
     _choice(errors, "trainer.resume_mode", tr.resume_mode, ("auto", "disable", "resume_path"))

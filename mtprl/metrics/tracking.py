@@ -1,4 +1,5 @@
-"""Metric trackers chosen by ``trainer.logger``: console (progress bar + compact line), JSONL, TensorBoard.
+"""Metric trackers chosen by ``trainer.logger``: console (progress bar + compact line), JSONL, TensorBoard,
+and wandb / mlflow (optional extras ``mtprl[wandb]``, ``mtprl[mlflow]``; see ``mtprl.metrics.remote``).
 
 Only rank 0 writes anything; other ranks get a tracker whose calls do nothing, so the training code
 calls ``tracker.log`` unconditionally on every rank.
@@ -11,10 +12,12 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mtprl.metrics.remote import REMOTE_LOGGERS, RunInfo, remote_backend
 
 # Keys shown on the console line, in this order, with short labels; everything else goes to files.
 CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
@@ -141,7 +144,9 @@ class TensorBoardBackend:
 
 
 class Tracker:
-    """Fans metrics out to the backends named in ``trainer.logger``; a no-op on ranks other than 0."""
+    """Fans metrics out to the backends named in ``trainer.logger``; a no-op on ranks other than 0.
+    ``config`` (the resolved MtprlConfig) names the wandb / mlflow run (trainer.project_name, experiment_name,
+    wandb_tags) and is stored with it; without it the run is mtprl/default with no config."""
 
     def __init__(
         self,
@@ -152,6 +157,7 @@ class Tracker:
         rank: int | None = None,
         console: Console | None = None,
         description: str = "train",
+        config: Any = None,
     ):
         self.rank = current_rank() if rank is None else rank
         self.run_dir = Path(run_dir)
@@ -166,8 +172,12 @@ class Tracker:
                     self.backends[name] = JsonlBackend(self.run_dir / "metrics.jsonl")
                 elif name == "tensorboard":
                     self.backends[name] = TensorBoardBackend(self.run_dir / "tensorboard")
+                elif name in REMOTE_LOGGERS:
+                    info = RunInfo() if config is None else RunInfo.from_config(config)
+                    self.backends[name] = remote_backend(name, self.run_dir, info)
                 else:
-                    raise ValueError(f"unknown logger '{name}'; choose from console, jsonl, tensorboard")
+                    raise ValueError(f"unknown logger '{name}'; choose from console, jsonl, tensorboard, "
+                                     f"{', '.join(REMOTE_LOGGERS)}")
         except BaseException:
             self.close()  # the backends made so far: a started progress bar, open files
             raise

@@ -191,7 +191,8 @@ def _build_run(cfg: MtprlConfig, device, tokenizer, train_set, val_set, reward, 
     engine = build_engine(cfg, model)
     exporter = PrometheusExporter(prom.port, prom.host) if prom.enable else None  # before the tracker's live bar
     try:
-        tracker = Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="rl")
+        tracker = Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="rl",
+                          config=cfg)
     except BaseException:
         if exporter is not None:  # its server thread holds the port
             exporter.close()

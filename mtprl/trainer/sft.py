@@ -94,7 +94,8 @@ def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
     kwargs = dict(pad_id=tokenizer.pad_token_id, train_trunk=train_trunk, train_mtp=train_mtp, cfg=cfg)
     micro = cfg.sft.micro_batch_size_per_gpu
     last_saved = None
-    with Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="sft") as tracker:
+    with Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="sft",
+                 config=cfg) as tracker:
         batches = iter(loader)
         while step < total:
             batch = next(batches, None)

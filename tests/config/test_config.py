@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 
 from mtprl.config import ConfigError, closest_key, from_dict, load_config, parse_override, preset_path, to_dict
@@ -100,7 +102,8 @@ def test_list_key_accepts_a_single_name():
         (["actor_rollout_ref.model.mtp.enable_rollout=True"], "need actor_rollout_ref.model.mtp.enable=True"),
         (["actor_rollout_ref.actor.loss_agg_mode=seq-mean-tok-mean"], "did you mean 'seq-mean-token-mean'"),
         (["algorithm.adv_estimator=gpro"], "did you mean 'grpo'"),
-        (["trainer.logger=[console,wandb]"], "no network"),
+        (["trainer.logger=[console,swanlab]"],
+         "trainer.logger='swanlab' is not one of console, jsonl, tensorboard, wandb, mlflow"),
         (["trainer.nnodes=2", "data.train_batch_size=3"], "must be a multiple of the 2 ranks"),
         (["trainer.collective_timeout_s=0"], "collective_timeout_s=0.0 must be > 0"),
         (["actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"], "parallelism needs a back-end"),
@@ -178,3 +181,12 @@ def test_schema_has_the_mtp_block_of_the_spec():
     mtp = cfg.actor_rollout_ref.model.mtp
     assert (mtp.mtp_loss_scaling_factor, mtp.speculative_num_steps, mtp.speculative_eagle_topk,
             mtp.speculative_num_draft_tokens) == (0.1, 2, 2, 4)
+
+
+@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+def test_remote_logger_needs_its_package_and_names_the_extra(name, monkeypatch):
+    assert load_config(None, [f"trainer.logger=[console,{name}]"]).trainer.logger == ["console", name]  # installed
+    monkeypatch.setitem(sys.modules, name, None)  # as if not installed: find_spec -> None, import -> ImportError
+    with pytest.raises(ConfigError, match=rf"trainer.logger includes '{name}' but the {name} package is not "
+                                          rf"installed: pip install 'mtprl\[{name}\]'"):
+        load_config(None, [f"trainer.logger=[console,{name}]"])

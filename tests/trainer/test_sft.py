@@ -101,3 +101,21 @@ def test_sft_rejects_a_truncation_mode_it_lacks_before_loading_anything(tiny_wor
     monkeypatch.setattr(sft, "load_policy", lambda *a, **kw: pytest.fail("the model was loaded first"))
     with pytest.raises(ConfigError, match=r"data.truncation='middle'.*left, right or error"):
         run_sft(_cfg(tiny_world, tmp_path, "data.truncation=middle"))
+
+
+def test_sft_logs_its_run_and_config_to_mlflow(tiny_world, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    run_sft(_cfg(tiny_world, tmp_path / "run", "trainer.total_training_steps=1", "trainer.test_freq=-1",
+                 "trainer.logger=[jsonl,mlflow]", "trainer.project_name=warmup", "trainer.experiment_name=mtp1"))
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("warmup").experiment_id])
+    assert run.info.run_name == "mtp1" and run.data.params["sft/micro_batch_size_per_gpu"] == "8"
+    loss = _losses(tmp_path / "run")[0]["sft/lm_loss"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "sft/lm_loss")] == [
+        (1, pytest.approx(loss, rel=1e-6))]
