@@ -174,7 +174,10 @@ class RolloutConfig:
     top_p: float = 1.0
     do_sample: bool = True
     tensor_model_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5  # CUDA: share of free GPU memory for the KV cache (CPU: max_num_seqs bounds it)
+    # CUDA: share of the GPU memory free after the weights are loaded that the rollout KV cache (trunk + MTP
+    # layers) may take; the engine keeps min(max_num_seqs, what fits) rows (fewer rows: less concurrency)
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_gb: float = 8.0  # ours: the same bound on the CPU, in GiB (2**30 bytes)
     max_num_batched_tokens: int = 8192  # padded prompt tokens per prefill forward (with enable_chunked_prefill)
     max_num_seqs: int = 1024  # live sequences at once
     enable_chunked_prefill: bool = True  # prefill admitted prompts in forwards of <= max_num_batched_tokens tokens

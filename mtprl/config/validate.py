@@ -254,6 +254,9 @@ def _check_batches(errors: list[str], cfg: MtprlConfig) -> None:
         errors.append("actor_rollout_ref.rollout.temperature and val_kwargs.temperature must be >= 0")
     if not 0 < rollout.gpu_memory_utilization <= 1:
         errors.append(f"actor_rollout_ref.rollout.gpu_memory_utilization={rollout.gpu_memory_utilization} must lie in (0, 1]")
+    if not rollout.cpu_kv_cache_gb > 0:
+        errors.append(f"actor_rollout_ref.rollout.cpu_kv_cache_gb={rollout.cpu_kv_cache_gb} must be > 0 (GiB the CPU "
+                      "rollout KV cache may take)")
 
 
 def _check_algorithm(errors: list[str], cfg: MtprlConfig) -> None:

@@ -98,22 +98,53 @@ class Run:
             raise error
 
 
-def build_engine(cfg: MtprlConfig, model):
+def plan_kv_cache(model_config, rollout_cfg, max_seq_len: int, device, *, dtype: torch.dtype,
+                  free_bytes: int | None = None, speculative=None):
+    """The rollout engine's KV cache (rows, slots, bytes; nothing allocated) for this config: rows =
+    min(rollout.max_num_seqs, what fits the bound), the bound being rollout.gpu_memory_utilization x the free
+    memory on CUDA (free_bytes; default torch.cuda.mem_get_info, i.e. what the loaded weights left) and
+    rollout.cpu_kv_cache_gb GiB elsewhere. MTP layers are counted when speculative (a SpeculativeConfig) is
+    given. A ConfigError naming the key when not one row of max_seq_len (+ speculative slots) fits."""
+    from mtprl.rollout.engine import cache_slots
+    from mtprl.rollout.kv_cache import GiB, plan_cache
+
+    r, device = rollout_cfg, torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+        limit = int(free * r.gpu_memory_utilization)
+        key = (f"actor_rollout_ref.rollout.gpu_memory_utilization={r.gpu_memory_utilization} of {free / GiB:.2f} GiB "
+               "free")
+    else:
+        limit = int(r.cpu_kv_cache_gb * GiB)
+        key = f"actor_rollout_ref.rollout.cpu_kv_cache_gb={r.cpu_kv_cache_gb}"
+    try:
+        return plan_cache(model_config, max_num_seqs=r.max_num_seqs, num_slots=cache_slots(max_seq_len, speculative),
+                          dtype=dtype, with_mtp=speculative is not None, limit_bytes=limit, limit_name=key)
+    except ValueError as e:
+        raise ConfigError(f"{e} (max_seq_len = data.max_prompt_length + data.max_response_length = "
+                          f"{max_seq_len})") from None
+
+
+def build_engine(cfg: MtprlConfig, model, *, console=None):
+    """The rollout engine, its KV cache as plan_kv_cache gives it (one line on the run's console; stderr by
+    default, so that a command's stdout stays its output)."""
+    from rich.console import Console
+
     from mtprl.rollout.engine import Engine
+    from mtprl.trainer.samples import speculative_config
 
     r = cfg.actor_rollout_ref.rollout
     max_seq_len = cfg.data.max_prompt_length + cfg.data.max_response_length
-    kv_budget = None  # CPU: max_num_seqs x max_seq_len
     ref = next(model.parameters())
-    if ref.is_cuda:  # gpu_memory_utilization of the free memory, in tokens of trunk + MTP K/V
-        free, _ = torch.cuda.mem_get_info(ref.device)
-        c = model.config
-        per_token = 2 * (c.num_hidden_layers + c.num_mtp_layers) * c.num_key_value_heads * c.resolved_head_dim * ref.element_size()
-        kv_budget = max(int(free * r.gpu_memory_utilization) // per_token, max_seq_len)
+    spec = speculative_config(cfg)
+    plan = plan_kv_cache(model.config, r, max_seq_len, ref.device, dtype=ref.dtype, speculative=spec)
     # without chunked prefill, every admitted prompt is prefilled in one forward
-    prefill_tokens = r.max_num_batched_tokens if r.enable_chunked_prefill else r.max_num_seqs * max_seq_len
-    return Engine(model, max_num_seqs=r.max_num_seqs, max_num_batched_tokens=prefill_tokens, max_seq_len=max_seq_len,
-                  kv_token_budget=kv_budget)
+    prefill_tokens = r.max_num_batched_tokens if r.enable_chunked_prefill else plan.rows * max_seq_len
+    engine = Engine(model, max_num_seqs=r.max_num_seqs, max_num_batched_tokens=prefill_tokens, max_seq_len=max_seq_len,
+                    kv_cache_bytes=plan.limit_bytes)
+    line = f"rollout: {plan.describe()} (actor_rollout_ref.rollout.max_num_seqs={r.max_num_seqs})"
+    (console or Console(stderr=True)).print(line, highlight=False)
+    return engine
 
 
 def build_reward(cfg: MtprlConfig) -> RewardManager:
@@ -188,7 +219,7 @@ def _build_run(cfg: MtprlConfig, device, tokenizer, train_set, val_set, reward, 
     scheduler = build_scheduler(optimizer, actor.optim, schedule)
     root = Path(cfg.trainer.default_local_dir)
     prom = cfg.actor_rollout_ref.rollout.prometheus
-    engine = build_engine(cfg, model)
+    engine = build_engine(cfg, model, console=console)
     exporter = PrometheusExporter(prom.port, prom.host) if prom.enable else None  # before the tracker's live bar
     try:
         tracker = Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="rl",
