@@ -59,12 +59,12 @@ def sync_weights(src: nn.Module, dst: nn.Module, *, bucket_bytes: int = 512 << 2
         bucket, size = [], 0
 
     for name, p in src_params:
-        full = _full(p.detach())
         target = dst_params[name]
+        full = _full(p.detach().to(target.dtype))  # cast the shard first: bf16 on the wire, not fp32
         if full.shape != target.shape:
             raise ValueError(f"weight sync: {name} has shape {tuple(full.shape)} in the trainer and "
                              f"{tuple(target.shape)} in the rollout engine")
-        bucket.append((target, full.to(device=target.device, dtype=target.dtype)))
+        bucket.append((target, full.to(device=target.device)))
         size += full.numel() * target.element_size()
         nbytes += full.numel() * target.element_size()
         if size >= bucket_bytes:
