@@ -87,7 +87,8 @@ def eos_token_ids(model_dir, tokenizer) -> tuple[int, ...]:
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{source}: eos_token_id must be a token id (int >= 0) or a list of them, got {value!r}")
+                raise ConfigError(f"{source}: eos_token_id must be a token id (int >= 0) or a list of them, "
+                                  f"got {value!r}")
             if v not in ids:
                 ids.append(v)
 

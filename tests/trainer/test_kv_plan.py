@@ -77,8 +77,8 @@ def test_build_engine_on_cpu_keeps_the_rows_that_fit_and_generates_everything():
     engine = build_engine(cfg, model, console=Console(file=out, width=200))
     plan = engine.cache_plan()
     assert (plan.rows, plan.slots, plan.bytes) == (3, slots, 3 * slots * 256)
-    assert out.getvalue().strip() == ("rollout: KV cache: 3 rows x 26 slots = 78 tokens, 19.50 KiB of 22.75 KiB allowed "
-                                      "(actor_rollout_ref.rollout.max_num_seqs=8)")
+    assert out.getvalue().strip() == ("rollout: KV cache: 3 rows x 26 slots = 78 tokens, 19.50 KiB of 22.75 KiB "
+                                      "allowed (actor_rollout_ref.rollout.max_num_seqs=8)")
     prompts, params = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]], SamplingParams(temperature=0.0, max_new_tokens=8, n=2)
     got = engine.generate_with_metrics(prompts, params)
     want = Engine(model, max_num_seqs=8, max_seq_len=24).generate_with_metrics(prompts, params)
