@@ -10,7 +10,9 @@ returns for the whole batch:
     when a worker takes it. When a deadline passes, the pool's processes are killed, the pool is
     recreated and the other in-flight samples are re-submitted. A worker that dies (segfault,
     ``os._exit``) breaks the pool: its in-flight samples are re-submitted, each run alone, and the
-    one whose worker dies while it runs alone is failed.
+    one whose worker dies while it runs alone is failed. A worker that dies while idle (between
+    batches) only makes the next batch start on a recreated pool; one that dies while idle during a
+    batch is blamed on the samples then in flight like a crash (one alone in flight is failed).
   * ``num_workers = 0``: in the calling process. Exceptions are caught the same way. With a timeout,
     each call runs in a daemon thread joined with the deadline; a thread cannot be killed, so a hung
     call keeps running (and holding a share of the GIL) in the background until it returns or the
@@ -242,15 +244,24 @@ class ScoringPool:
         return ScoreOutcome("ok", box.get("result"))
 
     def _submit(self, requests, pending: deque, in_flight: dict, suspect: list[bool], budget: float) -> None:
-        """Fill free workers from ``pending``; a crash suspect only ever runs alone."""
+        """Fill free workers from ``pending``; a crash suspect only ever runs alone. A pool that refuses
+        work because a worker died while idle (killed from outside, or by a thread a reward call left
+        behind) is recreated when nothing is in flight; else its in-flight samples fail with
+        BrokenProcessPool and the crash handling of ``_score_in_workers`` recreates it."""
         while pending and len(in_flight) < self.num_workers:
             if any(suspect[f.index] for f in in_flight.values()):
                 return  # a suspect is running alone
             i = pending[0]
             if suspect[i] and in_flight:
                 return  # wait for the pool to drain, then run the suspect alone
+            try:
+                fut = self._executor.submit(_score_one, self.spec, requests[i])
+            except BrokenProcessPool:
+                if in_flight:
+                    return
+                self._restart()
+                continue
             pending.popleft()
-            fut = self._executor.submit(_score_one, self.spec, requests[i])
             in_flight[fut] = _Flight(i, time.monotonic() + budget)
 
     def _score_in_workers(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:

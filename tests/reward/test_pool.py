@@ -106,3 +106,62 @@ def test_worker_that_cannot_load_the_function_fails_at_start(tmp_path):
     path.unlink()  # the workers will not find it
     with pytest.raises(RuntimeError, match="could not start 1 reward worker"):
         ScoringPool(spec, num_workers=1, timeout_s=2.0)
+
+
+CRASHING = """
+import ctypes, os, signal
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    if solution_str == "exit":
+        os._exit(3)
+    if solution_str == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if solution_str == "null":
+        ctypes.string_at(0)  # reads address 0: a real segmentation fault
+    return float(solution_str == ground_truth)
+"""
+
+
+@pytest.mark.parametrize("crash", ["exit", "segv", "null"])
+def test_reward_function_that_kills_its_worker_fails_that_sample_and_the_run_goes_on(tmp_path, crash):
+    from mtprl.reward.registry import RewardInput, build_reward_manager
+
+    path = tmp_path / "crashing.py"
+    path.write_text(textwrap.dedent(CRASHING))
+    rm = build_reward_manager("naive", custom_reward_path=str(path), num_workers=2, timeout_s=5.0,
+                              failure_score=-0.5)
+
+    def batch(*responses):
+        return [RewardInput(data_source="custom", response=r, ground_truth="1") for r in responses]
+
+    with rm:
+        out = rm(batch("1", crash, "0", "1"))
+        assert out.scores == [1.0, -0.5, 0.0, 1.0]
+        assert out.extra["reward_status"] == ["ok", "error", "ok", "ok"]
+        assert "died" in out.extra["reward_error"][1]
+        assert out.metrics["reward/num_failed"] == 1.0 and out.metrics["reward/num_timeout"] == 0.0
+        assert out.metrics["reward/num_pool_restarts"] >= 1.0
+        again = rm(batch("1", "0"))  # the next batch is scored normally by the recreated pool
+        assert again.scores == [1.0, 0.0] and again.metrics["reward/num_failed"] == 0.0
+        assert again.metrics["reward/num_pool_restarts"] == 0.0
+
+
+def test_a_worker_killed_while_idle_does_not_stop_the_next_batch(spec):
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ScoringPool(spec, num_workers=2, timeout_s=5.0) as pool:
+        pid = pool.score([req("1")])[0].result["pid"]
+        os.kill(pid, signal.SIGKILL)  # e.g. the OOM killer, between two batches
+        for _ in range(200):  # until the executor has noticed: it then refuses new work
+            try:
+                pool._executor.submit(time.sleep, 0).result(timeout=5)
+            except BrokenProcessPool:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the executor never noticed its dead worker")
+        out = pool.score([req("1"), req("2"), req("1")])
+        assert [o.status for o in out] == ["ok", "ok", "ok"] and pid not in {o.result["pid"] for o in out}
+        assert pool.num_restarts == 1
