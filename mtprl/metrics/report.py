@@ -102,7 +102,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "min_accept_length": min(accept) if accept else None,
         "mean_accept_length": mean(accept),
         "rollout_tokens_per_s": mean([r.get("rollout/tokens_per_s") for r in train if r.get("rollout/tokens_per_s")]),
-        "step_seconds_mean": mean([r["timing_s/step"] for r in train]),
+        # a row logged on resume from its checkpoint (killed between the save and the log) has no step time
+        "step_seconds_mean": mean([r["timing_s/step"] for r in train if r.get("timing_s/step") is not None]),
     }
     depth_keys = sorted({k for r in train for k in r if k.startswith("rollout/spec_accept_rate_")})
     out["accept_rate_per_depth_mean"] = {k.rsplit("_", 1)[-1]: mean([r[k] for r in train if r.get(k) is not None])

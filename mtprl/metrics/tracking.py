@@ -126,10 +126,12 @@ class JsonlBackend:
 
 
 class TensorBoardBackend:
-    def __init__(self, log_dir: Path):
+    """``purge_step``: a resumed run's first step; TensorBoard hides the earlier run's events from there on."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         for key, value in metrics.items():
@@ -141,6 +143,36 @@ class TensorBoardBackend:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _truncated(path: Path, after_step: int) -> list[dict]:
+    """The rows of a JSONL file with ``step <= after_step``, the file rewritten atomically (tmp + rename)
+    when anything was dropped. A line that does not parse (a write cut off by a kill) is dropped too."""
+    if not path.is_file():
+        return []
+    rows, dropped = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= after_step:
+            rows.append(row)
+        else:
+            dropped = dropped or bool(line.strip())
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, path)
+    return rows
+
+
+def truncate_logs(run_dir: Path, after_step: int) -> int:
+    """Resume hook: drop the rows past ``after_step`` from ``metrics.jsonl`` and ``generations.jsonl``
+    (the resumed run logs those steps again); returns the last step left in ``metrics.jsonl`` (-1: none)."""
+    rows = _truncated(run_dir / "metrics.jsonl", after_step)
+    _truncated(run_dir / "generations.jsonl", after_step)
+    return max((r["step"] for r in rows), default=-1)
 
 
 class Tracker:
@@ -158,12 +190,21 @@ class Tracker:
         console: Console | None = None,
         description: str = "train",
         config: Any = None,
+        keep_through: int | None = None,
     ):
+        """``keep_through``: rows logged earlier in ``run_dir`` up to this step are kept, later ones dropped
+        (JSONL rewritten, TensorBoard ``purge_step=keep_through + 1``): a resumed run passes its checkpoint's
+        step, a fresh run -1; None appends to what is there. ``last_logged_step`` is then the last step left
+        in ``metrics.jsonl`` (-1: none; None without the jsonl logger or without ``keep_through``)."""
         self.rank = current_rank() if rank is None else rank
         self.run_dir = Path(run_dir)
         self.backends: dict[str, Backend] = {}
+        self.last_logged_step: int | None = None
         if self.rank != 0:
             return
+        if keep_through is not None and "jsonl" in loggers:
+            self.last_logged_step = truncate_logs(self.run_dir, keep_through)
+        purge_step = None if keep_through is None else keep_through + 1
         try:
             for name in loggers:
                 if name == "console":
@@ -171,7 +212,7 @@ class Tracker:
                 elif name == "jsonl":
                     self.backends[name] = JsonlBackend(self.run_dir / "metrics.jsonl")
                 elif name == "tensorboard":
-                    self.backends[name] = TensorBoardBackend(self.run_dir / "tensorboard")
+                    self.backends[name] = TensorBoardBackend(self.run_dir / "tensorboard", purge_step)
                 elif name in REMOTE_LOGGERS:
                     info = RunInfo() if config is None else RunInfo.from_config(config)
                     self.backends[name] = remote_backend(name, self.run_dir, info)

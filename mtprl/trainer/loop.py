@@ -17,8 +17,9 @@ from contextlib import contextmanager
 
 from mtprl.algorithms import adaptive_kl_coef, apply_kl_in_reward, get_adv_estimator, scores_to_token_rewards
 from mtprl.config.schema import MtprlConfig
+from mtprl.trainer.faults import fault_point
 from mtprl.trainer.samples import SeqFinalRewards, collect_step_samples, sample_metrics, to_train_batch
-from mtprl.trainer.setup import DataExhausted, Run, save, setup
+from mtprl.trainer.setup import DataExhausted, Run, save, setup, setup_evaluation
 from mtprl.trainer.update import actor_update, compute_logprobs
 from mtprl.trainer.validate import validate
 
@@ -74,6 +75,7 @@ def rl_step(run: Run) -> dict[str, float]:
     filter_timing: dict[str, float] = {}
     samples, metrics = collect_step_samples(cfg, run.engine, run.reward, run.next_prompts, run.sample_gen,
                                             run.tokenizer, run.group_ids(), seq_final_rewards(run, filter_timing))
+    fault_point("gen", run.step + 1)
     metrics.update(filter_timing)
     batch = to_train_batch(samples, run.tokenizer.pad_token_id).to(run.device)
     add_logprobs(run, batch, metrics)
@@ -88,6 +90,7 @@ def rl_step(run: Run) -> dict[str, float]:
     lr = run.scheduler.get_last_lr()[0]  # the lr of this step's optimizer steps (verl logs it before stepping)
     with timed(metrics, "update_actor"):
         update_metrics, skipped = actor_update(run.model, run.optimizer, batch, cfg, run.shuffle_gen)
+        fault_point("update", run.step + 1)
         run.scheduler.step()
     mini = actor.ppo_mini_batch_size * cfg.actor_rollout_ref.rollout.n
     run.note_step_health(skipped_all=skipped >= actor.ppo_epochs * math.ceil(len(batch) / mini))
@@ -105,7 +108,7 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
     """Run RL training; returns the last step's metrics (validation included when it ran).
     ``trainer.val_only=True`` only validates (same as :func:`evaluate`)."""
     if cfg.trainer.val_only:
-        return evaluate(cfg, console=console)
+        return evaluate(cfg, console=console, from_checkpoint=True)  # verl: the resumed checkpoint, at its step
     run = setup(cfg, console=console)
     last: dict[str, float] = {}
     try:
@@ -128,9 +131,10 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
                                             run.tracker, run.step))
             if run.step == run.total_steps or (cfg.trainer.save_freq > 0 and run.step % cfg.trainer.save_freq == 0):
                 with timed(metrics, "save_checkpoint"):
-                    save(run)
+                    save(run, metrics)  # the row rides along: logged on resume if a kill comes before the log below
             metrics["timing_s/step"] = time.perf_counter() - t0  # generation to checkpoint, as verl's step timer
             metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / metrics["timing_s/step"]  # tokens / s
+            fault_point("log", run.step)
             run.tracker.log(metrics, run.step)
             run.export(metrics)
             last = metrics
@@ -139,12 +143,15 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
     return last
 
 
-def evaluate(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
-    """Validation only (``mtprl eval``): generate on ``data.val_files`` with ``model.path`` and score."""
-    run = setup(cfg, console=console, evaluate_only=True)
+def evaluate(cfg: MtprlConfig, *, console=None, from_checkpoint: bool = False) -> dict[str, float]:
+    """Validation only: generate on ``data.val_files`` and score; the row is logged at the validated
+    checkpoint's step. ``mtprl eval`` validates ``model.path``; ``from_checkpoint`` (``trainer.val_only``) the
+    checkpoint ``trainer.resume_mode`` resumes from (``model.path`` when there is none). No train data,
+    loader or optimizer is built, so a validation set smaller than a train batch is fine."""
+    ev = setup_evaluation(cfg, console=console, from_checkpoint=from_checkpoint)
     try:
-        metrics = validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer, run.tracker, run.step)
-        run.tracker.log(metrics, run.step)
+        metrics = validate(cfg, ev.engine, ev.reward, ev.val_prompts, ev.tokenizer, ev.tracker, ev.step)
+        ev.tracker.log(metrics, ev.step)
     finally:
-        run.close()
+        ev.close()
     return metrics

@@ -1,5 +1,6 @@
 """Everything the RL loop holds between steps (:class:`Run`), how it is built from the config, saved
-and restored."""
+and restored; and the smaller :class:`Evaluation` that validation alone needs (no training data, no
+optimizer)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from mtprl.data import PromptLoader, build_prompt_dataset
 from mtprl.metrics import Tracker
 from mtprl.metrics.prometheus import PrometheusExporter
 from mtprl.reward.registry import RewardManager, build_reward_manager
-from mtprl.trainer.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from mtprl.trainer.checkpoint import (checkpoint_step, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
+                                     set_rng_state)
 from mtprl.trainer.optim import build_optimizer, build_scheduler
 from mtprl.trainer.policy import load_policy, load_policy_tokenizer, resolve_device, set_trainable
 
@@ -87,15 +89,37 @@ class Run:
     def close(self) -> None:
         """Close tracker, reward workers and Prometheus server; each is closed even when an earlier one
         fails (the first error is raised after)."""
-        closers = [self.tracker.close, self.reward.close] + ([self.exporter.close] if self.exporter is not None else [])
-        error: BaseException | None = None
-        for close in closers:
-            try:
-                close()
-            except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are closed
-                error = error or e
-        if error is not None:
-            raise error
+        _close_all([self.tracker.close, self.reward.close] + ([self.exporter.close] if self.exporter is not None else []))
+
+
+@dataclass
+class Evaluation:
+    """What validation alone needs (``mtprl eval``, ``trainer.val_only``): no train loader, no optimizer."""
+
+    cfg: MtprlConfig
+    tokenizer: Any
+    model: torch.nn.Module
+    engine: Any
+    reward: RewardManager
+    val_prompts: Any  # PromptDataset of data.val_files
+    tracker: Tracker
+    step: int  # the validated checkpoint's training step (0 for actor_rollout_ref.model.path)
+    checkpoint: Path | None  # the validated checkpoint, None when model.path is validated as it is
+
+    def close(self) -> None:
+        _close_all([self.tracker.close, self.reward.close])
+
+
+def _close_all(closers) -> None:
+    """Call every closer even when an earlier one fails; the first error is raised after."""
+    error: BaseException | None = None
+    for close in closers:
+        try:
+            close()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others are closed
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def plan_kv_cache(model_config, rollout_cfg, max_seq_len: int, device, *, dtype: torch.dtype,
@@ -161,49 +185,76 @@ def build_reward(cfg: MtprlConfig) -> RewardManager:
         raise ConfigError(f"reward set-up failed: {e}") from None
 
 
-def _datasets(cfg: MtprlConfig, tokenizer, *, need_train: bool = True):
+def _prompt_dataset(cfg: MtprlConfig, tokenizer, files):
     d = cfg.data
-    kw = dict(max_prompt_length=d.max_prompt_length, truncation=d.truncation,
-              filter_overlong_prompts=d.filter_overlong_prompts, prompt_key=d.prompt_key, reward_fn_key=d.reward_fn_key)
-    if need_train and not d.train_files:
-        raise ConfigError("data.train_files is empty: give RL parquet files in verl's schema")
-    if not need_train and not d.val_files:
-        raise ConfigError("data.val_files is empty: evaluation needs validation parquet files in verl's schema")
-    train = build_prompt_dataset(d.train_files, tokenizer, **kw) if d.train_files else None
-    val = build_prompt_dataset(d.val_files, tokenizer, **kw) if d.val_files else []
-    return train, val
+    return build_prompt_dataset(files, tokenizer, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
+                                filter_overlong_prompts=d.filter_overlong_prompts, prompt_key=d.prompt_key,
+                                reward_fn_key=d.reward_fn_key)
 
 
-def setup(cfg: MtprlConfig, *, console=None, evaluate_only: bool = False) -> Run:
-    """Everything for training (or, with ``evaluate_only``, for validation of ``model.path`` as it is:
-    no training data needed, no resume)."""
+def setup(cfg: MtprlConfig, *, console=None) -> Run:
+    """Everything for training, resumed per ``trainer.resume_mode`` (model, optimizer, data cursor, RNG;
+    the metrics logs are cut back to the resumed step, see :class:`mtprl.metrics.Tracker`)."""
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_policy_tokenizer(cfg.actor_rollout_ref.model)
+    if not cfg.data.train_files:
+        raise ConfigError("data.train_files is empty: give RL parquet files in verl's schema")
     # malformed data stops the run here, before any training
-    train_set, val_set = _datasets(cfg, tokenizer, need_train=not evaluate_only)
-    if train_set is None:
-        train_set = val_set
+    train_set = _prompt_dataset(cfg, tokenizer, cfg.data.train_files)
+    val_set = _prompt_dataset(cfg, tokenizer, cfg.data.val_files) if cfg.data.val_files else []
     reward = build_reward(cfg)  # worker processes: closed below if anything after this fails
     try:
-        run = _build_run(cfg, device, tokenizer, train_set, val_set, reward, console)
+        run, resume = _build_run(cfg, device, tokenizer, train_set, val_set, reward, console)
     except BaseException:
         reward.close()
         raise
     try:
-        run.tracker.log_text("data/train", train_set.describe(), 0)  # how many prompts were filtered / truncated
-        if val_set:
-            run.tracker.log_text("data/val", val_set.describe(), 0)
-        resume = None if evaluate_only else resolve_resume(run.root, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
         if resume is not None:
-            restore(run, resume)
+            state = restore(run, resume)
+            row, seen = state.get("metrics_row"), run.tracker.last_logged_step
+            if row and seen is not None and seen < run.step:  # killed between the save and the log of this step
+                run.tracker.log(row, run.step)
+            run.tracker.log_text("trainer/resume", f"resumed from {resume} (step {run.step})", run.step)
+        run.tracker.log_text("data/train", train_set.describe(), run.step)  # how many prompts were filtered / truncated
+        if val_set:
+            run.tracker.log_text("data/val", val_set.describe(), run.step)
     except BaseException:
         run.close()
         raise
     return run
 
 
-def _build_run(cfg: MtprlConfig, device, tokenizer, train_set, val_set, reward, console) -> Run:
+def setup_evaluation(cfg: MtprlConfig, *, console=None, from_checkpoint: bool = False) -> Evaluation:
+    """Model, engine, reward, tracker and validation prompts only. ``from_checkpoint``: validate the
+    checkpoint ``trainer.resume_mode`` names (``trainer.val_only``, as verl: auto = the newest complete one
+    in ``trainer.default_local_dir``, disable = ``model.path``), else ``model.path`` (``mtprl eval``)."""
+    tr = cfg.trainer
+    device = resolve_device(tr.device)
+    torch.manual_seed(tr.seed)
+    tokenizer = load_policy_tokenizer(cfg.actor_rollout_ref.model)
+    if not cfg.data.val_files:
+        raise ConfigError("data.val_files is empty: evaluation needs validation parquet files in verl's schema")
+    val_set = _prompt_dataset(cfg, tokenizer, cfg.data.val_files)
+    root = Path(tr.default_local_dir)
+    # read-only: a training run may be writing checkpoints into the same folder
+    checkpoint = resolve_resume(root, tr.resume_mode, tr.resume_from_path, recover=False) if from_checkpoint else None
+    model = load_policy(cfg.actor_rollout_ref.model, device).requires_grad_(False)
+    step = load_checkpoint(checkpoint, model)["step"] if checkpoint is not None else 0
+    engine = build_engine(cfg, model, console=console)
+    reward = build_reward(cfg)
+    try:
+        tracker = Tracker(tr.logger, root, console=console, description="eval", config=cfg)
+        tracker.log_text("data/val", val_set.describe(), step)
+    except BaseException:
+        reward.close()
+        raise
+    return Evaluation(cfg=cfg, tokenizer=tokenizer, model=model, engine=engine, reward=reward,
+                      val_prompts=val_set.prompts, tracker=tracker, step=step, checkpoint=checkpoint)
+
+
+def _build_run(cfg: MtprlConfig, device, tokenizer, train_set, val_set, reward, console) -> tuple[Run, Path | None]:
+    """The run before its checkpoint is restored, and the checkpoint to restore (None: a fresh start)."""
     model = load_policy(cfg.actor_rollout_ref.model, device)
     mtp, actor, alg = cfg.actor_rollout_ref.model.mtp, cfg.actor_rollout_ref.actor, cfg.algorithm
     set_trainable(model, trunk=True, mtp=mtp.enable and mtp.enable_train)  # frozen MTP layers never change
@@ -220,38 +271,52 @@ def _build_run(cfg: MtprlConfig, device, tokenizer, train_set, val_set, reward, 
     root = Path(cfg.trainer.default_local_dir)
     prom = cfg.actor_rollout_ref.rollout.prometheus
     engine = build_engine(cfg, model, console=console)
+    resume = resolve_resume(root, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
     exporter = PrometheusExporter(prom.port, prom.host) if prom.enable else None  # before the tracker's live bar
-    try:
-        tracker = Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="rl",
-                          config=cfg)
+    try:  # rows an earlier run logged past the resumed step (or all, on a fresh start) are dropped
+        tracker = Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="rl", config=cfg,
+                          keep_through=checkpoint_step(resume) if resume is not None else -1)
     except BaseException:
         if exporter is not None:  # its server thread holds the port
             exporter.close()
         raise
-    return Run(cfg=cfg, device=device, tokenizer=tokenizer, model=model, ref_model=ref_model,
+    run = Run(cfg=cfg, device=device, tokenizer=tokenizer, model=model, ref_model=ref_model,
                engine=engine, reward=reward, loader=loader,
                val_prompts=val_set.prompts if val_set else [], optimizer=optimizer, scheduler=scheduler,
                tracker=tracker, exporter=exporter, total_steps=total,
                root=root, sample_gen=torch.Generator().manual_seed(cfg.trainer.seed),
                shuffle_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1), kl_coef=alg.kl_ctrl.kl_coef)
+    return run, resume
 
 
 def _generators(run: Run) -> dict[str, torch.Generator]:
     return {"sample": run.sample_gen, "shuffle": run.shuffle_gen}
 
 
-def save(run: Run) -> Path:
+def save(run: Run, row: dict[str, float] | None = None) -> Path:
+    """Checkpoint ``run.step``. ``row``: that step's metrics so far, kept in the checkpoint so that a run
+    killed after the save but before the row was logged logs it on resume. A failed write (full disk)
+    stops the run with an OSError naming the checkpoint and the last intact one, which is untouched."""
     state = {"loader": run.loader.state_dict(), "rng": rng_state(_generators(run)), "bad_steps": run.bad_steps,
-             "next_group_id": run.next_group_id, "kl_coef": run.kl_coef, "config": to_dict(run.cfg)}
-    run.last_checkpoint = save_checkpoint(run.root, run.step, run.model, run.optimizer, run.scheduler, state,
-                                          keep=run.cfg.trainer.max_actor_ckpt_to_keep)
+             "next_group_id": run.next_group_id, "kl_coef": run.kl_coef, "config": to_dict(run.cfg),
+             "metrics_row": dict(row) if row is not None else None}
+    try:
+        run.last_checkpoint = save_checkpoint(run.root, run.step, run.model, run.optimizer, run.scheduler, state,
+                                              keep=run.cfg.trainer.max_actor_ckpt_to_keep)
+    except OSError as e:
+        message = (f"writing checkpoint {run.root / f'global_step_{run.step}'} failed ({e.strerror or e}); the last "
+                   f"intact checkpoint is {run.last_checkpoint or 'none'}: free space and rerun the same command to "
+                   "resume from it")
+        raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from e
     return run.last_checkpoint
 
 
-def restore(run: Run, path: Path) -> None:
+def restore(run: Run, path: Path) -> dict[str, Any]:
+    """Load ``path`` into the run; returns the saved trainer state."""
     state = load_checkpoint(path, run.model, run.optimizer, run.scheduler)
     run.loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"], _generators(run))
     run.step, run.bad_steps = state["step"], state["bad_steps"]
     run.next_group_id, run.kl_coef = state["next_group_id"], state["kl_coef"]
     run.last_checkpoint = path
+    return state
