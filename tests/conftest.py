@@ -1,4 +1,4 @@
-"""A tiny tokenizer + synthetic math data + random MiMo-style policy, built once per test session."""
+"""Shared fixtures: a tiny tokenizer + synthetic math data + random MiMo-style policy, built once per test session."""
 
 from types import SimpleNamespace
 
