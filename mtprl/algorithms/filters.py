@@ -19,7 +19,7 @@ Where we differ from verl:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, Sequence, TypeVar
+from typing import Callable, Generic, Hashable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -106,9 +106,14 @@ class DynamicSamplingAccumulator(Generic[T]):
     target_num_groups: int
     max_num_gen_batches: int = 0
     keep_singletons: bool = True  # verl: a group of one sample is kept
+    # data parallelism: local kept-group count -> the count over all ranks (an all-reduce, called once per
+    # add on every rank); ``done`` then means enough groups are kept globally and samples() returns every
+    # local kept group (the caller gathers them and keeps the first target_num_groups)
+    count_kept: Callable[[int], int] | None = None
     num_gen_batches: int = field(default=0, init=False)  # generation batches added so far
     num_groups_seen: int = field(default=0, init=False)  # groups in those batches, kept or not
     _groups: list[list[T]] = field(default_factory=list, init=False, repr=False)  # kept, in arrival order
+    _global_kept: int = field(default=0, init=False, repr=False)  # with count_kept: the all-rank count
 
     def __post_init__(self) -> None:
         if self.target_num_groups <= 0:
@@ -124,7 +129,8 @@ class DynamicSamplingAccumulator(Generic[T]):
 
     @property
     def done(self) -> bool:
-        return self.num_kept_groups >= self.target_num_groups
+        kept = self.num_kept_groups if self.count_kept is None else self._global_kept
+        return kept >= self.target_num_groups
 
     def add(
         self,
@@ -148,10 +154,13 @@ class DynamicSamplingAccumulator(Generic[T]):
         for i in result.kept_indices:
             by_group[ids[i]].append(samples[i])
         self._groups.extend(by_group[gid] for gid in result.kept_group_ids)
+        if self.count_kept is not None:
+            self._global_kept = self.count_kept(self.num_kept_groups)
         limit = self.max_num_gen_batches
         if not self.done and limit > 0 and self.num_gen_batches >= limit:
+            kept = self.num_kept_groups if self.count_kept is None else self._global_kept
             raise ValueError(
-                f"dynamic sampling kept only {self.num_kept_groups} of the {self.target_num_groups} groups "
+                f"dynamic sampling kept only {kept} of the {self.target_num_groups} groups "
                 f"needed after {self.num_gen_batches} generation batches (max_num_gen_batches={limit}): "
                 f"{self.num_groups_seen - self.num_kept_groups} of {self.num_groups_seen} groups had the same "
                 "metric for every response. The data may be too hard or too easy for the model; raise "
@@ -166,7 +175,8 @@ class DynamicSamplingAccumulator(Generic[T]):
             raise ValueError(
                 f"only {self.num_kept_groups} of {self.target_num_groups} groups kept so far; keep calling add()"
             )
-        return [s for group in self._groups[: self.target_num_groups] for s in group]
+        groups = self._groups if self.count_kept is not None else self._groups[: self.target_num_groups]
+        return [s for group in groups for s in group]
 
     def metrics(self) -> dict[str, float]:
         """``train/num_gen_batches`` (verl's name) and the fraction of seen groups that were kept."""

@@ -61,6 +61,8 @@ def sync_weights(src: nn.Module, dst: nn.Module, *, bucket_bytes: int = 512 << 2
     for name, p in src_params:
         target = dst_params[name]
         full = _full(p.detach().to(target.dtype))  # cast the shard first: bf16 on the wire, not fp32
+        if target.numel() == 0 and full.numel() > 0:  # released by release_weights: allocate again
+            target.data = torch.empty(full.shape, dtype=target.dtype, device=target.device)
         if full.shape != target.shape:
             raise ValueError(f"weight sync: {name} has shape {tuple(full.shape)} in the trainer and "
                              f"{tuple(target.shape)} in the rollout engine")
@@ -81,3 +83,43 @@ def max_weight_diff(src: nn.Module, dst: nn.Module) -> float:
     for name, p in src.named_parameters():
         worst = max(worst, float((_full(p.detach()).to(dst_params[name]) - dst_params[name]).abs().max()))
     return worst
+
+
+@torch.no_grad()
+def release_weights(model: nn.Module) -> int:
+    """Drop the storage of every parameter of ``model`` (the engine's copy, while the trainer updates:
+    ``rollout.free_cache_engine``); the next :func:`sync_weights` allocates and fills them again.
+    Returns the bytes released."""
+    freed = 0
+    for p in model.parameters():
+        freed += p.numel() * p.element_size()
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    return freed
+
+
+def _flat_tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor reachable through dataclass fields / lists of ``obj`` (a PackedModel's weights)."""
+    from dataclasses import fields, is_dataclass
+
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, (list, tuple)):
+        out = {}
+        for i, item in enumerate(obj):
+            out.update(_flat_tensors(item, f"{prefix}.{i}"))
+        return out
+    if is_dataclass(obj):
+        out = {}
+        for f in fields(obj):
+            out.update(_flat_tensors(getattr(obj, f.name), f"{prefix}.{f.name}"))
+        return out
+    return {}
+
+
+def stepper_weights(stepper) -> dict[str, torch.Tensor]:
+    """The weights an engine decodes and drafts with: a PackedModel's fused trunk and MTP tensors, or a
+    plain model's parameters."""
+    if isinstance(stepper, nn.Module):
+        return {n: p.detach() for n, p in stepper.named_parameters()}
+    return {k: v for name in ("blocks", "mtp", "embed", "norm", "head")
+            for k, v in _flat_tensors(getattr(stepper, name), name).items()}

@@ -161,6 +161,20 @@ class Engine:
         """The cache a generate call with this speculative setting allocates (computed, nothing allocated)."""
         return self._plan(cache_slots(self.max_seq_len, speculative), speculative is not None)
 
+    def release(self) -> None:
+        """Free the KV caches and the packed weight copy (``rollout.free_cache_engine`` during the update); the
+        next generate call rebuilds both."""
+        self._trunk_cache = self._mtp_cache = None
+        self._stepper = self._packed_signature = None
+        self._spec_rows = None
+
+    def current_stepper(self):
+        """What the next generate call decodes with (the model, or its PackedModel re-packed to the model's
+        current weights): for checks that the engine holds the trainer's weights."""
+        with torch.inference_mode():
+            self._stepper = self._packed_model() if self.packed else self.model
+        return self._stepper
+
     # ----- setup ----------------------------------------------------------------------------------------------
     def _plan(self, num_slots: int, with_mtp: bool) -> KVCachePlan:
         return plan_cache(self.model.config, max_num_seqs=self.max_num_seqs, num_slots=num_slots, dtype=self.dtype,

@@ -16,6 +16,8 @@ verification forward), never from the draft.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 
 
@@ -171,6 +173,16 @@ class RolloutMetrics:
                    accept_rate_per_depth=[a / r if r else 0.0 for a, r in zip(accepted, reached)],
                    mean_draft_depth=depth_sum / max(total["num_decode_steps"], 1),
                    num_drafts_reached=reached, num_drafts_accepted=accepted)
+
+    @classmethod
+    def merge_ranks(cls, parts: list[RolloutMetrics]) -> RolloutMetrics:
+        """The metrics of generate() calls that ran at the same time on data-parallel ranks: as
+        :meth:`merge`, but the elapsed time is the slowest rank's, and tokens_per_s the whole job's
+        (all ranks' tokens over that time)."""
+        merged = cls.merge(parts)
+        elapsed = max(p.elapsed_s for p in parts)
+        return dataclasses.replace(merged, elapsed_s=elapsed,
+                                   tokens_per_s=merged.num_generated_tokens / max(elapsed, 1e-9))
 
     def as_dict(self, prefix: str = "rollout/") -> dict[str, float]:
         """Flat scalar metrics with the names the trainer logs (spec_accept_rate_{j} is 1-based)."""

@@ -6,7 +6,8 @@ Layout (verl's, so its tooling finds the latest step)::
       latest_checkpointed_iteration.txt      # "<step>"
       global_step_<k>/
         actor/                               # HF directory: config.json, safetensors, tokenizer files
-        optimizer.pt                         # optimizer + LR scheduler state
+        optimizer.pt                         # optimizer + LR scheduler state (multi-rank: the scheduler only)
+        dcp/                                 # multi-rank runs: model + optimizer shards (torch.distributed.checkpoint)
         trainer_state.pt                     # step, RNG states, data cursor, counters, the config
         manifest.json                        # written last: {"step", "seq", "files": {relative path: bytes}}
 
@@ -146,18 +147,33 @@ def _commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _write_tmp(tmp: Path, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict[str, Any]) -> None:
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(str(tmp / "actor"))
+def _write_tmp(tmp: Path, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict[str, Any],
+               dist=None, export_model: nn.Module | None = None) -> None:
+    """Fill ``tmp``. With more than one rank (``dist``) every rank calls this: rank 0 writes the HF
+    export from ``export_model`` (a full copy of the weights), the trainer state and the manifest; every
+    rank writes its shards of the model and optimizer under ``dcp/`` (torch.distributed.checkpoint)."""
+    sharded = dist is not None and dist.distributed
+    main = not sharded or dist.is_main
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        (export_model or model).save_pretrained(str(tmp / "actor"))
     fault_point("save", step)
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(),
+    if sharded:
+        from mtprl.distributed.checkpoint import save_sharded
+
+        dist.barrier()  # the folder exists on every rank's view before DCP writes into it
+        save_sharded(tmp, model, optimizer)
+    if main and optimizer is not None:  # sharded: the optimizer state is under dcp/, only the schedule here
+        torch.save({"optimizer": None if sharded else optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optimizer.pt")
-    torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
-    seq = 1 + max((_seq(p) for p in _step_dirs(tmp.parent)), default=0)
-    _write_manifest(tmp, step, seq)
+    if sharded:
+        dist.barrier()  # every rank's shards are written before the manifest lists them
+    if main:
+        torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
+        seq = 1 + max((_seq(p) for p in _step_dirs(tmp.parent)), default=0)
+        _write_manifest(tmp, step, seq)
 
 
 def save_checkpoint(
@@ -169,18 +185,28 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     *,
     keep: int | None = None,
+    dist=None,
+    export_model: nn.Module | None = None,
 ) -> Path:
     """Write ``global_step_<step>`` by the protocol above; keep only the newest ``keep`` checkpoints when set.
-    A failing write (full disk, ...) removes its ``.tmp`` and re-raises; earlier checkpoints are untouched."""
+    A failing write (full disk, ...) removes its ``.tmp`` and re-raises; earlier checkpoints are untouched.
+    Multi-rank (``dist``, an FSDP-sharded ``model``): every rank calls this; see :func:`_write_tmp`; rank 0
+    commits, and every rank returns once the checkpoint is in place."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    main = dist is None or dist.is_main
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
     final = root / f"global_step_{step}"
     tmp = root / f"global_step_{step}.tmp"
     try:
-        _write_tmp(tmp, step, model, optimizer, scheduler, trainer_state)
+        _write_tmp(tmp, step, model, optimizer, scheduler, trainer_state, dist, export_model)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs; never a complete checkpoint
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs; never a complete checkpoint
         raise
+    if not main:
+        dist.barrier()  # rank 0 commits
+        return final
     _commit(tmp, final)
     fault_point("renamed", step)
     _atomic_write_text(root / LATEST_FILE, str(step))
@@ -190,6 +216,8 @@ def save_checkpoint(
         upto = [p for p in list_checkpoints(root) if _step_of(p) <= step]
         for old in upto[:-keep]:
             _remove(old)
+    if dist is not None:
+        dist.barrier()
     return final
 
 
@@ -263,16 +291,29 @@ def load_checkpoint(
     problem = checkpoint_problem(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {problem}")
-    ref = next(model.parameters())
-    saved = from_pretrained(str(path / "actor"), dtype=ref.dtype, device=ref.device)
-    missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    if optimizer is not None and (path / "optimizer.pt").is_file():
-        opt = torch.load(path / "optimizer.pt", weights_only=False)
-        optimizer.load_state_dict(opt["optimizer"])
-        if scheduler is not None and opt["scheduler"] is not None:
-            scheduler.load_state_dict(opt["scheduler"])
+    from mtprl.distributed.checkpoint import has_sharded, load_full_into_sharded, load_sharded
+    from mtprl.distributed.parallelize import is_sharded
+
+    opt = torch.load(path / "optimizer.pt", weights_only=False) if (path / "optimizer.pt").is_file() else None
+    if has_sharded(path):  # written by a multi-rank run: DCP reshards to this run's world size (1 included)
+        load_sharded(path, model, optimizer)
+    else:
+        sharded = is_sharded(model)
+        ref = next(model.parameters())
+        saved = from_pretrained(str(path / "actor"), dtype=torch.float32 if sharded else ref.dtype,
+                                device="cpu" if sharded else ref.device)
+        if sharded:  # a single-process checkpoint resumed on several ranks: each keeps its shards
+            load_full_into_sharded(model, optimizer, saved.state_dict(),
+                                   opt["optimizer"] if opt is not None and optimizer is not None else None)
+        else:
+            missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
+            if missing or unexpected:
+                raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:4]}, "
+                                 f"unexpected {unexpected[:4]}")
+            if optimizer is not None and opt is not None:
+                optimizer.load_state_dict(opt["optimizer"])
+    if scheduler is not None and opt is not None and opt["scheduler"] is not None:
+        scheduler.load_state_dict(opt["scheduler"])
     return torch.load(path / "trainer_state.pt", weights_only=False)
 
 

@@ -2,8 +2,11 @@
 
 generate (n per prompt, speculative with the MTP layers) -> reward -> dynamic sampling -> old
 log-probs -> reference log-probs (only with a KL term) -> advantages -> actor update (policy + MTP)
--> the rollout engine shares the policy module, so the new weights (MTP layers included) are what
-the next generation uses -> validation every ``test_freq`` -> checkpoint every ``save_freq``.
+-> the new weights (MTP layers included) reach the rollout engine: one process shares the policy
+module with it; with several ranks (SPMD under Ray or torchrun, see :mod:`mtprl.distributed`) each
+rank's engine gets them from the FSDP shards -> validation every ``test_freq`` -> checkpoint every
+``save_freq``. Every rank runs this same loop on its share of the prompt groups; the kept samples are
+gathered so that each rank holds the global batch, and only rank 0 logs.
 As verl: ``timing_s/step`` and ``perf/throughput`` cover the whole step, validation and checkpoint
 included; ``val_before_train`` validates at the start of every run, a resumed one too (at its step).
 Set-up (model, engine, data, optimizer, resume) lives in :mod:`mtprl.trainer.setup`.
@@ -18,7 +21,8 @@ from contextlib import contextmanager
 from mtprl.algorithms import adaptive_kl_coef, apply_kl_in_reward, get_adv_estimator, scores_to_token_rewards
 from mtprl.config.schema import MtprlConfig
 from mtprl.trainer.faults import fault_point
-from mtprl.trainer.samples import SeqFinalRewards, collect_step_samples, sample_metrics, to_train_batch
+from mtprl.trainer.samples import (SeqFinalRewards, collect_step_samples, gather_step_samples, sample_metrics,
+                                   to_train_batch)
 from mtprl.trainer.setup import DataExhausted, Run, save, setup, setup_evaluation
 from mtprl.trainer.update import actor_update, compute_logprobs
 from mtprl.trainer.validate import validate
@@ -36,10 +40,11 @@ def add_logprobs(run: Run, batch, metrics: dict) -> None:
     cfg = run.cfg
     with timed(metrics, "old_log_prob"):
         use_rollout = cfg.actor_rollout_ref.actor.use_rollout_log_probs
-        batch.old_logprobs = batch.rollout_logprobs if use_rollout else compute_logprobs(run.model, batch, cfg)
+        batch.old_logprobs = (batch.rollout_logprobs if use_rollout
+                              else compute_logprobs(run.model, batch, cfg, dp=run.dist))
     if run.ref_model is not None:
         with timed(metrics, "ref"):
-            batch.ref_logprobs = compute_logprobs(run.ref_model, batch, cfg, role="ref")
+            batch.ref_logprobs = compute_logprobs(run.ref_model, batch, cfg, role="ref", dp=run.dist)
 
 
 def token_rewards(run: Run, batch):
@@ -74,9 +79,12 @@ def rl_step(run: Run) -> dict[str, float]:
     cfg, actor, alg = run.cfg, run.cfg.actor_rollout_ref.actor, run.cfg.algorithm
     filter_timing: dict[str, float] = {}
     samples, metrics = collect_step_samples(cfg, run.engine, run.reward, run.next_prompts, run.sample_gen,
-                                            run.tokenizer, run.group_ids(), seq_final_rewards(run, filter_timing))
+                                            run.tokenizer, run.group_ids(), seq_final_rewards(run, filter_timing),
+                                            dist=run.dist)
     fault_point("gen", run.step + 1)
     metrics.update(filter_timing)
+    samples, metrics = gather_step_samples(run.dist, samples, metrics, cfg.data.train_batch_size
+                                           if alg.filter_groups.enable else None)  # every rank: the global batch
     batch = to_train_batch(samples, run.tokenizer.pad_token_id).to(run.device)
     add_logprobs(run, batch, metrics)
     with timed(metrics, "adv"):
@@ -88,10 +96,12 @@ def rl_step(run: Run) -> dict[str, float]:
         batch.advantages, _ = get_adv_estimator(alg.adv_estimator)(
             rewards, batch.response_mask, batch.group_ids, norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma)
     lr = run.scheduler.get_last_lr()[0]  # the lr of this step's optimizer steps (verl logs it before stepping)
+    run.release_rollout()  # rollout.free_cache_engine: the engine's memory is the update's meanwhile
     with timed(metrics, "update_actor"):
-        update_metrics, skipped = actor_update(run.model, run.optimizer, batch, cfg, run.shuffle_gen)
+        update_metrics, skipped = actor_update(run.model, run.optimizer, batch, cfg, run.shuffle_gen, dp=run.dist)
         fault_point("update", run.step + 1)
         run.scheduler.step()
+    metrics.update(run.sync_rollout())  # multi-rank: the new weights, MTP layers included, into every engine
     mini = actor.ppo_mini_batch_size * cfg.actor_rollout_ref.rollout.n
     run.note_step_health(skipped_all=skipped >= actor.ppo_epochs * math.ceil(len(batch) / mini))
     metrics.update(update_metrics)
@@ -113,7 +123,8 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
     last: dict[str, float] = {}
     try:
         if cfg.trainer.val_before_train and run.val_prompts:  # verl: on resume too, at the resumed step
-            last = validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer, run.tracker, run.step)
+            last = validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer, run.tracker, run.step,
+                            run.dist)
             run.tracker.log(last, run.step)
         while run.step < run.total_steps:
             t0 = time.perf_counter()
@@ -128,7 +139,7 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
             if run.val_prompts and freq > 0 and (run.step % freq == 0 or run.step == run.total_steps):
                 with timed(metrics, "testing"):
                     metrics.update(validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer,
-                                            run.tracker, run.step))
+                                            run.tracker, run.step, run.dist))
             if run.step == run.total_steps or (cfg.trainer.save_freq > 0 and run.step % cfg.trainer.save_freq == 0):
                 with timed(metrics, "save_checkpoint"):
                     save(run, metrics)  # the row rides along: logged on resume if a kill comes before the log below

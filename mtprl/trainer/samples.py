@@ -130,16 +130,23 @@ def merge_reward_metrics(parts: Sequence[tuple[int, dict[str, float]]]) -> dict[
 
 
 def collect_step_samples(cfg: MtprlConfig, engine, manager, next_prompts, generator, tokenizer,
-                         group_ids: Iterator[int], seq_final_rewards: SeqFinalRewards | None = None
-                         ) -> tuple[list[Sample], dict[str, float]]:
+                         group_ids: Iterator[int], seq_final_rewards: SeqFinalRewards | None = None,
+                         dist=None) -> tuple[list[Sample], dict[str, float]]:
     """Generate + score batches of ``data.gen_batch_size`` prompts until the step has its samples:
     one batch without dynamic sampling; with it, batches until ``train_batch_size`` groups whose
     metric varies (or that hold one sample) are kept (``max_num_gen_batches`` bounds the tries).
     The rollout and reward metrics cover every generation batch of the step (summed counts, means
-    over all of them); ``seq_final_rewards``: see :func:`filter_metric_values`."""
+    over all of them); ``seq_final_rewards``: see :func:`filter_metric_values`. With data parallelism
+    (``dist``) each rank generates its share of every batch and dynamic sampling counts the groups kept
+    on all ranks, so every rank stops after the same batch; the samples stay local (see
+    :func:`gather_step_samples`)."""
     params, spec = sampling_params(cfg, tokenizer), speculative_config(cfg)
     fg = cfg.algorithm.filter_groups
-    acc = DynamicSamplingAccumulator(target_num_groups=cfg.data.train_batch_size,
+    count = None
+    if dist is not None and dist.distributed:
+        def count(n: int) -> int:
+            return int(dist.all_reduce([float(n)])[0])
+    acc = DynamicSamplingAccumulator(target_num_groups=cfg.data.train_batch_size, count_kept=count,
                                      max_num_gen_batches=fg.max_num_gen_batches) if fg.enable else None
     timing = {"timing_s/gen": 0.0, "timing_s/reward": 0.0}
     rollout: list[RolloutMetrics] = []
@@ -159,9 +166,34 @@ def collect_step_samples(cfg: MtprlConfig, engine, manager, next_prompts, genera
         if acc.done:
             samples = acc.samples()
             break
-    metrics = {**merge_reward_metrics(rewards), **RolloutMetrics.merge(rollout).as_dict(), **timing}
+    merged = RolloutMetrics.merge(rollout)
+    if dist is not None and dist.distributed:  # exact over ranks (counts summed, rates from the summed counts)
+        merged = RolloutMetrics.merge_ranks(dist.all_gather_object(merged))
+    metrics = {**merge_reward_metrics(rewards), **merged.as_dict(), **timing}
     if acc is not None:
         metrics.update(acc.metrics())
+    return samples, metrics
+
+
+def gather_step_samples(dist, samples: list[Sample], metrics: dict[str, float], num_groups: int | None
+                        ) -> tuple[list[Sample], dict[str, float]]:
+    """Every rank's samples of the step (rank 0's first; the first ``num_groups`` groups when dynamic
+    sampling kept more over all ranks) and the step's metrics reduced over ranks; the identity on one
+    process."""
+    from mtprl.distributed.gather import gather_groups, reduce_metrics
+
+    if dist is None or not dist.distributed:
+        return samples, metrics
+    rollout = {k: v for k, v in metrics.items() if k.startswith("rollout/")}  # already over all ranks
+    metrics = {**reduce_metrics(dist, {k: v for k, v in metrics.items() if k not in rollout},
+                                weight=float(len(samples))), **rollout}
+    samples = gather_groups(dist, samples)
+    if num_groups is not None:
+        keep: set[int] = set()
+        for s in samples:
+            if s.group_id not in keep and len(keep) < num_groups:
+                keep.add(s.group_id)
+        samples = [s for s in samples if s.group_id in keep]
     return samples, metrics
 
 

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from rich.console import Console
 
 from mtprl.config.loader import ConfigError, to_dict
 from mtprl.config.schema import MtprlConfig
 from mtprl.data import PromptLoader, build_prompt_dataset
+from mtprl.distributed.env import DistEnv, init_distributed
 from mtprl.metrics import Tracker
 from mtprl.metrics.prometheus import PrometheusExporter
 from mtprl.reward.registry import RewardManager, build_reward_manager
@@ -32,8 +34,8 @@ class Run:
     cfg: MtprlConfig
     device: torch.device
     tokenizer: Any
-    model: torch.nn.Module  # the policy; the rollout engine holds this same module
-    ref_model: torch.nn.Module | None  # frozen initial policy, only when a KL term is on
+    model: torch.nn.Module  # the policy (FSDP2-sharded with more than one rank)
+    ref_model: torch.nn.Module | None  # frozen initial policy, only when a KL term is on (sharded like model)
     engine: Any
     reward: RewardManager
     loader: PromptLoader
@@ -51,12 +53,18 @@ class Run:
     kl_coef: float = 0.0
     bad_steps: int = 0
     last_checkpoint: Path | None = None
+    dist: DistEnv = field(default_factory=DistEnv)  # this rank (a single process: rank 0 of 1)
+    # the engine's own full copy of the weights with more than one rank (refreshed by sync_rollout); None: the
+    # engine holds ``model`` itself, so it always sees the current weights
+    rollout_model: torch.nn.Module | None = None
     _batches: Iterator | None = field(default=None, repr=False)
 
     def next_prompts(self) -> list:
-        """The next loader batch (``data.gen_batch_size`` prompts), rolling over epochs. The run is at most
-        ``trainer.total_epochs`` passes over the data, ``trainer.total_training_steps`` or not (verl's
-        epoch loop): past them this raises DataExhausted (dynamic sampling may use up the data first)."""
+        """This rank's share of the next loader batch (``data.gen_batch_size`` prompts; every rank draws
+        the same batch and takes every ``world_size``-th prompt, so prompt groups stay whole on a rank),
+        rolling over epochs. The run is at most ``trainer.total_epochs`` passes over the data,
+        ``trainer.total_training_steps`` or not (verl's epoch loop): past them this raises DataExhausted
+        (dynamic sampling may use up the data first)."""
         while True:
             if self.loader.epoch >= self.cfg.trainer.total_epochs:
                 raise DataExhausted(f"trainer.total_epochs={self.cfg.trainer.total_epochs} passes over the data done")
@@ -64,8 +72,28 @@ class Run:
                 self._batches = iter(self.loader)
             batch = next(self._batches, None)
             if batch is not None:
-                return batch
+                return batch[self.dist.rank::self.dist.world_size]
             self._batches = None
+
+    def sync_rollout(self) -> dict[str, float]:
+        """Copy the updated policy (MTP layers included) from the FSDP shards into the engine's weights
+        (every rank calls it); nothing to do when the engine holds the policy module itself."""
+        if self.rollout_model is None:
+            return {}
+        from mtprl.distributed.weight_sync import sync_weights
+
+        r = self.cfg.actor_rollout_ref.rollout
+        stats = sync_weights(self.model, self.rollout_model, bucket_bytes=r.update_weights_bucket_megabytes << 20)
+        return {"timing_s/update_weights": stats.seconds, "perf/update_weights_bytes": float(stats.bytes),
+                "perf/update_weights_buckets": float(stats.num_buckets)}
+
+    def release_rollout(self) -> None:
+        """``rollout.free_cache_engine``: drop the engine's KV cache and weight copy during the update."""
+        if self.rollout_model is not None and self.cfg.actor_rollout_ref.rollout.free_cache_engine:
+            from mtprl.distributed.weight_sync import release_weights
+
+            self.engine.release()
+            release_weights(self.rollout_model)
 
     def group_ids(self) -> Iterator[int]:
         while True:
@@ -195,8 +223,11 @@ def _prompt_dataset(cfg: MtprlConfig, tokenizer, files):
 def setup(cfg: MtprlConfig, *, console=None) -> Run:
     """Everything for training, resumed per ``trainer.resume_mode`` (model, optimizer, data cursor, RNG;
     the metrics logs are cut back to the resumed step, see :class:`mtprl.metrics.Tracker`)."""
-    device = resolve_device(cfg.trainer.device)
-    torch.manual_seed(cfg.trainer.seed)
+    tr = cfg.trainer
+    dist = init_distributed(resolve_device(tr.device).type, timeout_s=tr.collective_timeout_s,
+                            expected_world_size=tr.nnodes * tr.n_gpus_per_node)
+    device = dist.device
+    torch.manual_seed(tr.seed)
     tokenizer = load_policy_tokenizer(cfg.actor_rollout_ref.model)
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: give RL parquet files in verl's schema")
@@ -205,7 +236,7 @@ def setup(cfg: MtprlConfig, *, console=None) -> Run:
     val_set = _prompt_dataset(cfg, tokenizer, cfg.data.val_files) if cfg.data.val_files else []
     reward = build_reward(cfg)  # worker processes: closed below if anything after this fails
     try:
-        run, resume = _build_run(cfg, device, tokenizer, train_set, val_set, reward, console)
+        run, resume = _build_run(cfg, dist, tokenizer, train_set, val_set, reward, console)
     except BaseException:
         reward.close()
         raise
@@ -253,14 +284,19 @@ def setup_evaluation(cfg: MtprlConfig, *, console=None, from_checkpoint: bool = 
                       val_prompts=val_set.prompts, tracker=tracker, step=step, checkpoint=checkpoint)
 
 
-def _build_run(cfg: MtprlConfig, device, tokenizer, train_set, val_set, reward, console) -> tuple[Run, Path | None]:
+def _build_run(cfg: MtprlConfig, dist: DistEnv, tokenizer, train_set, val_set, reward, console
+               ) -> tuple[Run, Path | None]:
     """The run before its checkpoint is restored, and the checkpoint to restore (None: a fresh start)."""
+    device = dist.device
     model = load_policy(cfg.actor_rollout_ref.model, device)
     mtp, actor, alg = cfg.actor_rollout_ref.model.mtp, cfg.actor_rollout_ref.actor, cfg.algorithm
     set_trainable(model, trunk=True, mtp=mtp.enable and mtp.enable_train)  # frozen MTP layers never change
     ref_model = None
     if actor.use_kl_loss or alg.use_kl_in_reward:
         ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+    rollout_model = None
+    if dist.distributed:  # colocated: the engine gets a full copy, training an FSDP2 shard
+        model, ref_model, rollout_model = _shard(cfg, dist, model, ref_model)
     loader = PromptLoader(train_set.prompts, batch_size=cfg.data.gen_batch_size, seed=cfg.data.seed,
                           shuffle=cfg.data.shuffle)
     epoch_steps = cfg.trainer.total_epochs * len(loader)
@@ -270,8 +306,11 @@ def _build_run(cfg: MtprlConfig, device, tokenizer, train_set, val_set, reward, 
     scheduler = build_scheduler(optimizer, actor.optim, schedule)
     root = Path(cfg.trainer.default_local_dir)
     prom = cfg.actor_rollout_ref.rollout.prometheus
-    engine = build_engine(cfg, model, console=console)
-    resume = resolve_resume(root, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
+    engine = build_engine(cfg, rollout_model if rollout_model is not None else model,
+                          console=console if dist.is_main else Console(quiet=True))
+    # rank 0 picks the checkpoint (finishing an interrupted rename) and tells the others
+    resume = dist.broadcast_object(resolve_resume(root, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
+                                   if dist.is_main else None)
     exporter = PrometheusExporter(prom.port, prom.host) if prom.enable else None  # before the tracker's live bar
     try:  # rows an earlier run logged past the resumed step (or all, on a fresh start) are dropped
         tracker = Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="rl", config=cfg,
@@ -284,9 +323,28 @@ def _build_run(cfg: MtprlConfig, device, tokenizer, train_set, val_set, reward, 
                engine=engine, reward=reward, loader=loader,
                val_prompts=val_set.prompts if val_set else [], optimizer=optimizer, scheduler=scheduler,
                tracker=tracker, exporter=exporter, total_steps=total,
-               root=root, sample_gen=torch.Generator().manual_seed(cfg.trainer.seed),
-               shuffle_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1), kl_coef=alg.kl_ctrl.kl_coef)
+               root=root, sample_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1000003 * dist.rank),
+               shuffle_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1), kl_coef=alg.kl_ctrl.kl_coef,
+               dist=dist, rollout_model=rollout_model)
     return run, resume
+
+
+def _shard(cfg: MtprlConfig, dist: DistEnv, model, ref_model):
+    """(policy, reference, rollout copy) of a multi-rank run: the rollout engine's full copy in the
+    configured dtype, then FSDP2 over all ranks with fp32 master weights (the forward in the configured
+    dtype through FSDP's mixed precision on CUDA), the reference sharded the same way."""
+    from mtprl.distributed.parallelize import apply_fsdp
+
+    fsdp = cfg.actor_rollout_ref.actor.fsdp_config
+    rollout_model = copy.deepcopy(model).requires_grad_(False).eval()
+    compute_dtype = next(model.parameters()).dtype
+    offload = dist.device.type == "cuda" and (fsdp.param_offload or fsdp.optimizer_offload)  # CPU: nothing to offload
+    apply_fsdp(model.float(), dist, compute_dtype=compute_dtype, offload=offload)
+    if ref_model is not None:
+        ref = cfg.actor_rollout_ref.ref.fsdp_config
+        apply_fsdp(ref_model.float(), dist, compute_dtype=compute_dtype,
+                   offload=dist.device.type == "cuda" and ref.param_offload)
+    return model, ref_model, rollout_model
 
 
 def _generators(run: Run) -> dict[str, torch.Generator]:
@@ -299,10 +357,12 @@ def save(run: Run, row: dict[str, float] | None = None) -> Path:
     stops the run with an OSError naming the checkpoint and the last intact one, which is untouched."""
     state = {"loader": run.loader.state_dict(), "rng": rng_state(_generators(run)), "bad_steps": run.bad_steps,
              "next_group_id": run.next_group_id, "kl_coef": run.kl_coef, "config": to_dict(run.cfg),
-             "metrics_row": dict(row) if row is not None else None}
+             "metrics_row": dict(row) if row is not None else None,
+             "rank_sample_rng": run.dist.all_gather_object(run.sample_gen.get_state())}  # per-rank sampling streams
     try:
         run.last_checkpoint = save_checkpoint(run.root, run.step, run.model, run.optimizer, run.scheduler, state,
-                                              keep=run.cfg.trainer.max_actor_ckpt_to_keep)
+                                              keep=run.cfg.trainer.max_actor_ckpt_to_keep, dist=run.dist,
+                                              export_model=run.rollout_model)
     except OSError as e:
         message = (f"writing checkpoint {run.root / f'global_step_{run.step}'} failed ({e.strerror or e}); the last "
                    f"intact checkpoint is {run.last_checkpoint or 'none'}: free space and rerun the same command to "
@@ -316,6 +376,13 @@ def restore(run: Run, path: Path) -> dict[str, Any]:
     state = load_checkpoint(path, run.model, run.optimizer, run.scheduler)
     run.loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"], _generators(run))
+    streams = state.get("rank_sample_rng") or []
+    if run.dist.distributed:  # rank r continues its own sampling stream (a rank new to the run: its seed)
+        if run.dist.rank < len(streams):
+            run.sample_gen.set_state(streams[run.dist.rank])
+        else:
+            run.sample_gen.manual_seed(run.cfg.trainer.seed + 1000003 * run.dist.rank)
+    run.sync_rollout()  # the engine's copy gets the restored weights
     run.step, run.bad_steps = state["step"], state["bad_steps"]
     run.next_group_id, run.kl_coef = state["next_group_id"], state["kl_coef"]
     run.last_checkpoint = path

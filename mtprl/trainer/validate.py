@@ -17,9 +17,15 @@ from mtprl.rollout.types import RolloutMetrics
 from mtprl.trainer.samples import counter, generate_samples, sampling_params, score_samples, speculative_config
 
 
-def validate(cfg: MtprlConfig, engine, manager, val_prompts, tokenizer, tracker, step: int) -> dict[str, float]:
+def validate(cfg: MtprlConfig, engine, manager, val_prompts, tokenizer, tracker, step: int,
+             dist=None) -> dict[str, float]:
+    """Validation metrics of ``val_prompts``. With data parallelism (``dist``) each rank generates every
+    ``world_size``-th prompt on its own engine and the samples are gathered, so the metrics are those of
+    the whole set."""
     params, spec = sampling_params(cfg, tokenizer, validation=True), speculative_config(cfg)
-    generator = torch.Generator().manual_seed(cfg.trainer.seed + 7919)
+    rank, world = (dist.rank, dist.world_size) if dist is not None and dist.distributed else (0, 1)
+    generator = torch.Generator().manual_seed(cfg.trainer.seed + 7919 + 1000003 * rank)
+    val_prompts = [val_prompts[i] for i in range(rank, len(val_prompts), world)]
     size = cfg.data.val_batch_size or len(val_prompts)
     samples, rollout = [], []
     gids = counter(0)
@@ -29,6 +35,11 @@ def validate(cfg: MtprlConfig, engine, manager, val_prompts, tokenizer, tracker,
         score_samples(manager, batch)
         samples += batch
         rollout.append(r_metrics)
+    merged = RolloutMetrics.merge(rollout) if rollout else None
+    if world > 1:
+        parts = dist.all_gather_object((samples, merged))
+        samples = [s for part, _ in parts for s in part]
+        merged = RolloutMetrics.merge_ranks([m for _, m in parts if m is not None])
     by_source: dict[str, list] = defaultdict(list)
     for s in samples:
         by_source[s.prompt.record.data_source].append(s)
@@ -38,7 +49,7 @@ def validate(cfg: MtprlConfig, engine, manager, val_prompts, tokenizer, tracker,
         metrics[f"val-core/{source}/acc/mean@{n}"] = sum(s.acc for s in group) / len(group)
         metrics[f"val-aux/{source}/score/mean@{n}"] = sum(s.score for s in group) / len(group)
     metrics["val/response_length/mean"] = sum(len(s.response_ids) for s in samples) / len(samples)
-    metrics.update(RolloutMetrics.merge(rollout).as_dict(prefix="val/rollout/"))  # counts summed over the batches
+    metrics.update(merged.as_dict(prefix="val/rollout/"))  # counts summed over the batches (and ranks)
     for s in samples[: cfg.trainer.log_val_generations]:
         prompt = s.prompt.record.messages[-1]["content"]
         tracker.log_text("val/generations", f"[prompt] {prompt!r} [response] {s.response_text!r} "

@@ -143,7 +143,7 @@ def test_consecutive_bad_steps_stop_with_the_last_checkpoint_intact(tiny_world, 
 
     calls = []
 
-    def nan_update(model, optimizer, batch, cfg, generator):
+    def nan_update(model, optimizer, batch, cfg, generator, dp=None):
         calls.append(1)
         if len(calls) == 1:  # the first step is healthy
             return {"actor/pg_loss": 0.0}, 0
@@ -208,7 +208,7 @@ def test_actor_lr_is_the_lr_the_step_used(tiny_world, tmp_path, monkeypatch):
 
     used = []
 
-    def record_update(model, optimizer, batch, cfg, generator):
+    def record_update(model, optimizer, batch, cfg, generator, dp=None):
         used.append(optimizer.param_groups[0]["lr"])
         return {"actor/pg_loss": 0.0}, 0
 
@@ -268,7 +268,7 @@ def test_run_close_closes_everything_even_when_one_close_fails(tiny_world, tmp_p
     assert closed == ["reward", "exporter"]
 
 
-def _fast_update(model, optimizer, batch, cfg, generator):
+def _fast_update(model, optimizer, batch, cfg, generator, dp=None):
     return {"actor/pg_loss": 0.0}, 0
 
 
@@ -357,7 +357,7 @@ def test_seq_final_reward_filter_includes_the_kl_in_reward_penalty(tiny_world, t
     from mtprl.trainer.setup import setup
 
     monkeypatch.setattr(loop, "compute_logprobs",
-                        lambda model, batch, cfg, role="actor": torch.zeros(batch.input_ids.shape) - 0.5 * (role == "ref"))
+                        lambda model, batch, cfg, role="actor", dp=None: torch.zeros(batch.input_ids.shape) - 0.5 * (role == "ref"))
     cfg = _cfg(tiny_world, tmp_path / "k", "trainer.resume_mode=disable", "algorithm.use_kl_in_reward=True",
                "algorithm.kl_ctrl.kl_coef=0.1", "algorithm.filter_groups.enable=True",
                "algorithm.filter_groups.metric=seq_final_reward")
