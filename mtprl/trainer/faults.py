@@ -10,7 +10,8 @@
     renamed   checkpoint commit: ``global_step_<k>`` renamed into place, latest-step file not yet written
     log       after the checkpoint of step k is saved, before step k's metrics row is logged
 
-Unset (the normal case) it does nothing. Used by tests/trainer/test_resilience.py; not for production.
+``MTPRL_FAULT=<phase>:<step>@<rank>`` kills only that rank of a multi-rank run (``RANK`` of the
+launcher's environment). Unset (the normal case) it does nothing. Used by tests/trainer/test_resilience.py; not for production.
 """
 
 from __future__ import annotations
@@ -22,5 +23,6 @@ FAULT_ENV = "MTPRL_FAULT"
 
 
 def fault_point(phase: str, step: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"{phase}:{step}":
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec in (f"{phase}:{step}", f"{phase}:{step}@{os.environ.get('RANK', '0')}"):
         os.kill(os.getpid(), signal.SIGKILL)

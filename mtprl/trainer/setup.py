@@ -117,7 +117,10 @@ class Run:
     def close(self) -> None:
         """Close tracker, reward workers and Prometheus server; each is closed even when an earlier one
         fails (the first error is raised after)."""
-        _close_all([self.tracker.close, self.reward.close] + ([self.exporter.close] if self.exporter is not None else []))
+        from mtprl.distributed.env import destroy_distributed
+
+        _close_all([self.tracker.close, self.reward.close] + ([self.exporter.close] if self.exporter is not None else [])
+                   + ([destroy_distributed] if self.dist.distributed else []))
 
 
 @dataclass

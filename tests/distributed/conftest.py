@@ -17,9 +17,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: Path, world_size: int, *args: str, timeout: float = 240, env: dict | None = None,
+def launch(script: Path | str, world_size: int, *args: str, timeout: float = 240, env: dict | None = None,
            check: bool = True) -> list[subprocess.CompletedProcess]:
-    """Run ``script`` as ``world_size`` ranks (RANK / WORLD_SIZE / MASTER_* set); returns each rank's result."""
+    """Run ``script`` (a file, or "-m module") as ``world_size`` ranks (RANK / WORLD_SIZE / MASTER_* set, as
+    torchrun sets them); returns each rank's result."""
     port = free_port()
     procs = []
     for rank in range(world_size):
@@ -29,7 +30,8 @@ def launch(script: Path, world_size: int, *args: str, timeout: float = 240, env:
         if world_size == 1:
             for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
                 e.pop(k)
-        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=e, stdout=subprocess.PIPE,
+        head = str(script).split() if str(script).startswith("-m ") else [str(script)]
+        procs.append(subprocess.Popen([sys.executable, *head, *args], env=e, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     results = []
     for p in procs:
