@@ -141,8 +141,9 @@ def _failure_message(rank: int, error: BaseException, cfg: MtprlConfig) -> str:
 
     last = find_latest_checkpoint(Path(cfg.trainer.default_local_dir))
     what = "died (killed, out of memory or crashed)" if isinstance(error, ray.exceptions.RayActorError) else "failed"
-    cause = str(error).strip().splitlines()
-    cause = cause[-1] if cause else type(error).__name__
+    lines = str(error).strip().splitlines()
+    cause = lines[-1] if lines else type(error).__name__
+    cause = cause.split(" Worker exit type:")[0]  # Ray's troubleshooting text after that is not ours to repeat
     return (f"rank {rank} {what}: {cause}. The other ranks were stopped. Last intact checkpoint: "
             f"{last or 'none'}; run the same command again to resume from it (trainer.resume_mode=auto).")
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,9 +105,10 @@ def test_ray_two_workers_two_steps_then_a_killed_rank_and_resume(tiny_world, tmp
     assert all(math.isfinite(v) for r in got for v in r.values() if isinstance(v, float))
     assert all(r["timing_s/update_weights"] > 0 for r in got)
     # rank 1 is SIGKILLed in the update of step 3: one error naming the rank and the last checkpoint, in time
+    t0 = time.monotonic()
     killed = ray_train(tiny_world, out, "trainer.total_training_steps=4",
                        "+ray_kwargs.ray_init.runtime_env.env_vars.MTPRL_FAULT=update:3@1", timeout=120)
-    assert killed.returncode != 0
+    assert killed.returncode != 0 and time.monotonic() - t0 < 60
     assert "rank 1 died" in killed.stderr and "global_step_2" in killed.stderr, killed.stderr[-3000:]
     resumed = ray_train(tiny_world, out, "trainer.total_training_steps=4")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
