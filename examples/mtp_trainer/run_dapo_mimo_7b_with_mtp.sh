@@ -8,13 +8,18 @@
 #   CKPTS_DIR   where checkpoints, metrics.jsonl and TensorBoard logs go
 #   MTPRL_CMD   "config show" prints the resolved config instead of training
 #
+#   NNODES, NGPUS_PER_NODE   the layout (default the seed's 16 x 8); RAY_ADDRESS=auto joins the Ray cluster
+#               started on the nodes (see README "Scale-out": `ray start --head` on the first node,
+#               `ray start --address=<head>:6379` on the others), then run this script on the head node
+#
 # How the seed's 16-node settings map onto mtprl's back-ends:
-#   Megatron (train_tp=2, train_pp=2, train_cp=2, offload=True, use_mbridge)  -> not available. mtprl trains
-#       with one process per model replica (FSDP2 scale-out is tracked as its own issue); the equivalent keys
-#       are rejected by validation with the reason, so they are left out here.
-#   SGLang + EAGLE (rollout.name=sglang, gen_tp=4, gpu_memory_utilization)     -> the native engine with the
-#       model's own MTP layers as drafts (rollout.name=native); rollout tensor parallelism is not available.
-#   NNODES=16 x NGPUS_PER_NODE=8                                               -> not available yet: one process.
+#   Megatron (train_tp=2, train_pp=2, train_cp=2, offload=True, use_mbridge)  -> FSDP2 data parallelism over all
+#       NNODES x NGPUS_PER_NODE ranks (one per GPU, nccl), offload=True -> fsdp_config.param_offload /
+#       optimizer_offload (FSDP2 CPU offload); Megatron TP/PP/CP keys are rejected by validation with the reason.
+#   SGLang + EAGLE (rollout.name=sglang, gen_tp=4, gpu_memory_utilization)     -> the native engine colocated on
+#       every rank with the model's own MTP layers as drafts (rollout.name=native); the engine gets the updated
+#       weights, MTP layer included, from the FSDP shards after every step. Rollout TP is not available.
+#   runtime_env.yaml                                                           -> --runtime-env (this folder's).
 set -euo pipefail
 : "${MODEL_PATH:?set MODEL_PATH to a local MiMo-7B-RL directory}"
 : "${TRAIN_FILE:?set TRAIN_FILE to DAPO-Math-17k in verl's parquet schema}"
@@ -42,7 +47,16 @@ common_params=(
     actor_rollout_ref.model.mtp.speculative_num_draft_tokens=4
 )
 
-${PYTHON:-python} -m mtprl ${MTPRL_CMD:-train} --config-name dapo_mimo_7b \
+here=$(cd "$(dirname "$0")" && pwd)
+launch=()
+if [ "${MTPRL_CMD:-train}" = train ]; then launch=(--runtime-env "${here}/runtime_env.yaml"); fi
+
+${PYTHON:-python} -m mtprl ${MTPRL_CMD:-train} "${launch[@]}" --config-name dapo_mimo_7b \
+    trainer.nnodes=${NNODES:-16} \
+    trainer.n_gpus_per_node=${NGPUS_PER_NODE:-8} \
+    ray_kwargs.ray_init.address=${RAY_ADDRESS:-auto} \
+    actor_rollout_ref.actor.fsdp_config.param_offload=True \
+    actor_rollout_ref.actor.fsdp_config.optimizer_offload=True \
     data.train_files="${TRAIN_FILE}" \
     data.val_files="${TEST_FILE}" \
     data.max_prompt_length=${max_prompt_length} \

@@ -105,7 +105,7 @@ def run_with_ray(cfg: MtprlConfig, *, runtime_env: dict[str, Any] | None = None,
         master = (nodes[0][1], ray.get(workers[0].free_port.remote()))
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
         envs = _rank_envs(nodes, master, threads)
-        cfg_dict = to_dict(cfg)
+        cfg_dict = absolute_paths(to_dict(cfg))
         futures = {w.run.remote(cfg_dict, e): rank for rank, (w, e) in enumerate(zip(workers, envs))}
         return _wait_all(futures, cfg, poll_s)[0]
     finally:
@@ -114,6 +114,22 @@ def run_with_ray(cfg: MtprlConfig, *, runtime_env: dict[str, Any] | None = None,
         remove_placement_group(pg)
         if started_here:
             ray.shutdown()
+
+
+def absolute_paths(tree: dict) -> dict:
+    """The config with its local paths made absolute against the driver's directory: a runtime env's
+    working_dir moves the workers' current directory, and the workers must read and write where the
+    command line meant."""
+    def fix(path):
+        return path if path is None or "://" in str(path) or os.path.isabs(path) else os.path.abspath(path)
+
+    data, model, tr = tree["data"], tree["actor_rollout_ref"]["model"], tree["trainer"]
+    data["train_files"] = [fix(p) for p in data["train_files"]]
+    data["val_files"] = [fix(p) for p in data["val_files"]]
+    model["path"], model["tokenizer_path"] = fix(model["path"]), fix(model["tokenizer_path"])
+    tr["default_local_dir"], tr["resume_from_path"] = fix(tr["default_local_dir"]), fix(tr["resume_from_path"])
+    tree["custom_reward_function"]["path"] = fix(tree["custom_reward_function"]["path"])
+    return tree
 
 
 def _wait_all(futures: dict, cfg: MtprlConfig, poll_s: float) -> list[dict[str, float]]:

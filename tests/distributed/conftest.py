@@ -51,3 +51,8 @@ def launch(script: Path | str, world_size: int, *args: str, timeout: float = 240
 @pytest.fixture
 def launch_ranks():
     return launch
+
+
+@pytest.fixture
+def free_tcp_port() -> int:
+    return free_port()

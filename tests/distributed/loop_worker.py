@@ -18,10 +18,21 @@ from mtprl.distributed.parallelize import full_state_dict
 from mtprl.distributed.weight_sync import stepper_weights
 from mtprl.model import from_pretrained
 from mtprl.model.packed import PackedModel
+from mtprl.trainer import loop
 from mtprl.trainer.loop import rl_step
 from mtprl.trainer.setup import setup
 
 torch.set_num_threads(1)
+trained_groups: list[int] = []  # groups in each update's batch (recorded by the wrapper below)
+_real_update = loop.actor_update
+
+
+def _recording_update(model, optimizer, batch, cfg, generator, dp=None):
+    trained_groups.append(len(set(batch.group_ids.tolist())))
+    return _real_update(model, optimizer, batch, cfg, generator, dp=dp)
+
+
+loop.actor_update = _recording_update
 
 
 def engine_vs_trainer(run) -> tuple[float, float]:
@@ -50,6 +61,7 @@ def main(mode: str, out: str, overrides: list[str]) -> None:
                 run.step += 1
                 result["diffs"].append(engine_vs_trainer(run))
                 result.setdefault("sync_s", []).append(metrics.get("timing_s/update_weights"))
+                result.setdefault("num_groups", []).append(trained_groups.pop())
             moved = stepper_weights(run.engine.current_stepper())
             result["mtp_moved"] = max(float((moved[k] - v).abs().max()) for k, v in initial_mtp.items())
         else:

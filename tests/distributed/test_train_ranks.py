@@ -40,18 +40,31 @@ def results(path, world):
     return [json.loads(Path(f"{path}.{r}").read_text()) for r in range(world)]
 
 
+# A reward that varies within groups even for a random policy: +1 for an even response length.
+PARITY_REWARD = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    return {"score": 1.0 if len(solution_str) % 2 == 0 else -1.0, "acc": len(solution_str) % 2 == 0}
+"""
+
+
 @pytest.mark.slow
 def test_engines_hold_the_trainers_weights_after_every_step(tiny_world, tmp_path, launch_ranks):
     out = tmp_path / "run"
+    reward = tmp_path / "parity.py"
+    reward.write_text(PARITY_REWARD)
     launch_ranks(WORKER, 2, "sync", str(tmp_path / "sync"),
                  *overrides(tiny_world, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2",
-                            "actor_rollout_ref.rollout.free_cache_engine=True"))
+                            "actor_rollout_ref.rollout.free_cache_engine=True", f"custom_reward_function.path={reward}",
+                            "algorithm.filter_groups.enable=True", "data.gen_batch_size=2",
+                            "algorithm.filter_groups.max_num_gen_batches=20"))
     for res in results(tmp_path / "sync", 2):
         assert len(res["diffs"]) == 2
         for total, mtp in res["diffs"]:
             assert total == 0.0 and mtp == 0.0  # bit-identical, MTP layers included
         assert res["mtp_moved"] > 1e-4  # the MTP layers trained, so a sync that skipped them would fail above
         assert all(s is not None and s > 0 for s in res["sync_s"])
+        # dynamic sampling counted kept groups over both ranks: each step trained exactly train_batch_size groups
+        assert res["num_groups"] == [4, 4]
 
 
 @pytest.mark.slow
@@ -84,13 +97,17 @@ def test_torchrun_two_ranks_one_step(tiny_world, tmp_path):
     assert row["step"] == 1 and row["timing_s/update_weights"] > 0
 
 
-def ray_train(tiny_world, out, *extra, timeout=240):
+def ray_env():
     env = dict(os.environ, RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "mtprl", "train", *overrides(tiny_world, out, "trainer.n_gpus_per_node=2",
-                                                               "ray_kwargs.ray_init.num_cpus=2", *extra)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def ray_train(tiny_world, out, *extra, flags=(), timeout=240):
+    cmd = [sys.executable, "-m", "mtprl", "train", *flags, *overrides(tiny_world, out, "trainer.n_gpus_per_node=2",
+                                                                       "ray_kwargs.ray_init.num_cpus=2", *extra)]
+    return subprocess.run(cmd, env=ray_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -106,10 +123,35 @@ def test_ray_two_workers_two_steps_then_a_killed_rank_and_resume(tiny_world, tmp
     assert all(r["timing_s/update_weights"] > 0 for r in got)
     # rank 1 is SIGKILLed in the update of step 3: one error naming the rank and the last checkpoint, in time
     t0 = time.monotonic()
-    killed = ray_train(tiny_world, out, "trainer.total_training_steps=4",
-                       "+ray_kwargs.ray_init.runtime_env.env_vars.MTPRL_FAULT=update:3@1", timeout=120)
+    runtime_env = tmp_path / "runtime_env.yaml"  # the seed's file format; its env_vars reach every worker
+    runtime_env.write_text('env_vars:\n  MTPRL_FAULT: "update:3@1"\n')
+    killed = ray_train(tiny_world, out, "trainer.total_training_steps=4", flags=("--runtime-env", str(runtime_env)),
+                       timeout=120)
     assert killed.returncode != 0 and time.monotonic() - t0 < 60
     assert "rank 1 died" in killed.stderr and "global_step_2" in killed.stderr, killed.stderr[-3000:]
     resumed = ray_train(tiny_world, out, "trainer.total_training_steps=4")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_joins_a_cluster_started_with_ray_start(tiny_world, tmp_path, free_tcp_port):
+    """The multi-node path on one machine: `ray start --head`, then `mtprl train ray_kwargs.ray_init.address=auto`
+    (on a real cluster the other nodes run `ray start --address=<head>:<port>`)."""
+    ray = str(Path(sys.executable).parent / "ray")
+    env = ray_env()
+    port = str(free_tcp_port)
+    start = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        out = tmp_path / "cluster"
+        cmd = [sys.executable, "-m", "mtprl", "train", *overrides(tiny_world, out, "trainer.n_gpus_per_node=2",
+                                                                   "ray_kwargs.ray_init.address=auto",
+                                                                   "trainer.total_training_steps=1")]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert [r["step"] for r in rows(out)] == [1]
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)

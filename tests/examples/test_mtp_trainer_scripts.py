@@ -27,6 +27,9 @@ def test_seed_7b_recipe_resolves(tmp_path):
     assert mtp["enable_train"] and mtp["enable_rollout"] and mtp["speculative_eagle_topk"] == 2
     assert cfg["data"]["max_response_length"] == 8192 and cfg["actor_rollout_ref"]["rollout"]["n"] == 16
     assert cfg["reward_model"]["reward_kwargs"]["overlong_buffer_cfg"]["len"] == 4096
+    assert (cfg["trainer"]["nnodes"], cfg["trainer"]["n_gpus_per_node"]) == (16, 8)  # the seed's layout
+    assert cfg["ray_kwargs"]["ray_init"]["address"] == "auto"
+    assert cfg["actor_rollout_ref"]["actor"]["fsdp_config"]["param_offload"] is True  # the seed's offload=True
 
 
 def test_tiny_cpu_script_resolves(tmp_path):
