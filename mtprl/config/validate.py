@@ -166,6 +166,11 @@ def _check_backends(errors: list[str], cfg: MtprlConfig) -> None:
         errors.append(
             f"data.gen_batch_size={cfg.data.gen_batch_size or cfg.data.train_batch_size} must be a multiple of the {world} ranks "
             "(trainer.nnodes x trainer.n_gpus_per_node): each rank generates whole prompt groups of an equal share")
+    fg = cfg.algorithm.filter_groups
+    if world > 1 and fg.enable and fg.metric == "seq_final_reward" and cfg.algorithm.use_kl_in_reward:
+        errors.append("algorithm.filter_groups.metric=seq_final_reward with algorithm.use_kl_in_reward=True is not "
+                      "available with more than one rank (it needs log-probs of every generation batch before the "
+                      "filter); filter on seq_reward or acc, or run on one process")
     if cfg.trainer.collective_timeout_s <= 0:
         errors.append(f"trainer.collective_timeout_s={cfg.trainer.collective_timeout_s} must be > 0 (seconds)")
     if cfg.actor_rollout_ref.rollout.update_weights_bucket_megabytes < 1:
