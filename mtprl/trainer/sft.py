@@ -60,6 +60,9 @@ def sft_loss(model, examples, *, pad_id: int, num_targets: int, train_trunk: boo
 
 def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
     """Train; returns the HF directory of the final checkpoint."""
+    if cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node > 1:
+        raise ConfigError("mtprl sft runs on one process (data-parallel SFT is not built); set trainer.nnodes=1 "
+                          "trainer.n_gpus_per_node=1 (multi-rank runs are for mtprl train)")
     mtp_cfg = cfg.actor_rollout_ref.model.mtp
     train_trunk, train_mtp = not cfg.sft.freeze_trunk, mtp_cfg.enable and mtp_cfg.enable_train
     if not train_trunk and not train_mtp:

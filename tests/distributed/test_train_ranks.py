@@ -56,7 +56,8 @@ def test_engines_hold_the_trainers_weights_after_every_step(tiny_world, tmp_path
                  *overrides(tiny_world, out, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2",
                             "actor_rollout_ref.rollout.free_cache_engine=True", f"custom_reward_function.path={reward}",
                             "algorithm.filter_groups.enable=True", "data.gen_batch_size=2",
-                            "algorithm.filter_groups.max_num_gen_batches=20"))
+                            "algorithm.filter_groups.max_num_gen_batches=20",
+                            "actor_rollout_ref.actor.use_kl_loss=True"))  # the reference policy is sharded too
     for res in results(tmp_path / "sync", 2):
         assert len(res["diffs"]) == 2
         for total, mtp in res["diffs"]:
@@ -155,3 +156,13 @@ def test_joins_a_cluster_started_with_ray_start(tiny_world, tmp_path, free_tcp_p
         assert [r["step"] for r in rows(out)] == [1]
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_sft_refuses_several_ranks(tiny_world, tmp_path):
+    from mtprl.config import ConfigError, load_config
+    from mtprl.trainer.sft import run_sft
+
+    cfg = load_config(None, [f"data.train_files={tiny_world.data.sft_train}", f"actor_rollout_ref.model.path={tiny_world.model}",
+                             "trainer.n_gpus_per_node=2", f"trainer.default_local_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="mtprl sft runs on one process"):
+        run_sft(cfg)
