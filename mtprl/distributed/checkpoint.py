@@ -19,21 +19,21 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 DCP_DIR = "dcp"
 
 
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """{"model": ..., "optim": ...} keyed by parameter name, each rank's shards as DTensors (plain tensors on
+    one process); the optimizer state is initialised first when it is still empty, so a load has targets."""
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    return {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
+
+
 def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Write model (+ optimizer) state under ``path / dcp``; every rank calls it (a collective)."""
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optim"] = optim_sd
-    dcp.save(state, checkpoint_id=str(Path(path) / DCP_DIR))
+    dcp.save(_state(model, optimizer), checkpoint_id=str(Path(path) / DCP_DIR))
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Read ``path / dcp`` into ``model`` (+ ``optimizer``), resharding to this run's world size."""
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optim"] = optim_sd
+    state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR))
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))

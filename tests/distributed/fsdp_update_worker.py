@@ -1,7 +1,9 @@
 """One rank of the FSDP2 parity test: 3 DAPO updates (MTP loss on, dynamic batch size on) of a tiny
 model on fixed global batches; the full parameters are written to argv[1] by rank 0."""
 
+import importlib.util
 import sys
+from pathlib import Path
 
 import torch
 
@@ -9,24 +11,17 @@ from mtprl.config import load_config
 from mtprl.distributed.env import destroy_distributed, init_distributed
 from mtprl.distributed.parallelize import apply_fsdp, full_state_dict
 from mtprl.model import CausalLM, ModelConfig
-from mtprl.trainer.update import TrainBatch, actor_update, compute_logprobs
+from mtprl.trainer.update import actor_update, compute_logprobs
 
 torch.set_num_threads(1)
 
 
-def batch(step: int, n: int = 8, prompt: int = 3, vocab: int = 64) -> TrainBatch:
-    g = torch.Generator().manual_seed(100 + step)
-    lengths = torch.randint(1, 9, (n,), generator=g)
-    width = prompt + int(lengths.max())
-    ids = torch.randint(1, vocab, (n, width), generator=g)
-    attn = torch.zeros(n, width, dtype=torch.long)
-    resp = torch.zeros(n, width, dtype=torch.long)
-    for i, r in enumerate(lengths.tolist()):
-        attn[i, : prompt + r] = 1
-        resp[i, prompt: prompt + r] = 1
-    scores = torch.randn(n, generator=g)
-    return TrainBatch(ids * attn, attn, resp, torch.arange(n) // 2, scores, torch.zeros(n, width),
-                      advantages=(scores[:, None] * resp).float())
+def load_batch_builder():
+    """tests/trainer/test_update.py's random TrainBatch builder (this file runs as a script, not under pytest)."""
+    spec = importlib.util.spec_from_file_location("test_update", Path(__file__).parents[1] / "trainer" / "test_update.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._batch
 
 
 def main(out_path: str) -> None:
@@ -46,8 +41,9 @@ def main(out_path: str) -> None:
         apply_fsdp(model, env)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(1)
+    batch = load_batch_builder()
     for step in range(3):
-        b = batch(step)
+        b = batch(n=8, seed=100 + step)
         b.old_logprobs = compute_logprobs(model, b, cfg, dp=dp) + 0.05 * b.response_mask
         metrics, skipped = actor_update(model, opt, b, cfg, gen, dp=dp)
         assert skipped == 0
