@@ -16,16 +16,17 @@ from torch import nn
 
 from mtprl.model.config import ModelConfig
 from mtprl.model.kv_cache import KVCache
-from mtprl.model.mtp import MTPLayer, shift_left
-from mtprl.model.trunk import (DecoderBlock, RMSNorm, full_attn_inputs, rope_cos_sin, rope_inv_freq,
+from mtprl.model.mtp import MTPLayer, recursion_mask, shift_left, shift_right
+from mtprl.model.trunk import (AttnInputs, DecoderBlock, RMSNorm, full_attn_inputs, rope_cos_sin, rope_inv_freq,
                                step_attn_inputs)
 
 
 @dataclass
 class CausalLMOutput:
     """logits [B,T,V] (position t predicts token t+1); hidden_states [B,T,H] (trunk, after the final norm = h^0);
-    mtp_logits: D tensors [B,T,V], mtp_logits[k-1][:, i] predicts token i+k+1 (positions with i+k >= T are
-    garbage); mtp_hidden_states: D tensors [B,T,H] (h^k)."""
+    mtp_logits: D tensors [B,T,V] (K with mtp_recursive_steps=K > D: depths D+1..K are the last layer reused
+    recursively), mtp_logits[k-1][:, i] predicts token i+k+1 (positions with i+k >= T are garbage);
+    mtp_hidden_states: the same number of [B,T,H] tensors (h^k)."""
 
     logits: torch.Tensor
     hidden_states: torch.Tensor
@@ -98,6 +99,7 @@ class CausalLM(nn.Module):
         compute_mtp: bool = True,
         mtp_detach_encoder: bool = False,
         mtp_detach_head: bool = False,
+        mtp_recursive_steps: int = 0,
     ) -> CausalLMOutput:
         """input_ids [B,T]; position_ids [B,T] (default: see default_position_ids); attention_mask [B,T] 1 = real.
 
@@ -107,6 +109,9 @@ class CausalLM(nn.Module):
             embedding table by any route. An untied lm_head still trains from the MTP loss (mtp_detach_head).
         mtp_detach_head: the MTP logits use the head weight detached (lm_head untied; the embedding table as
             head when tied, while the token lookup Emb(t_{i+k}) still trains it unless mtp_detach_encoder).
+        mtp_recursive_steps: K > D adds depths D+1..K to mtp_logits / mtp_hidden_states: the last MTP layer
+            reused on its own output as the rollout drafts them (mtp.py, "Recursive depths"); the detach
+            options apply to them too. K <= D adds nothing.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B,T], got shape {tuple(input_ids.shape)}")
@@ -134,9 +139,32 @@ class CausalLM(nn.Module):
         prev = hidden.detach() if mtp_detach_encoder else hidden
         for k, mtp_layer in enumerate(self.mtp_layers, start=1):
             tok_emb = F.embedding(shift_left(input_ids, k), emb_weight)  # Emb(t_{i+k}) [B,T,H]
-            prev = mtp_layer(prev, tok_emb, attn, k - 1)  # h^k [B,T,H]
+            prev_in, prev = prev, mtp_layer(prev, tok_emb, attn, k - 1)  # h^{k-1}, h^k [B,T,H]
             out.mtp_hidden_states.append(prev)
             out.mtp_logits.append(F.linear(prev, mtp_head))
+        for hidden_k in self._recursive_mtp(prev_in, prev, tok_emb, cos, sin, attention_mask, mtp_recursive_steps):
+            out.mtp_hidden_states.append(hidden_k)
+            out.mtp_logits.append(F.linear(hidden_k, mtp_head))
+        return out
+
+    def _recursive_mtp(self, prev_in: torch.Tensor, last: torch.Tensor, tok_emb: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, attention_mask: torch.Tensor | None, steps: int) -> list[torch.Tensor]:
+        """Hidden states [B,T,H] of depths D+1..steps, the last MTP layer reused on its own output (mtp.py,
+        "Recursive depths"), each indexed by its anchor: entry r-D-1 at position i predicts t_{i+r+1}.
+        prev_in = h^{D-1} and tok_emb = Emb(t_{i+D}) are the last layer's inputs, last = h^D its output."""
+        depth = len(self.mtp_layers)
+        if steps <= depth:
+            return []
+        layer, t = self.mtp_layers[-1], last.shape[1]
+        levels = [layer.project(prev_in, tok_emb)]  # level 0: the layer's ordinary input at every position
+        out, g = [], last  # g^{D+s}_j, position-indexed
+        for s in range(1, steps - depth + 1):
+            levels.append(layer.project(shift_right(g), tok_emb))  # g^{D+s-1}_{j-1} with t_{j+D}
+            n = s + 1
+            attn = AttnInputs(cos=cos.repeat(1, 1, n, 1), sin=sin.repeat(1, 1, n, 1),
+                              mask=recursion_mask(n, attention_mask, t, device=last.device))
+            g = layer.final_layernorm(layer.block(torch.cat(levels, dim=1), attn, depth - 1)[:, s * t:])
+            out.append(torch.cat([g[:, s:], torch.zeros_like(g[:, :s])], dim=1))  # anchor a = j - s
         return out
 
     # ----- incremental forward (static KV cache) ------------------------------------------------------

@@ -9,6 +9,21 @@ position i, with h^0 the trunk's final-normed hidden state and t the token ids:
 
 Positions: the depth-k layer at sequence index i uses the trunk's RoPE position of index i (as Megatron's MTP
 and SGLang/vLLM's MiMo drafters do: the inputs are shifted, the positions are not).
+
+Recursive depths (EAGLE-3's "training-time test", Li et al. 2025 §3.3; `recursive_steps` K > D). The rollout
+engine drafts depths D+1..K by reusing the last layer on its OWN output: for the draft anchored at position a
+(the last trunk hidden state the step knows), depth r > D runs the layer at position j = a + r - D on
+
+    g^r_j = FinalNorm_D( Block_D( W_proj [ RMSNorm_h(g^{r-1}_{j-1}) ; RMSNorm_e(Emb(t_{j+D})) ] ) ),  g^D = h^D
+
+with attention over layer D's K/V of positions <= a (from true trunk inputs) and the K/V of the draft's own
+earlier recursive levels at a+1..j (see `recursion_mask`); it predicts t_{a+r+1}. Trained on a full sequence,
+every position is an anchor at once (one block call per level over the levels so far, under that mask), and
+the depth-r output is indexed by its anchor, so depth r follows the depth-k convention above (position i
+predicts t_{i+r+1}) and `mtp_loss` treats it like any depth. The token input is the sequence's own token,
+which is the drafted token whenever depth r is drafted with a chance to count (drafts 1..r-1 accepted); the
+hidden input is the layer's own earlier output, and the gradient flows back through the recursion, as in
+EAGLE-3.
 Where we differ from DeepSeek-V3: its projection input is [emb ; hidden] (we follow MiMo); DeepSeek-V3 has
 a separate shared_head.norm, MiMo (and we) a final_layernorm per MTP layer.
 
@@ -42,12 +57,42 @@ class MTPLayer(nn.Module):
         self.block = DecoderBlock(config)
         self.final_layernorm = RMSNorm(h, config.rms_norm_eps)
 
+    def project(self, prev_hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+        """The block's input h' = W_proj [RMSNorm_h(prev_hidden) ; RMSNorm_e(token_embeds)], all [B,T,H]."""
+        return self.input_proj(torch.cat([self.hidden_layernorm(prev_hidden), self.token_layernorm(token_embeds)], dim=-1))
+
     def forward(self, prev_hidden: torch.Tensor, token_embeds: torch.Tensor, attn: AttnInputs,
                 layer: int) -> torch.Tensor:
         """prev_hidden h^{k-1} [B,T,H], token_embeds Emb(t_{i+k}) [B,T,H] -> h^k [B,T,H] (final-normed).
         `layer` indexes attn.cache (the MTP cache) on the incremental path."""
-        x = torch.cat([self.hidden_layernorm(prev_hidden), self.token_layernorm(token_embeds)], dim=-1)
-        return self.final_layernorm(self.block(self.input_proj(x), attn, layer))
+        return self.final_layernorm(self.block(self.project(prev_hidden, token_embeds), attn, layer))
+
+
+def recursion_mask(num_levels: int, attention_mask: torch.Tensor | None, t: int,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Attention mask [B|1, 1, n*T, n*T] (True = may attend) of a block call over n = num_levels levels laid out
+    level-major (index s*T + j = level s at position j; level 0 = the last layer's ordinary outputs, level s its
+    s-th recursive reuse). Query (s, j) sees what the rollout engine's draft at that position sees: level 0 at
+    positions <= j - s (the committed cache) and, for 1 <= u <= s, level u at position j - (s - u) (the draft's
+    own earlier levels; u = s is itself). With attention_mask [B,T] (1 = real token) padding keys are hidden;
+    every query still sees itself."""
+    idx = torch.arange(t, device=device)
+    blocks = []
+    for s in range(num_levels):
+        row = [idx[None, :] <= idx[:, None] - s]  # level 0 keys, [T(query), T(key)]
+        row += [idx[None, :] == idx[:, None] - (s - u) for u in range(1, s + 1)]
+        row += [torch.zeros(t, t, dtype=torch.bool, device=device)] * (num_levels - 1 - s)
+        blocks.append(torch.cat(row, dim=1))
+    mask = torch.cat(blocks, dim=0)[None]  # [1, nT, nT]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool().repeat(1, num_levels)[:, None, :]
+        mask = mask | torch.eye(num_levels * t, dtype=torch.bool, device=device)[None]
+    return mask[:, None]
+
+
+def shift_right(x: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """[B,T,...] -> out[:, i] = x[:, i-k]; the first k positions are zeros (garbage inputs)."""
+    return torch.cat([torch.zeros_like(x[:, :k]), x[:, : x.shape[1] - k]], dim=1)
 
 
 def shift_left(input_ids: torch.Tensor, k: int, fill: int = 0) -> torch.Tensor:
@@ -90,7 +135,8 @@ def mtp_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """MTP loss lambda/D * sum_k mean_k and per-depth metrics.
 
-    mtp_logits: D tensors [B,T,V]; mtp_logits[k-1][:, i] predicts token i+k+1.
+    mtp_logits: D tensors [B,T,V], one per trained depth (the MTP layers, then any recursive depths of
+        `CausalLM.forward(mtp_recursive_steps=K)`, D = K then); mtp_logits[k-1][:, i] predicts token i+k+1.
     input_ids: [B,T] the sequence (targets are read from it).
     loss_mask: [B,T] 1 = this position's token is a training target (e.g. response tokens in RL, 0 on padding).
     Masks used: depth k at position i counts iff i+k+1 < T and loss_mask[:, i+k+1] == 1 (the mask of the

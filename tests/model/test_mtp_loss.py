@@ -139,3 +139,130 @@ def test_detach_head_alone_with_tied_embeddings_still_trains_the_embedding_looku
     grads = _grads_after_mtp_loss(tied=True, detach_encoder=False, detach_head=True)
     assert grads["embed_tokens.weight"].abs().sum() > 0
     assert grads["layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+
+
+# ----- recursive depths (mtp.recursive_steps): the last MTP layer reused on its own output -----------------------
+
+def test_recursion_mask_hand_written():
+    from mtprl.model.mtp import recursion_mask
+
+    # n = 3 levels, T = 3 positions, index s*T + j. Query (s, j): level 0 at <= j - s, level u at j - (s - u).
+    expected = torch.tensor([
+        # level 0 keys | level 1 keys | level 2 keys
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],  # (0, 0)
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],  # (0, 1)
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],  # (0, 2)
+        [0, 0, 0, 1, 0, 0, 0, 0, 0],  # (1, 0): no committed key, itself
+        [1, 0, 0, 0, 1, 0, 0, 0, 0],  # (1, 1): level 0 at 0, itself
+        [1, 1, 0, 0, 0, 1, 0, 0, 0],  # (1, 2)
+        [0, 0, 0, 0, 0, 0, 1, 0, 0],  # (2, 0)
+        [0, 0, 0, 1, 0, 0, 0, 1, 0],  # (2, 1): level 1 at 0, itself
+        [1, 0, 0, 0, 1, 0, 0, 0, 1],  # (2, 2): level 0 at 0, level 1 at 1, itself
+    ], dtype=torch.bool)
+    assert torch.equal(recursion_mask(3, None, 3)[0, 0], expected)
+    # a padding key (position 0 of row 1) is hidden from every query but itself
+    padded = recursion_mask(3, torch.tensor([[1, 1, 1], [0, 1, 1]]), 3)
+    assert torch.equal(padded[0, 0], expected)
+    assert not padded[1, 0, 4, 0] and not padded[1, 0, 8, 0] and padded[1, 0, 0, 0] and padded[1, 0, 8, 4]
+
+
+def _recursive_model(tied: bool = True, num_mtp_layers: int = 1):
+    torch.manual_seed(0)
+    return CausalLM(ModelConfig.tiny(tie_word_embeddings=tied, num_mtp_layers=num_mtp_layers))
+
+
+def test_recursive_steps_add_depths_only_beyond_the_layers():
+    model = _recursive_model(num_mtp_layers=2)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    plain = model(ids)
+    for k in (0, 1, 2):
+        assert len(model(ids, mtp_recursive_steps=k).mtp_logits) == 2
+    out = model(ids, mtp_recursive_steps=4)
+    assert len(out.mtp_logits) == len(out.mtp_hidden_states) == 4
+    for a, b in zip(plain.mtp_logits, out.mtp_logits[:2]):  # the layers' own depths are unchanged
+        torch.testing.assert_close(a, b)
+    assert model(ids, compute_mtp=False, mtp_recursive_steps=4).mtp_logits == []
+
+
+def test_recursive_depth_two_by_hand():
+    # D = 1, T = 4: depth 2 at anchor a runs the layer at j = a + 1 on (h^1_a, Emb(t_{a+2})), attending to the
+    # layer's ordinary keys at positions <= a and to itself. Rebuild that for anchor a = 1 from the pieces.
+    from mtprl.model.trunk import AttnInputs
+
+    model = _recursive_model()
+    ids = torch.tensor([[5, 17, 42, 9]])
+    out = model(ids, mtp_recursive_steps=2)
+    layer, a = model.mtp_layers[0], 1
+    emb = model.embed_tokens.weight
+    x_ordinary = layer.project(out.hidden_states[:, : a + 1], emb[ids[:, 1:a + 2]])  # positions 0..a, tokens t_{j+1}
+    x_draft = layer.project(out.mtp_hidden_states[0][:, a:a + 1], emb[ids[:, a + 2:a + 3]])  # position a+1
+    pos = torch.tensor([[0, 1, a + 1]])
+    cos, sin = model._rope(pos, x_draft.dtype)
+    mask = torch.tensor([[True, False, False], [True, True, False], [True, True, True]])[None, None]
+    h = layer.final_layernorm(layer.block(torch.cat([x_ordinary, x_draft], 1), AttnInputs(cos, sin, mask), 0))[:, -1]
+    torch.testing.assert_close(out.mtp_hidden_states[1][:, a], h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.mtp_logits[1][:, a], h @ model.head_weight().T, atol=1e-5, rtol=1e-5)
+
+
+def test_recursive_depths_ignore_left_padding():
+    model = _recursive_model()
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    a = model(ids, mtp_recursive_steps=3)
+    b = model(padded, attention_mask=mask, mtp_recursive_steps=3)
+    for k in range(3):  # anchors whose target lies inside the sequence
+        torch.testing.assert_close(a.mtp_logits[k][:, : 9 - k - 1], b.mtp_logits[k][:, 3: 12 - k - 1], atol=1e-5, rtol=1e-5)
+
+
+def test_recursive_depth_loss_counts_only_anchors_with_a_target():
+    model = _recursive_model()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
+    loss_mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 0]])
+    out = model(ids, mtp_recursive_steps=3)
+    logits = [x.detach().requires_grad_() for x in out.mtp_logits]
+    loss, metrics = mtp_loss(logits, ids, loss_mask, scaling_factor=0.3)
+    loss.backward()
+    assert set(metrics) == {f"mtp_losses/mtp_{k}_loss" for k in (1, 2, 3)} | {f"mtp/acc_{k}" for k in (1, 2, 3)}
+    for k in (1, 2, 3):  # depth k at anchor i counts iff i + k + 1 < T and loss_mask[i + k + 1]
+        touched = logits[k - 1].grad.abs().sum(-1) > 0
+        expected = torch.zeros_like(touched)
+        expected[:, : 8 - k - 1] = loss_mask[:, k + 1:].bool()
+        assert torch.equal(touched, expected), k
+    per_depth = sum(metrics[f"mtp_losses/mtp_{k}_loss"] for k in (1, 2, 3))
+    assert loss.item() == pytest.approx(0.3 / 3 * per_depth, rel=1e-5)  # lambda / K over the K trained depths
+
+
+def test_recursive_depth_gradient_flows_back_through_the_recursion():
+    model = _recursive_model()
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(4))
+    out = model(ids, mtp_recursive_steps=3, mtp_detach_encoder=True)
+    out.mtp_hidden_states[0].retain_grad()
+    loss, _ = mtp_loss(out.mtp_logits[2:], ids, torch.ones_like(ids), scaling_factor=1.0)  # depth 3 alone
+    loss.backward()
+    # depth 3 reads h^1 only through depth 2's output (the layer's input hidden and the keys of its level), so
+    # a gradient on h^1 is one that went back through the recursion (h^0 is detached here)
+    assert out.mtp_hidden_states[0].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("loss_type", ["ce", "kl", "tv"])
+def test_recursive_depths_keep_detach_rules(tied, loss_type):
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.tiny(tie_word_embeddings=tied, num_mtp_layers=1))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    out = model(ids, mtp_detach_encoder=True, mtp_detach_head=True, mtp_recursive_steps=3)
+    loss, _ = mtp_loss(out.mtp_logits[1:], ids, torch.ones_like(ids), loss_type=loss_type, trunk_logits=out.logits)
+    loss.backward()  # the recursive depths alone
+    for name, p in model.named_parameters():
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        if name.startswith("mtp_layers."):
+            assert grad.abs().sum() > 0, f"MTP parameter {name} got no gradient from the recursive depths"
+        else:
+            assert torch.count_nonzero(grad) == 0, f"trunk parameter {name} got gradient from the recursive depths"
+    # without detach_encoder the recursive depths train the trunk too (through h^0 and the embedding lookup)
+    model.zero_grad(set_to_none=True)
+    out = model(ids, mtp_recursive_steps=3)
+    mtp_loss(out.mtp_logits[1:], ids, torch.ones_like(ids), loss_type=loss_type, trunk_logits=out.logits)[0].backward()
+    assert model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.embed_tokens.weight.grad.abs().sum() > 0

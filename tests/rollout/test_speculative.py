@@ -135,6 +135,30 @@ def test_mtp_caches_match_full_forward_after_steps(draftable_model, topk, num_dr
     assert seen["steps"] == 6
 
 
+@pytest.mark.parametrize("num_mtp", [1, 2])
+def test_recursive_drafts_match_the_training_forward(draftable_model, num_mtp):
+    """Depths D+1..K drafted by reusing the last MTP layer equal the full-sequence forward with
+    mtp_recursive_steps=K (what mtp.recursive_steps trains): the draft logits at chain node n (depth n+1)
+    == model(committed + drafted tokens 1..n).mtp_logits[n] at the anchor L-2, at every step."""
+    model = draftable_model(num_mtp_layers=num_mtp, vocab=32, noise=1.0)
+    k = 4
+    chain = build_tree(k, 1, k + 1)
+    seen = {"checks": 0}
+
+    def check(tokens, lengths, rows, draft):
+        for i in range(len(PROMPTS[:3])):
+            L = int(lengths[i])
+            for n in range(num_mtp, k):  # nodes whose children are drafted by the recursion
+                ext = torch.cat([tokens[i, :L], draft.node_tokens[i, 1:n + 1]])[None]
+                out = model(ext, mtp_recursive_steps=k)
+                assert len(out.mtp_logits) == k
+                torch.testing.assert_close(draft.logits[i, n], out.mtp_logits[n][0, L - 2], atol=1e-4, rtol=1e-4)
+                seen["checks"] += 1
+
+    _run_spec_steps(model, PROMPTS[:3], chain, SamplingParams(temperature=1.0), steps=5, seed=0, check=check)
+    assert seen["checks"] == 5 * 3 * (k - num_mtp)
+
+
 def test_tree_rank0_path_drafts_like_the_chain(draftable_model):
     """Greedy: the rank-0 path of a tree is the chain's draft, so their draft logits agree at every depth,
     including depths > D drafted by the recursive last layer under the tree mask."""
