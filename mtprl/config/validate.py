@@ -189,6 +189,8 @@ def _check_mtp(errors: list[str], cfg: MtprlConfig) -> None:
     _choice(errors, f"{pre}.speculative_algorithm", mtp.speculative_algorithm.upper(), MTP_DRAFT_ALGORITHMS,
             why=" (drafts come from the model's own MTP layers)")
     _positive(errors, f"{pre}.num_layers", mtp.num_layers, allow_none=True)
+    if mtp.recursive_steps < 0:
+        errors.append(f"{pre}.recursive_steps={mtp.recursive_steps} must be >= 0 (0 = off; K trains depths up to K)")
     steps, topk, ndt = mtp.speculative_num_steps, mtp.speculative_eagle_topk, mtp.speculative_num_draft_tokens
     if steps < 1 or topk < 1:
         errors.append(f"{pre}.speculative_num_steps={steps} and speculative_eagle_topk={topk} must be >= 1")

@@ -44,7 +44,7 @@ def sft_loss(model, examples, *, pad_id: int, num_targets: int, train_trunk: boo
         ids, loss_mask, attn = trim_padding(ids, loss_mask, attn, attention_mask=attn)
     out = model(ids, attention_mask=attn, compute_mtp=train_mtp,
                 mtp_detach_encoder=mtp_cfg.detach_encoder or not train_trunk,
-                mtp_detach_head=mtp_cfg.detach_lm_head or not train_trunk)
+                mtp_detach_head=mtp_cfg.detach_lm_head or not train_trunk, mtp_recursive_steps=mtp_cfg.recursive_steps)
     share = float(loss_mask[:, 1:].sum()) / max(num_targets, 1)  # this micro-batch's share of the batch targets
     lm = -(token_logprobs(out.logits, ids) * loss_mask).sum() / max(num_targets, 1)
     loss = lm if train_trunk else lm.detach()

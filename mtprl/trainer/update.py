@@ -77,8 +77,8 @@ def _forward(model, mb: TrainBatch, cfg: MtprlConfig, *, compute_mtp: bool):
     if cfg.actor_rollout_ref.model.use_remove_padding:
         ids, attn, resp = trim_padding(ids, attn, resp, attention_mask=attn)
     mtp = cfg.actor_rollout_ref.model.mtp
-    out = model(ids, attention_mask=attn, compute_mtp=compute_mtp,
-                mtp_detach_encoder=mtp.detach_encoder, mtp_detach_head=mtp.detach_lm_head)
+    out = model(ids, attention_mask=attn, compute_mtp=compute_mtp, mtp_detach_encoder=mtp.detach_encoder,
+                mtp_detach_head=mtp.detach_lm_head, mtp_recursive_steps=mtp.recursive_steps)
     return out, ids, attn, resp
 
 
