@@ -29,7 +29,8 @@ def apply_fsdp(model: nn.Module, env: DistEnv, *, compute_dtype: torch.dtype = t
 
     compute_dtype: the forward/backward dtype (bf16 on CUDA when the config asks; fp32 keeps exact
         parity with a single process). offload: parameters, gradients and optimizer state live on the
-        CPU between uses (FSDP2's CPUOffloadPolicy; only meaningful on CUDA).
+        CPU between uses (FSDP2's CPUOffloadPolicy, pinned memory on CUDA; the trainer applies it on CUDA
+        only, where it frees GPU memory; tests run the same path on CPU).
     """
     mesh = init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("dp",))
     mp = None
@@ -39,7 +40,7 @@ def apply_fsdp(model: nn.Module, env: DistEnv, *, compute_dtype: torch.dtype = t
     if mp is not None:
         kwargs["mp_policy"] = mp
     if offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=env.device.type == "cuda")
     for block in list(model.layers) + list(model.mtp_layers):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)

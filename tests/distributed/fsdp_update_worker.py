@@ -24,7 +24,7 @@ def load_batch_builder():
     return module._batch
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, mode: str = "fp32") -> None:
     env = init_distributed("cpu", timeout_s=120)
     cfg = load_config(None, ["actor_rollout_ref.rollout.n=2", "data.train_batch_size=4",
                              "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.shuffle=True",
@@ -37,8 +37,9 @@ def main(out_path: str) -> None:
     model = CausalLM(ModelConfig.tiny(vocab_size=64, num_mtp_layers=2))
     dp = env if env.distributed else None
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if dp is not None:
-        apply_fsdp(model, env)
+    if dp is not None:  # bf16: FSDP2 mixed precision (fp32 master weights and reduction); offload: CPU offload policy
+        apply_fsdp(model, env, compute_dtype=torch.bfloat16 if mode == "bf16" else torch.float32,
+                   offload=mode == "offload")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(1)
     batch = load_batch_builder()
@@ -47,6 +48,7 @@ def main(out_path: str) -> None:
         b.old_logprobs = compute_logprobs(model, b, cfg, dp=dp) + 0.05 * b.response_mask
         metrics, skipped = actor_update(model, opt, b, cfg, gen, dp=dp)
         assert skipped == 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     state = full_state_dict(model)
     if env.is_main:
         torch.save({"state": state, "initial": initial, "metrics": metrics}, out_path)
@@ -54,4 +56,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
