@@ -281,6 +281,7 @@ class TrainerConfig:
     save_freq: int = -1  # -1 = never
     test_freq: int = -1  # -1 = never
     val_before_train: bool = True
+    val_greedy: bool = False  # ours: validate greedily too (val-aux/{data_source}/acc/greedy@1) when val_kwargs sample
     val_only: bool = False
     critic_warmup: int = 0
     resume_mode: str = "auto"  # auto | disable | resume_path
