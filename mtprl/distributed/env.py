@@ -94,8 +94,11 @@ def init_distributed(device: str, *, timeout_s: float, expected_world_size: int 
             dev = torch.device("cuda", 0)
         return DistEnv(device=dev)
     if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        dev, backend = torch.device("cuda", local_rank), "nccl"
+        # torchrun: every GPU of the node is visible, rank i takes GPU i; Ray: each worker sees only the GPU of
+        # its bundle (CUDA_VISIBLE_DEVICES), which is then device 0
+        index = local_rank % max(torch.cuda.device_count(), 1)
+        torch.cuda.set_device(index)
+        dev, backend = torch.device("cuda", index), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():

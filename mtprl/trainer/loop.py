@@ -144,7 +144,9 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
                 with timed(metrics, "save_checkpoint"):
                     save(run, metrics)  # the row rides along: logged on resume if a kill comes before the log below
             metrics["timing_s/step"] = time.perf_counter() - t0  # generation to checkpoint, as verl's step timer
-            metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / metrics["timing_s/step"]  # tokens / s
+            # tokens / s per GPU (rank), as verl: the whole batch's tokens over the step time and the ranks
+            per_rank_s = metrics["timing_s/step"] * run.dist.world_size
+            metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / per_rank_s
             fault_point("log", run.step)
             run.tracker.log(metrics, run.step)
             run.export(metrics)
