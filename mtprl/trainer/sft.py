@@ -97,8 +97,8 @@ def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
     kwargs = dict(pad_id=tokenizer.pad_token_id, train_trunk=train_trunk, train_mtp=train_mtp, cfg=cfg)
     micro = cfg.sft.micro_batch_size_per_gpu
     last_saved = None
-    with Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="sft",
-                 config=cfg) as tracker:
+    with Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="sft", config=cfg,
+                 keep_through=step if resume is not None else -1) as tracker:  # no duplicate rows after a resume
         batches = iter(loader)
         while step < total:
             batch = next(batches, None)

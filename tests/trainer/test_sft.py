@@ -119,3 +119,13 @@ def test_sft_logs_its_run_and_config_to_mlflow(tiny_world, tmp_path, monkeypatch
     loss = _losses(tmp_path / "run")[0]["sft/lm_loss"]
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "sft/lm_loss")] == [
         (1, pytest.approx(loss, rel=1e-6))]
+
+
+def test_sft_resumed_after_a_lost_checkpoint_logs_each_step_once(tiny_world, tmp_path):
+    import shutil
+
+    out = tmp_path / "lost"
+    run_sft(_cfg(tiny_world, out, "trainer.total_training_steps=3", "trainer.save_freq=2"))
+    shutil.rmtree(out / "global_step_3")  # as if killed after logging step 3, before its checkpoint
+    run_sft(_cfg(tiny_world, out, "trainer.total_training_steps=3", "trainer.save_freq=2"))
+    assert [r["step"] for r in _losses(out)] == [1, 2, 3]  # step 3 once (the earlier run's row dropped)
