@@ -314,7 +314,8 @@ def _build_run(cfg: MtprlConfig, dist: DistEnv, tokenizer, train_set, val_set, r
     # rank 0 picks the checkpoint (finishing an interrupted rename) and tells the others
     resume = dist.broadcast_object(resolve_resume(root, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
                                    if dist.is_main else None)
-    exporter = PrometheusExporter(prom.port, prom.host) if prom.enable else None  # before the tracker's live bar
+    # before the tracker's live bar; rank 0 only (ranks of a node would fight over the port)
+    exporter = PrometheusExporter(prom.port, prom.host) if prom.enable and dist.is_main else None
     try:  # rows an earlier run logged past the resumed step (or all, on a fresh start) are dropped
         tracker = Tracker(cfg.trainer.logger, root, total_steps=total, console=console, description="rl", config=cfg,
                           keep_through=checkpoint_step(resume) if resume is not None else -1)
