@@ -87,11 +87,14 @@ def test_checkpoints_reshard_two_ranks_to_one_and_one_to_two(tiny_world, tmp_pat
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_one_step(tiny_world, tmp_path):
+def test_torchrun_two_ranks_one_step(tiny_world, tmp_path, free_tcp_port):
     out = tmp_path / "torchrun"
+    # with the Prometheus endpoint on: only rank 0 serves it (both ranks binding the port would fail)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
            "-m", "mtprl", "train", *overrides(tiny_world, out, "trainer.n_gpus_per_node=2",
-                                              "trainer.total_training_steps=1")]
+                                              "trainer.total_training_steps=1",
+                                              "actor_rollout_ref.rollout.prometheus.enable=True",
+                                              f"actor_rollout_ref.rollout.prometheus.port={free_tcp_port}")]
     res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (row,) = rows(out)
