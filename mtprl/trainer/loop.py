@@ -1,7 +1,8 @@
 """The RL loop (DAPO / GRPO with MTP), on one screen: :func:`train` and :func:`rl_step`.
 
 generate (n per prompt, speculative with the MTP layers) -> reward -> dynamic sampling -> old
-log-probs -> reference log-probs (only with a KL term) -> advantages -> actor update (policy + MTP)
+log-probs (skipped on-policy: the update reuses its own) -> reference log-probs (only with a KL term)
+-> advantages -> actor update (policy + MTP)
 -> the new weights (MTP layers included) reach the rollout engine: one process shares the policy
 module with it; with several ranks (SPMD under Ray or torchrun, see :mod:`mtprl.distributed`) each
 rank's engine gets them from the FSDP shards -> validation every ``test_freq`` -> checkpoint every
@@ -24,7 +25,7 @@ from mtprl.trainer.faults import fault_point
 from mtprl.trainer.samples import (SeqFinalRewards, collect_step_samples, gather_step_samples, sample_metrics,
                                    to_train_batch)
 from mtprl.trainer.setup import DataExhausted, Run, save, setup, setup_evaluation
-from mtprl.trainer.update import actor_update, compute_logprobs
+from mtprl.trainer.update import actor_update, compute_logprobs, reuses_current_logprobs
 from mtprl.trainer.validate import validate
 
 
@@ -36,12 +37,16 @@ def timed(metrics: dict, name: str):
 
 
 def add_logprobs(run: Run, batch, metrics: dict) -> None:
-    """Old log-probs (the rollout's, or recomputed) and, with a KL term, reference log-probs, in place."""
+    """Old log-probs (the rollout's, recomputed, or None on-policy: the update then takes its own, detached)
+    and, with a KL term, reference log-probs, in place."""
     cfg = run.cfg
     with timed(metrics, "old_log_prob"):
-        use_rollout = cfg.actor_rollout_ref.actor.use_rollout_log_probs
-        batch.old_logprobs = (batch.rollout_logprobs if use_rollout
-                              else compute_logprobs(run.model, batch, cfg, dp=run.dist))
+        if cfg.actor_rollout_ref.actor.use_rollout_log_probs:
+            batch.old_logprobs = batch.rollout_logprobs
+        elif reuses_current_logprobs(cfg, len(batch)):
+            batch.old_logprobs = None  # one epoch, one mini-batch: the update's own forward is the old policy
+        else:
+            batch.old_logprobs = compute_logprobs(run.model, batch, cfg, dp=run.dist)
     if run.ref_model is not None:
         with timed(metrics, "ref"):
             batch.ref_logprobs = compute_logprobs(run.ref_model, batch, cfg, role="ref", dp=run.dist)

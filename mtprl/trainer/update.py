@@ -5,6 +5,13 @@ optimizer step each, ``ppo_epochs`` passes); each mini-batch into micro-batches 
 ``ppo_micro_batch_size_per_gpu``, or packed by ``ppo_max_token_len_per_gpu`` with ``use_dynamic_bsz``).
 Micro-batch losses use the mini-batch's token / sequence counts as normalisers, so their gradients sum
 to exactly the mini-batch loss's gradient whatever the split.
+
+On-policy steps (:func:`reuses_current_logprobs`: one PPO epoch and one mini-batch) need no old-policy
+forward: the update's first and only forward IS the old policy, so the old log-probs are its own log-probs,
+detached (``TrainBatch.old_logprobs = None``; verl's ``on_policy`` branch of ``update_policy``, TRL's
+``old_per_token_logps = per_token_logps.detach()``). The ratio is then exactly 1 in value, its gradient
+is the policy gradient, and the result is bit-for-bit the recompute path's whenever the recompute runs the
+same micro-batches (tests/trainer/test_update.py); otherwise verl's recompute is kept.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ class TrainBatch:
     attention_mask [N,T]: 1 = real token.  response_mask [N,T]: 1 = a generated token the loss is taken on.
     group_ids [N]: same id = same prompt.  scores [N]: final reward of each sample.
     rollout_logprobs [N,T]: the rollout engine's trunk log-probs of the response tokens (0 elsewhere).
-    old_logprobs / ref_logprobs / advantages [N,T]: filled in by the loop before the update.
+    old_logprobs / ref_logprobs / advantages [N,T]: filled in by the loop before the update; old_logprobs None =
+    on-policy, the update takes its own log-probs, detached (see :func:`reuses_current_logprobs`).
     """
 
     input_ids: torch.Tensor
@@ -54,6 +62,17 @@ class TrainBatch:
     def to(self, device: torch.device) -> "TrainBatch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
                                 if getattr(self, f.name) is not None})
+
+
+def reuses_current_logprobs(cfg: MtprlConfig, num_samples: int) -> bool:
+    """True when the update takes one optimizer step on the whole batch of ``num_samples`` samples (one PPO
+    epoch, one mini-batch), so the policy it starts from is the old policy: no old-log-prob forward is needed
+    unless something reads the old log-probs before the update (KL in the reward, or the rollout's log-probs
+    asked for instead)."""
+    actor = cfg.actor_rollout_ref.actor
+    mini = actor.ppo_mini_batch_size * cfg.actor_rollout_ref.rollout.n
+    return (actor.ppo_epochs == 1 and num_samples <= mini and not actor.use_rollout_log_probs
+            and not cfg.algorithm.use_kl_in_reward)
 
 
 def micro_batches(batch: TrainBatch, cfg: MtprlConfig, role: str = "actor") -> list[list[int]]:
@@ -125,8 +144,9 @@ def _micro_loss(model, mb: TrainBatch, cfg: MtprlConfig, norms: tuple[int, int],
     temperature = cfg.actor_rollout_ref.rollout.temperature or 1.0
     out, ids, attn, resp = _forward(model, mb, cfg, compute_mtp=train_mtp)
     width = ids.shape[1]
-    old, adv = mb.old_logprobs[:, :width], mb.advantages[:, :width]
     logp = token_logprobs(out.logits, ids, temperature)
+    old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs[:, :width]  # None: on-policy, see above
+    adv = mb.advantages[:, :width]
     # seq-mean-token-sum-norm divides by a constant T: verl's mask width is max_response_length (responses are
     # padded to it), and one constant for every micro-batch keeps the split exact.
     scale = (actor.loss_scale_factor or cfg.data.max_response_length) if actor.loss_agg_mode == "seq-mean-token-sum-norm" else None
