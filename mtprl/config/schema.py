@@ -135,6 +135,9 @@ class ActorConfig:
     grad_clip: Optional[float] = None  # verl FSDP spelling of optim.clip_grad; must agree when both are set
     ulysses_sequence_parallel_size: int = 1
     use_rollout_log_probs: bool = False  # ours: take old logprobs from the rollout instead of recomputing
+    # each group's shared prompt through the trunk once, and no padding tokens through the projections / MLPs
+    # (attention still per sample); exact up to rounding. verl's key (default False there)
+    use_prefix_grouper: bool = True
     max_bad_steps: int = 3  # ours: consecutive NaN/inf steps before the run stops
     optim: OptimConfig = field(default_factory=OptimConfig)
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)

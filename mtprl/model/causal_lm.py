@@ -17,7 +17,8 @@ from torch import nn
 from mtprl.model.config import ModelConfig
 from mtprl.model.kv_cache import KVCache
 from mtprl.model.mtp import MTPLayer, recursion_mask, shift_left, shift_right
-from mtprl.model.trunk import (AttnInputs, DecoderBlock, RMSNorm, full_attn_inputs, rope_cos_sin, rope_inv_freq,
+from mtprl.model.trunk import (AttnInputs, DecoderBlock, RMSNorm, UniqueTokens, full_attn_inputs, rope_cos_sin,
+                               rope_inv_freq,
                                step_attn_inputs)
 
 
@@ -100,8 +101,13 @@ class CausalLM(nn.Module):
         mtp_detach_encoder: bool = False,
         mtp_detach_head: bool = False,
         mtp_recursive_steps: int = 0,
+        unique_tokens: UniqueTokens | None = None,
     ) -> CausalLMOutput:
         """input_ids [B,T]; position_ids [B,T] (default: see default_position_ids); attention_mask [B,T] 1 = real.
+
+        unique_tokens: run the trunk's projections, MLPs and head once per unique token (a prompt shared by a
+            group's samples once, padding never), attention per row; the outputs are the rows' as without it
+            (up to rounding) and gradients sum over the slots sharing a token. See trunk.UniqueTokens.
 
         compute_mtp: run the MTP layers (False: mtp_logits == []).
         mtp_detach_encoder: the MTP path sees the trunk hidden h^0, the embedding table and (when tied, the head
@@ -122,14 +128,19 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         elif position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
-        x = self.embed_tokens(input_ids)  # [B,T,H]
-        cos, sin = self._rope(position_ids, x.dtype)
-        attn = full_attn_inputs(cos, sin, attention_mask)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, attn, i)
-        hidden = self.norm(x)  # h^0 [B,T,H]
         head = self.head_weight()
-        out = CausalLMOutput(logits=F.linear(hidden, head), hidden_states=hidden)
+        dtype = self.embed_tokens.weight.dtype
+        cos, sin = self._rope(position_ids, dtype)
+        attn = full_attn_inputs(cos, sin, attention_mask)
+        if unique_tokens is None:
+            x = self.embed_tokens(input_ids)  # [B,T,H]
+            for i, layer in enumerate(self.layers):
+                x = layer(x, attn, i)
+            hidden = self.norm(x)  # h^0 [B,T,H]
+            out = CausalLMOutput(logits=F.linear(hidden, head), hidden_states=hidden)
+        else:
+            hidden, logits = self._unique_trunk(input_ids, position_ids, attn, unique_tokens, head)
+            out = CausalLMOutput(logits=logits, hidden_states=hidden)
         if not compute_mtp or not self.mtp_layers:
             return out
         emb_weight = self.embed_tokens.weight.detach() if mtp_detach_encoder else self.embed_tokens.weight
@@ -146,6 +157,19 @@ class CausalLM(nn.Module):
             out.mtp_hidden_states.append(hidden_k)
             out.mtp_logits.append(F.linear(hidden_k, mtp_head))
         return out
+
+    def _unique_trunk(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: AttnInputs, rows: UniqueTokens,
+                      head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trunk on the unique tokens [1,M] of the rows; returns (h^0 [B,T,H], logits [B,T,V]) of the rows."""
+        ids = input_ids.reshape(-1)[rows.unique_index][None]  # [1,M]
+        positions = position_ids.expand_as(input_ids).reshape(-1)[rows.unique_index][None]
+        x = self.embed_tokens(ids)
+        cos, sin = self._rope(positions, x.dtype)
+        attn = AttnInputs(cos=cos, sin=sin, mask=attn.mask, is_causal=attn.is_causal, rows=rows)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attn, i)
+        hidden = self.norm(x)[0]  # [M,H]
+        return hidden[rows.expand_index], F.linear(hidden, head)[rows.expand_index]
 
     def _recursive_mtp(self, prev_in: torch.Tensor, last: torch.Tensor, tok_emb: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, attention_mask: torch.Tensor | None, steps: int) -> list[torch.Tensor]:

@@ -77,6 +77,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class UniqueTokens:
+    """Rows [B,T] computed through M unique tokens [1,M]: each token's projections and MLP run once, attention
+    runs per row. unique_index [M]: flat index into B*T of each unique token's own slot; expand_index [B,T]:
+    index into M of the token at each slot (slots holding the same token in the same context - a prompt shared
+    by the samples of a group - point at one unique token; padding slots at any, their outputs are unused).
+    Built by mtprl.trainer.batching.shared_prompt_tokens; the maths per token is unchanged (tested)."""
+
+    unique_index: torch.Tensor
+    expand_index: torch.Tensor
+
+
+@dataclass
 class AttnInputs:
     """Everything attention needs besides the hidden states; built once per forward, shared by all layers.
 
@@ -84,6 +96,8 @@ class AttnInputs:
     mask: None (then `is_causal` decides) or bool [B,1,T,S] - True = query t may attend key s.
     cache: KVCache for the incremental path (None for the full-sequence path);
     cache_rows [B] | None, cache_slots [B,T], kv_len: where to write / how many slots to read (see KVCache).
+    rows: UniqueTokens when the hidden states are the [1,M] unique tokens of [B,T] rows (cos, sin then [1,1,M,Dh]
+    and mask that of the rows); attention expands q, k, v to the rows and gathers each unique token's output.
     """
 
     cos: torch.Tensor
@@ -94,6 +108,7 @@ class AttnInputs:
     cache_rows: torch.Tensor | None = None
     cache_slots: torch.Tensor | None = None
     kv_len: int | None = None
+    rows: UniqueTokens | None = None
 
 
 class Attention(nn.Module):
@@ -124,6 +139,11 @@ class Attention(nn.Module):
         if attn.cache is not None:  # incremental: keys/values become the whole cache row [B,Hkv,S,Dh]
             k, v = attn.cache.write_and_read(layer, k, v, attn.cache_rows, attn.cache_slots, attn.kv_len)
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if attn.rows is not None:  # unique tokens [1,M] -> the rows [R,T] for attention, and back
+            q, k, v = (_to_rows(z, attn.rows.expand_index) for z in (q, k, v))
+            out = self._sdpa(q, k, v, attn).transpose(1, 2)  # [R,T,Hq,Dh]
+            out = out.reshape(-1, self.num_heads * self.head_dim)[attn.rows.unique_index][None]  # [1,M,Hq*Dh]
+            return self.o_proj(out)
         out = self._sdpa(q, k, v, attn)  # [B,Hq,T,Dh]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
@@ -141,6 +161,11 @@ class Attention(nn.Module):
         mask = mask[:, :, None].expand(mask.shape[0], 1, rep, t, mask.shape[-1]).reshape(mask.shape[0], 1, rep * t, -1)
         out = F.scaled_dot_product_attention(q_packed, k, v, attn_mask=mask)
         return out.view(b, self.num_heads, t, dh)
+
+
+def _to_rows(z: torch.Tensor, expand_index: torch.Tensor) -> torch.Tensor:
+    """[1,H,M,Dh] of unique tokens -> [R,H,T,Dh] of the rows (expand_index [R,T] into M)."""
+    return z[0].transpose(0, 1)[expand_index].transpose(1, 2)
 
 
 class MLP(nn.Module):

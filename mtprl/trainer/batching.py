@@ -1,4 +1,4 @@
-"""Padding, micro-batch splitting (fixed size or token budget) and per-token log-probabilities.
+"""Padding, micro-batch splitting (fixed size or token budget), shared prompts, per-token log-probabilities.
 
 Sequence layout everywhere in the trainer: ``[prompt tokens][response tokens][padding]`` (right
 padding), positions ``0..len-1``; masks say what 1 means (``attention_mask``: real token,
@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from mtprl.model.trunk import UniqueTokens
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_value: int, width: int | None = None) -> torch.Tensor:
@@ -52,6 +54,54 @@ def trim_padding(*tensors: torch.Tensor, attention_mask: torch.Tensor) -> tuple[
     """Drop trailing columns that are padding in every row (``use_remove_padding``)."""
     width = int(attention_mask.sum(-1).max().item()) if attention_mask.numel() else 0
     return tuple(t[:, :width] for t in tensors)
+
+
+def shared_prompt_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                         group_ids: torch.Tensor) -> UniqueTokens | None:
+    """The unique tokens of right-padded rows [N,T] (verl's ``use_prefix_grouper``): the samples of a group
+    share their prompt (the tokens before the first response token), so its tokens are computed once, by the
+    group's first row; every other row contributes its response tokens; padding contributes nothing. Rows whose
+    prompt differs from their group's first row (none in an RL batch) keep their own. None when a row is not
+    right-padded (the layout this relies on)."""
+    n, t = input_ids.shape
+    lengths = attention_mask.sum(-1)
+    if not bool((attention_mask.bool() == (torch.arange(t, device=lengths.device) < lengths[:, None])).all()):
+        return None
+    has_resp = response_mask.bool().any(-1)
+    starts = torch.where(has_resp, response_mask.long().argmax(-1), lengths).tolist()
+    lengths, ids, gids = lengths.tolist(), input_ids.tolist(), group_ids.tolist()
+    leaders: dict[tuple, int] = {}
+    base = [0] * n  # index into the unique tokens of row i's first own token
+    unique: list[int] = []
+    expand = torch.zeros(n, t, dtype=torch.long)
+    for i in range(n):
+        lead = leaders.setdefault((gids[i], tuple(ids[i][:starts[i]])), i)
+        own = 0 if lead == i else starts[i]  # slots before `own` are the leader's (the same tokens and positions)
+        base[i] = len(unique) - own
+        unique.extend(range(i * t + own, i * t + lengths[i]))
+        expand[i, :own] = torch.arange(base[lead], base[lead] + own)
+        expand[i, own:lengths[i]] = torch.arange(base[i] + own, base[i] + lengths[i])
+    device = input_ids.device
+    return UniqueTokens(unique_index=torch.tensor(unique, dtype=torch.long, device=device),
+                        expand_index=expand.to(device))
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, *,
+                               entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(token_logprobs, token_entropy) from ONE fp32 log_softmax over the vocabulary (the two functions below
+    are the references). entropy: "none" (None), "detached" (a metric: no graph through it) or "grad"
+    (an entropy bonus: gradients flow)."""
+    z = logits[:, :-1].float()
+    if temperature not in (0.0, 1.0):
+        z = z / temperature
+    logp_all = torch.log_softmax(z, dim=-1)  # [B,T-1,V]
+    logp = F.pad(logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1), (1, 0))
+    if entropy == "none":
+        return logp, None
+    src = logp_all if entropy == "grad" else logp_all.detach()
+    with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+        ent = F.pad(-(src.exp() * src).sum(-1), (1, 0))
+    return logp, ent
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

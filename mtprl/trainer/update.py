@@ -25,7 +25,8 @@ from mtprl.algorithms import aggregate_loss, count_normalisers, kl_loss, policy_
 from mtprl.config.schema import MtprlConfig
 from mtprl.distributed.balance import partition_by_tokens
 from mtprl.model import mtp_loss
-from mtprl.trainer.batching import split_by_tokens, split_fixed, token_entropy, token_logprobs, trim_padding
+from mtprl.trainer.batching import (shared_prompt_tokens, split_by_tokens, split_fixed, token_logprobs_and_entropy,
+                                    trim_padding)
 from mtprl.trainer.optim import clip_and_check
 
 
@@ -96,8 +97,10 @@ def _forward(model, mb: TrainBatch, cfg: MtprlConfig, *, compute_mtp: bool):
     if cfg.actor_rollout_ref.model.use_remove_padding:
         ids, attn, resp = trim_padding(ids, attn, resp, attention_mask=attn)
     mtp = cfg.actor_rollout_ref.model.mtp
+    shared = (shared_prompt_tokens(ids, attn, resp, mb.group_ids) if cfg.actor_rollout_ref.actor.use_prefix_grouper
+              else None)  # each group's prompt through the trunk once, padding never
     out = model(ids, attention_mask=attn, compute_mtp=compute_mtp, mtp_detach_encoder=mtp.detach_encoder,
-                mtp_detach_head=mtp.detach_lm_head, mtp_recursive_steps=mtp.recursive_steps)
+                mtp_detach_head=mtp.detach_lm_head, mtp_recursive_steps=mtp.recursive_steps, unique_tokens=shared)
     return out, ids, attn, resp
 
 
@@ -132,7 +135,7 @@ def compute_logprobs(model, batch: TrainBatch, cfg: MtprlConfig, role: str = "ro
         mb = batch.select(rows if rows is not None else [0])
         res, ids, _, _ = _forward(model, mb, cfg, compute_mtp=False)
         if rows is not None:
-            out[torch.as_tensor(rows), : ids.shape[1]] = token_logprobs(res.logits, ids, temperature).float()
+            out[torch.as_tensor(rows), : ids.shape[1]] = token_logprobs_and_entropy(res.logits, ids, temperature)[0]
     if dp is not None and dp.distributed:  # each row is non-zero on exactly one rank: the sum is exact
         torch.distributed.all_reduce(out)
     return out * batch.attention_mask
@@ -144,7 +147,8 @@ def _micro_loss(model, mb: TrainBatch, cfg: MtprlConfig, norms: tuple[int, int],
     temperature = cfg.actor_rollout_ref.rollout.temperature or 1.0
     out, ids, attn, resp = _forward(model, mb, cfg, compute_mtp=train_mtp)
     width = ids.shape[1]
-    logp = token_logprobs(out.logits, ids, temperature)
+    logp, entropy = token_logprobs_and_entropy(out.logits, ids, temperature,
+                                               entropy="grad" if actor.entropy_coeff else "detached")
     old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs[:, :width]  # None: on-policy, see above
     adv = mb.advantages[:, :width]
     # seq-mean-token-sum-norm divides by a constant T: verl's mask width is max_response_length (responses are
@@ -154,7 +158,6 @@ def _micro_loss(model, mb: TrainBatch, cfg: MtprlConfig, norms: tuple[int, int],
     pg, pg_metrics = policy_loss(old, logp, adv, resp, actor.clip_ratio_low, actor.clip_ratio_high,
                                  actor.clip_ratio_c, actor.loss_agg_mode, **agg)
     share = float(resp.sum()) / max(norms[0], 1)  # this micro-batch's share of the mini-batch tokens
-    entropy = token_entropy(out.logits if actor.entropy_coeff else out.logits.detach(), temperature)
     ent = aggregate_loss(entropy, resp, actor.loss_agg_mode, **agg)
     loss = pg - actor.entropy_coeff * ent
     metrics = {"actor/pg_loss": float(pg.detach()), "actor/entropy": float(ent.detach())}
