@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mtprl.data.synthetic import LEVELS, TINY_MODEL_LEVELS, write_synthetic_math
+from mtprl.data.synthetic import ALL_LEVELS, TINY_MODEL_LEVELS, write_synthetic_math
 from mtprl.data.tokenizer import build_math_tokenizer
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-val", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--levels", type=int, nargs="+", default=list(TINY_MODEL_LEVELS), choices=LEVELS,
+        "--levels", type=int, nargs="+", default=list(TINY_MODEL_LEVELS), choices=ALL_LEVELS,
         help="difficulty levels, round-robin; repeat one to weight it (default: %(default)s)",
     )
     parser.add_argument("--vocab-size", type=int, default=512)

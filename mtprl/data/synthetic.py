@@ -1,18 +1,49 @@
 """Synthetic arithmetic problems in verl's parquet schema, for the embedded offline run.
 
-Levels (each answer a non-negative integer):
-    1  a+b            a, b in 0..9                    "3+5 = 8\\nAnswer: 8"
-    2  a+b or a-b     a, b in 10..99 (a >= b for -)   "47-12 = 35\\nAnswer: 35"
-    3  a*b+c          a, b in 2..9, c in 1..20        "6*7 = 42\\n42+15 = 57\\nAnswer: 57"
-    4  (a+b)*c-d      a, b in 2..20, c in 2..9        "12+7 = 19\\n19*3 = 57\\n57-5 = 52\\nAnswer: 52"
+Short levels (answer in one or a few lines; each answer a non-negative integer):
+    1  a+b            a, b in 0..9                    "3+5 = 8\nAnswer: 8"
+    2  a+b or a-b     a, b in 10..99 (a >= b for -)   "47-12 = 35\nAnswer: 35"
+    3  a*b+c          a, b in 2..9, c in 1..20        "6*7 = 42\n42+15 = 57\nAnswer: 57"
+    4  (a+b)*c-d      a, b in 2..20, c in 2..9        "12+7 = 19\n19*3 = 57\n57-5 = 52\nAnswer: 52"
                       d in 1..min(50, (a+b)*c)
+
+Worked levels (column arithmetic written out, one line per column, least significant first; every
+operand of a level has the same number of digits; ~20 to ~190 tokens with the demo tokenizer):
+    5  a+b       1 digit         ~27 tokens        10 a+b       4 digits   ~107 tokens
+    6  a+b       2 digits        ~53               11 a+b+c+d   6 digits   ~195
+    7  a+b+c     2 digits        ~58               12 a-b       3 digits   ~85 (a >= b, a-b has 3 digits)
+    8  a+b       3 digits        ~80               13 a*d       3 digits times one digit 2..9, ~100
+    9  a+b+c     3 digits        ~87
+
+Each line names its column, adds the column's digits and the carry (subtracts with the borrow, multiplies
+and adds the carry), writes one digit and carries on, and keeps the result so far; the last column
+writes its whole sum:
+
+    units: 2+5+0=7, write 7 carry 0, so far 7
+    tens: 7+8+0=15, write 5 carry 1, so far 57
+    hundreds: 4+3+1=8, write 8, so far 857
+    Answer: 857                                                    (472+385)
+
+    units: 3-0-8<0, 13-0-8=5, write 5 borrow 1, so far 5
+    tens: 0-1-5<0, 10-1-5=4, write 4 borrow 1, so far 45
+    hundreds: 4-1-1=2, write 2, so far 245
+    Answer: 245                                                    (403-158)
+
+    units: 7*8=56, 56+0=56, write 6 carry 5, so far 6
+    tens: 4*8=32, 32+5=37, write 7 carry 3, so far 76
+    hundreds: 3*8=24, 24+3=27, write 27, so far 2776
+    Answer: 2776                                                   (347*8)
+
+A line reads the question's digits of its column (the same place in every problem of a level) and what
+the line above holds (the carry, the result so far), so a small model can learn the procedure; what it
+must get right is the digit arithmetic of each column.
 
 The worked solution ends with `Answer: <n>` on its own line, so the DAPO scorer (last `Answer:` in
 the last 300 characters) grades it. Rows are assigned levels round-robin over `levels`, so the mix is
 balanced; repeat a level to weight it ((1, 1, 1, 2): three level-1 rows per level-2 row). Level 1 has
-only 100 distinct problems, so train and validation share them; higher levels are large enough that
-the splits rarely overlap. Each split draws from its own seeded stream
-(`numpy.random.default_rng([seed, split_id])`), so the train rows do not depend on num_val.
+only 100 distinct problems, so train and validation share them unless `disjoint=True` (then validation
+skips every question the train split has, drawing on from its own stream). Each split draws from its own
+seeded stream (`numpy.random.default_rng([seed, split_id])`), so the train rows do not depend on num_val.
 
 How hard, measured (one shared CPU thread, 0.7M-parameter qwen2-style model: hidden 128, 4 layers,
 our 409-token vocabulary; SFT on the response tokens, AdamW lr 3e-3, batch 32, greedy decoding on 100
@@ -31,6 +62,7 @@ Files written by `write_synthetic_math(out_dir, ...)`:
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,7 +74,9 @@ import pyarrow.parquet as pq
 DATA_SOURCE = "synthetic_arith"
 ABILITY = "MATH"
 REWARD_STYLE = "rule"
-LEVELS = (1, 2, 3, 4)
+LEVELS = (1, 2, 3, 4)  # the short levels, the default mix
+WORKED_LEVELS = (5, 6, 7, 8, 9, 10, 11, 12, 13)  # column arithmetic written out (WORKED_SHAPES)
+ALL_LEVELS = LEVELS + WORKED_LEVELS
 TINY_MODEL_LEVELS = (1, 1, 1, 2)  # the mix for a ~1M-parameter model warmed up for 1-2 min (see above)
 
 # A short form of the DAPO instruction (fixtures: "Solve the following math problem step by step. ...");
@@ -55,11 +89,13 @@ DAPO_INSTRUCTION = (
 DAPO_REMINDER = 'Remember to put your answer on its own line after "Answer:".'
 
 _SPLIT_IDS = {"train": 0, "val": 1}
+_MAX_DRAWS = 1000  # draws per problem before make_problems gives up finding one on its side of the split
+HELD_OUT_EVERY = 8  # disjoint splits: one question in 8 of the problem space is held out for validation
 
 
 @dataclass(frozen=True)
 class MathProblem:
-    """level: 1..4; question: the problem line; solution: worked steps ending "Answer: <answer>"."""
+    """level: 1..10; question: the problem line; solution: worked steps ending "Answer: <answer>"."""
 
     level: int
     question: str
@@ -72,8 +108,99 @@ def _randint(rng: np.random.Generator, low: int, high: int) -> int:
     return int(rng.integers(low, high + 1))
 
 
+COLUMN_NAMES = ("units", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands")
+# worked level -> (operation, number of operands, digits per operand); every operand has exactly that many digits
+WORKED_SHAPES = {5: ("+", 2, 1), 6: ("+", 2, 2), 7: ("+", 3, 2), 8: ("+", 2, 3), 9: ("+", 3, 3), 10: ("+", 2, 4),
+                 11: ("+", 4, 6), 12: ("-", 2, 3), 13: ("*", 1, 3)}
+
+
+def _column_sum(operands: list[int]) -> list[str]:
+    """Worked lines of sum(operands), one per column, least significant first (module docstring)."""
+    width = max(len(str(x)) for x in operands)
+    digits = [str(x).rjust(width, "0") for x in operands]
+    lines, carry, so_far = [], 0, ""
+    for k in range(width):
+        column = [int(d[width - 1 - k]) for d in digits]
+        total = sum(column) + carry
+        step = f"{COLUMN_NAMES[k]}: {'+'.join(map(str, column))}+{carry}={total}"
+        if k == width - 1:  # the last column writes its whole sum
+            so_far = f"{total}{so_far}"
+            lines.append(f"{step}, write {total}, so far {so_far}")
+        else:
+            so_far = f"{total % 10}{so_far}"
+            lines.append(f"{step}, write {total % 10} carry {total // 10}, so far {so_far}")
+            carry = total // 10
+    return lines
+
+
+def _column_difference(a: int, b: int) -> list[str]:
+    """Worked lines of a - b (a >= b, both with the same number of digits, a - b too), one per column."""
+    width = len(str(a))
+    top, bottom = str(a), str(b).rjust(width, "0")
+    lines, borrow, so_far = [], 0, ""
+    for k in range(width):
+        x, y = int(top[width - 1 - k]), int(bottom[width - 1 - k])
+        sub = f"{x}-{borrow}-{y}"
+        value = x - borrow - y
+        step, borrow_out = (f"{sub}<0, 1{sub}={value + 10}", 1) if value < 0 else (f"{sub}={value}", 0)
+        value %= 10
+        so_far = f"{value}{so_far}"
+        if k == width - 1:
+            lines.append(f"{COLUMN_NAMES[k]}: {step}, write {value}, so far {so_far}")
+        else:
+            lines.append(f"{COLUMN_NAMES[k]}: {step}, write {value} borrow {borrow_out}, so far {so_far}")
+        borrow = borrow_out
+    return lines
+
+
+def _column_product(a: int, d: int) -> list[str]:
+    """Worked lines of a * d (d one digit), one per digit of a."""
+    top = str(a)
+    width = len(top)
+    lines, carry, so_far = [], 0, ""
+    for k in range(width):
+        x = int(top[width - 1 - k])
+        total = x * d + carry
+        step = f"{COLUMN_NAMES[k]}: {x}*{d}={x * d}, {x * d}+{carry}={total}"
+        if k == width - 1:
+            so_far = f"{total}{so_far}"
+            lines.append(f"{step}, write {total}, so far {so_far}")
+        else:
+            so_far = f"{total % 10}{so_far}"
+            lines.append(f"{step}, write {total % 10} carry {total // 10}, so far {so_far}")
+            carry = total // 10
+    return lines
+
+
+def _n_digits(rng: np.random.Generator, digits: int) -> int:
+    """Uniform over the numbers with exactly `digits` digits (0..9 for one digit)."""
+    return _randint(rng, 0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+
+
+def make_worked_problem(level: int, rng: np.random.Generator) -> MathProblem:
+    """One problem of a worked level (shapes in WORKED_SHAPES, format in the module docstring)."""
+    if level not in WORKED_SHAPES:
+        raise ValueError(f"unknown level {level}; levels are {ALL_LEVELS}")
+    op, count, digits = WORKED_SHAPES[level]
+    if op == "+":
+        ops = [_n_digits(rng, digits) for _ in range(count)]
+        expr, lines, answer = "+".join(map(str, ops)), _column_sum(ops), sum(ops)
+    elif op == "-":
+        while True:  # the difference keeps the digits of a: no leading zero in the result so far
+            a, b = sorted((_n_digits(rng, digits), _n_digits(rng, digits)), reverse=True)
+            if len(str(a - b)) == digits:
+                break
+        expr, lines, answer = f"{a}-{b}", _column_difference(a, b), a - b
+    else:
+        a, d = _n_digits(rng, digits), _randint(rng, 2, 9)
+        expr, lines, answer = f"{a}*{d}", _column_product(a, d), a * d
+    return MathProblem(level, f"What is {expr}?", "\n".join(lines + [f"Answer: {answer}"]), answer)
+
+
 def make_problem(level: int, rng: np.random.Generator) -> MathProblem:
     """Draw one problem of the given level (see module docstring for the ranges)."""
+    if level in WORKED_LEVELS:
+        return make_worked_problem(level, rng)
     if level == 1:
         a, b = _randint(rng, 0, 9), _randint(rng, 0, 9)
         return MathProblem(1, f"What is {a}+{b}?", f"{a}+{b} = {a + b}\nAnswer: {a + b}", a + b)
@@ -93,7 +220,7 @@ def make_problem(level: int, rng: np.random.Generator) -> MathProblem:
         d = _randint(rng, 1, min(50, p))
         steps = f"{a}+{b} = {s}\n{s}*{c} = {p}\n{p}-{d} = {p - d}\nAnswer: {p - d}"
         return MathProblem(4, f"What is ({a}+{b})*{c}-{d}?", steps, p - d)
-    raise ValueError(f"unknown level {level}; levels are {LEVELS}")
+    raise ValueError(f"unknown level {level}; levels are {ALL_LEVELS}")
 
 
 def user_content(question: str, instruction: str = SHORT_INSTRUCTION) -> str:
@@ -101,16 +228,34 @@ def user_content(question: str, instruction: str = SHORT_INSTRUCTION) -> str:
     return f"{instruction}\n\n{question}"
 
 
-def make_problems(num: int, *, seed: int, split: str, levels: Sequence[int] = LEVELS) -> list[MathProblem]:
-    """`num` problems, levels round-robin over `levels`, drawn from the (seed, split) stream."""
+def held_out(question: str, seed: int) -> bool:
+    """Whether `question` belongs to the held-out (validation) part of the problem space: a seeded hash puts
+    one question in HELD_OUT_EVERY there, independently of how many problems are drawn."""
+    return zlib.crc32(f"{seed}:{question}".encode()) % HELD_OUT_EVERY == 0
+
+
+def make_problems(num: int, *, seed: int, split: str, levels: Sequence[int] = LEVELS,
+                  disjoint: bool = False) -> list[MathProblem]:
+    """`num` problems, levels round-robin over `levels`, drawn from the (seed, split) stream. With `disjoint`,
+    a draw on the wrong side of :func:`held_out` is skipped (the stream goes on): validation problems come from
+    the held-out part of the problem space and train problems from the rest, so the splits never share one."""
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
     if num < 0:
         raise ValueError(f"number of problems must be >= 0, got {num}")
-    if not levels or any(lv not in LEVELS for lv in levels):
-        raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {tuple(levels)}")
+    if not levels or any(lv not in ALL_LEVELS for lv in levels):
+        raise ValueError(f"levels must be a non-empty subset of {ALL_LEVELS}, got {tuple(levels)}")
     rng = np.random.default_rng([seed, _SPLIT_IDS[split]])
-    return [make_problem(levels[i % len(levels)], rng) for i in range(num)]
+    problems = []
+    for i in range(num):
+        for _ in range(_MAX_DRAWS):
+            problem = make_problem(levels[i % len(levels)], rng)
+            if not disjoint or held_out(problem.question, seed) == (split == "val"):
+                break
+        else:
+            raise ValueError(f"level {levels[i % len(levels)]}: no {split} problem in {_MAX_DRAWS} draws")
+        problems.append(problem)
+    return problems
 
 
 def rl_row(problem: MathProblem, index: int, split: str, instruction: str = SHORT_INSTRUCTION) -> dict[str, Any]:
@@ -171,8 +316,12 @@ def write_synthetic_math(
     levels: Sequence[int] = LEVELS,
     instruction: str = SHORT_INSTRUCTION,
     sft_prose_frac: float = 0.0,
+    disjoint: bool = False,
 ) -> SyntheticMathPaths:
     """Write RL and SFT parquet files for both splits under out_dir; same arguments -> same files.
+
+    disjoint: the splits share no question (validation from the held-out part of the problem space, see
+    make_problems).
 
     sft_prose_frac: share of SFT responses (chosen with a seeded draw) that end in prose ("The answer is
     n.") instead of "Answer: n" - teacher data from mixed sources, of which only one style is graded.
@@ -192,7 +341,7 @@ def write_synthetic_math(
         ("train", num_train, paths.train, paths.sft_train),
         ("val", num_val, paths.val, paths.sft_val),
     ):
-        problems = make_problems(num, seed=seed, split=split, levels=levels)
+        problems = make_problems(num, seed=seed, split=split, levels=levels, disjoint=disjoint)
         pq.write_table(pa.Table.from_pylist([rl_row(p, i, split, instruction) for i, p in enumerate(problems)]), rl_path)
         prose = np.random.default_rng([seed, 2, _SPLIT_IDS[split]]).random(num) < sft_prose_frac
         rows = [sft_row(p, i, split, instruction, prose=bool(prose[i])) for i, p in enumerate(problems)]

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from mtprl.data.synthetic import DAPO_INSTRUCTION, DAPO_REMINDER, make_problems, user_content
+from mtprl.data.synthetic import DAPO_INSTRUCTION, DAPO_REMINDER, LEVELS, make_problems, user_content
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -119,22 +119,23 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, *, model_max_length: int
     return out_dir
 
 
-def math_corpus(num_problems: int = 2000, *, seed: int = 0) -> list[str]:
-    """Training text: chat-rendered synthetic problems with their solutions, plus the DAPO instruction."""
+def math_corpus(num_problems: int = 2000, *, seed: int = 0, levels: Sequence[int] = LEVELS) -> list[str]:
+    """Training text: chat-rendered synthetic problems of `levels` with their solutions, plus the DAPO
+    instruction."""
     texts = [
         chatml([{"role": "user", "content": user_content(p.question)}, {"role": "assistant", "content": p.solution}],
                add_generation_prompt=False)
-        for p in make_problems(num_problems, seed=seed, split="train")
+        for p in make_problems(num_problems, seed=seed, split="train", levels=levels)
     ]
     return texts + [f"{DAPO_INSTRUCTION}\n\n{DAPO_REMINDER}", "system\nYou are a helpful assistant."]
 
 
 def build_math_tokenizer(
     out_dir: str | Path, *, vocab_size: int = 512, num_problems: int = 2000, seed: int = 0,
-    model_max_length: int = 2048,
+    model_max_length: int = 2048, levels: Sequence[int] = LEVELS,
 ) -> Path:
-    """Train on the synthetic math corpus and save to out_dir (HF format); returns out_dir."""
-    tok = train_tokenizer(math_corpus(num_problems, seed=seed), vocab_size=vocab_size)
+    """Train on the synthetic math corpus (problems of `levels`) and save to out_dir (HF format); returns out_dir."""
+    tok = train_tokenizer(math_corpus(num_problems, seed=seed, levels=levels), vocab_size=vocab_size)
     return save_tokenizer(tok, out_dir, model_max_length=model_max_length)
 
 

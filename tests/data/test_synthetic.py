@@ -10,7 +10,8 @@ import pytest
 
 from mtprl.data.dataset import build_prompt_dataset, load_prompt_records
 from mtprl.data.sft import load_sft_records, tokenize_sft
-from mtprl.data.synthetic import DATA_SOURCE, LEVELS, TINY_MODEL_LEVELS, make_problem, make_problems, write_synthetic_math
+from mtprl.data.synthetic import (DATA_SOURCE, LEVELS, TINY_MODEL_LEVELS, WORKED_LEVELS, WORKED_SHAPES, held_out,
+                                  make_problem, make_problems, write_synthetic_math)
 
 EXPR = re.compile(r"^[0-9+\-*()]+$")
 QUESTION_SHAPES = {
@@ -79,7 +80,7 @@ def test_levels_round_robin_and_bad_arguments():
     weighted = make_problems(8, seed=0, split="train", levels=TINY_MODEL_LEVELS)
     assert [p.level for p in weighted] == [1, 1, 1, 2] * 2
     with pytest.raises(ValueError, match="levels must be"):
-        make_problems(4, seed=0, split="train", levels=(5,))
+        make_problems(4, seed=0, split="train", levels=(14,))
     with pytest.raises(ValueError, match="split must be"):
         make_problems(4, seed=0, split="test")
     with pytest.raises(ValueError, match="unknown level"):
@@ -162,3 +163,118 @@ def test_sft_prose_fraction_marks_only_sft_rows(tmp_path):
     assert all("Answer:" in r["extra_info"]["solution"] for r in pq.read_table(paths.train).to_pylist())
     again = write_synthetic_math(tmp_path / "again", num_train=400, num_val=10, seed=0, levels=(1, 2), sft_prose_frac=0.5)
     assert pq.read_table(again.sft_train).to_pylist() == sft
+
+
+# ----- worked levels: column arithmetic written out --------------------------------------------------------------
+LINE = re.compile(r"^(units|tens|hundreds|thousands|ten-thousands|hundred-thousands): (.+), write (\d+)(?: (carry|borrow) (\d))?, so far (\d+)$")
+
+
+def _check_worked_line(step: str, op: str, carry_in: int) -> tuple[int, int]:
+    """The arithmetic of one column as written; returns (digit or last sum written, carry / borrow out)."""
+    if op == "+":  # "d1+d2+...+carry=total"
+        lhs, total = step.split("=")
+        terms = [int(x) for x in lhs.split("+")]
+        assert terms[-1] == carry_in and sum(terms) == int(total), step
+        return int(total), int(total) // 10
+    if op == "*":  # "x*d=p, p+carry=total"
+        prod, add = step.split(", ")
+        (x, d), p = prod.split("=")[0].split("*"), int(prod.split("=")[1])
+        assert int(x) * int(d) == p and add == f"{p}+{carry_in}={p + carry_in}", step
+        return p + carry_in, (p + carry_in) // 10
+    # "x-borrow-y=v" or "x-borrow-y<0, 1x-borrow-y=v+10"
+    x, b, y = (int(v) for v in step.split("<")[0].split("=")[0].split("-"))
+    assert b == carry_in, step
+    value = x - b - y
+    if value < 0:
+        assert step == f"{x}-{b}-{y}<0, 1{x}-{b}-{y}={value + 10}", step
+        return value + 10, 1
+    assert step == f"{x}-{b}-{y}={value}", step
+    return value, 0
+
+
+@pytest.mark.parametrize("level", WORKED_LEVELS)
+def test_worked_solutions_are_correct_arithmetic(level):
+    op, count, digits = WORKED_SHAPES[level]
+    rng = np.random.default_rng(level)
+    for _ in range(200):
+        p = make_problem(level, rng)
+        expr = p.question[len("What is "):-1]
+        operands = re.split(r"[+\-*]", expr)
+        assert len(operands) == max(count, 2 if op != "+" else count)
+        assert all(len(x) == digits for x in (operands if op != "*" else operands[:1])), p.question
+        assert evaluate(expr) == p.answer >= 0
+        lines = p.solution.split("\n")
+        assert lines[-1] == f"Answer: {p.answer}" and dapo_answer(p.solution) == str(p.answer)
+        assert len(lines) == digits + 1  # one line per column
+        carry, so_far = 0, ""
+        for k, line in enumerate(lines[:-1]):
+            m = LINE.match(line)
+            assert m, line
+            assert m.group(1) == ["units", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands"][k]
+            value, carry_out = _check_worked_line(m.group(2), op, carry)
+            last = k == digits - 1
+            assert (m.group(4) is None) == last, line  # the last column carries nothing on
+            written = value if last and op != "-" else value % 10
+            assert int(m.group(3)) == written, line
+            so_far = f"{written}{so_far}"
+            assert m.group(6) == so_far, line
+            if not last:
+                assert int(m.group(5)) == carry_out, line
+            carry = carry_out
+        assert int(so_far) == p.answer
+
+
+def test_worked_levels_by_hand():
+    class FixedRng:
+        def __init__(self, values):
+            self.values = list(values)
+
+        def integers(self, low, high):
+            value = self.values.pop(0)
+            assert low <= value < high
+            return value
+
+    assert make_problem(8, FixedRng([472, 385])).solution == (
+        "units: 2+5+0=7, write 7 carry 0, so far 7\ntens: 7+8+0=15, write 5 carry 1, so far 57\n"
+        "hundreds: 4+3+1=8, write 8, so far 857\nAnswer: 857")
+    assert make_problem(12, FixedRng([158, 403])).solution == (  # sorted: 403-158
+        "units: 3-0-8<0, 13-0-8=5, write 5 borrow 1, so far 5\ntens: 0-1-5<0, 10-1-5=4, write 4 borrow 1, so far 45\n"
+        "hundreds: 4-1-1=2, write 2, so far 245\nAnswer: 245")
+    p = make_problem(13, FixedRng([347, 8]))
+    assert (p.question, p.answer) == ("What is 347*8?", 2776)
+    assert p.solution.split("\n")[1] == "tens: 4*8=32, 32+5=37, write 7 carry 3, so far 76"
+    p = make_problem(5, FixedRng([9, 8]))
+    assert p.solution == "units: 9+8+0=17, write 17, so far 17\nAnswer: 17"
+
+
+def test_disjoint_splits_share_no_question(tmp_path):
+    levels = (5, 6, 8, 11)
+    train = make_problems(2000, seed=3, split="train", levels=levels, disjoint=True)
+    val = make_problems(200, seed=3, split="val", levels=levels, disjoint=True)
+    assert not {p.question for p in train} & {p.question for p in val}
+    assert all(held_out(p.question, 3) for p in val) and not any(held_out(p.question, 3) for p in train)
+    # level 5 has 100 problems: about one in 8 is held out, and both splits still draw it
+    assert 5 <= sum(held_out(f"What is {a}+{b}?", 3) for a in range(10) for b in range(10)) <= 25
+    assert {p.level for p in val} == set(levels)
+    paths = write_synthetic_math(tmp_path, num_train=300, num_val=40, seed=3, levels=levels, disjoint=True)
+    rows = {split: [r["extra_info"]["question"] for r in pq.read_table(path).to_pylist()]
+            for split, path in (("train", paths.train), ("val", paths.val))}
+    assert not set(rows["train"]) & set(rows["val"])
+    # without `disjoint` the streams are the same as before: the val rows are a prefix-stable draw of their own
+    plain = make_problems(40, seed=3, split="val", levels=levels)
+    assert [p.question for p in plain] == [p.question for p in make_problems(60, seed=3, split="val", levels=levels)][:40]
+
+
+def test_worked_lengths_run_from_about_20_to_200_tokens(tmp_path):
+    from mtprl.data import build_math_tokenizer, load_tokenizer
+
+    tok = load_tokenizer(build_math_tokenizer(tmp_path / "tok", vocab_size=384, num_problems=600, seed=0,
+                                              levels=WORKED_LEVELS))
+    lengths = {}
+    for level in WORKED_LEVELS:
+        problems = make_problems(50, seed=0, split="train", levels=(level,))
+        lengths[level] = [len(tok(p.solution)["input_ids"]) + 1 for p in problems]  # + eos
+    assert 15 <= min(lengths[5]) and max(lengths[5]) <= 30
+    assert 170 <= min(lengths[11]) and max(lengths[11]) <= 220
+    means = [sum(v) / len(v) for v in lengths.values()]
+    assert all(a < b for a, b in zip(means[:7], means[1:7]))  # longer with more digits and operands
