@@ -8,7 +8,9 @@ small batches on a GPU, a decode step costs per op, not per flop:
   * q|k|v projections as ONE matmul (bias fused: addmm), gate|up as ONE matmul; weights pre-transposed;
   * RMSNorm as ONE fused kernel: the residual stream is carried as the signed pair [x, -x] (o_proj and down_proj
     weights packed as [W, -W], the residual add fused into their addmm), and the first half of
-    LayerNorm([x, -x]) is exactly RMSNorm(x) (mean 0, variance mean(x^2)); F.rms_norm is ~6 ops on a CPU;
+    LayerNorm([x, -x]) is exactly RMSNorm(x) (mean 0, variance mean(x^2)); F.rms_norm is ~6 ops on a CPU.
+    Models wider than SIGNED_MAX_HIDDEN keep a plain residual stream: there the doubled o/down matmuls cost more
+    than the ops saved;
   * RoPE: cos/sin rows looked up from a table built once (same fp32 formula as `rope_cos_sin`), applied to q
     and k together (roll by Dh/2 with a signed sin table = rotate_half);
   * the attention mask built ONCE per step as an additive float mask (folded for GQA), shared by all layers,
@@ -66,18 +68,28 @@ class _MTP:
     final_norm: torch.Tensor  # [2H]
 
 
-def _signed(weight: torch.Tensor) -> torch.Tensor:
-    """nn.Linear weight [out, in] -> [in, 2 out] = [W^T, -W^T]: x @ it is the signed pair [y, -y] of y = x W^T."""
+# Signed pairs halve the ops of a block's two norms but double the o_proj / down_proj matmuls and their weight bytes.
+# That pays where a step costs per op (a narrow model: ~10 ops saved per block against hidden x (Hq Dh + I) extra
+# multiply-adds per token); wider than this the plain residual stream (F.rms_norm) is faster: on this project's CPU
+# plain decoding ran 1.08x as fast at 256 wide (batch 1 and 64), 1.2x at 512 wide, 1.16x for batch-1 decoding of a
+# 768-wide model (which reads 1/3 more weight bytes a token signed); at 64-128 wide the two were within noise
+# (0.9-1.3x over repeats), and the signed form is what the rollout benchmark was measured with (docs/performance.md).
+SIGNED_MAX_HIDDEN = 128
+
+
+def _signed(weight: torch.Tensor, signed: bool = True) -> torch.Tensor:
+    """nn.Linear weight [out, in] -> [in, 2 out] = [W^T, -W^T]: x @ it is the signed pair [y, -y] of y = x W^T
+    (signed=False: W^T [in, out])."""
     w = weight.detach().t()
-    return torch.cat([w, -w], 1).contiguous()
+    return (torch.cat([w, -w], 1) if signed else w).contiguous()
 
 
-def _norm_weight(norm: torch.nn.Module) -> torch.Tensor:
+def _norm_weight(norm: torch.nn.Module, signed: bool = True) -> torch.Tensor:
     w = norm.weight.detach()
-    return torch.cat([w, w])
+    return torch.cat([w, w]) if signed else w
 
 
-def _pack_block(block: DecoderBlock) -> _Block:
+def _pack_block(block: DecoderBlock, signed: bool = True) -> _Block:
     a, m = block.self_attn, block.mlp
     weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()  # [(Hq + 2 Hkv) Dh, H]
     bias = None
@@ -86,13 +98,15 @@ def _pack_block(block: DecoderBlock) -> _Block:
     qk_norm = None
     if a.q_norm is not None:
         qk_norm = torch.stack([a.q_norm.weight] * a.num_heads + [a.k_norm.weight] * a.num_kv_heads).detach()
-    o_bias = None if a.o_proj.bias is None else torch.cat([a.o_proj.bias, -a.o_proj.bias]).detach()
+    o_bias = None
+    if a.o_proj.bias is not None:
+        o_bias = (torch.cat([a.o_proj.bias, -a.o_proj.bias]) if signed else a.o_proj.bias).detach()
     return _Block(
-        norm1=_norm_weight(block.input_layernorm),
-        qkv=weight.t().contiguous(), qkv_bias=bias, qk_norm=qk_norm, o=_signed(a.o_proj.weight), o_bias=o_bias,
-        norm2=_norm_weight(block.post_attention_layernorm),
+        norm1=_norm_weight(block.input_layernorm, signed),
+        qkv=weight.t().contiguous(), qkv_bias=bias, qk_norm=qk_norm, o=_signed(a.o_proj.weight, signed), o_bias=o_bias,
+        norm2=_norm_weight(block.post_attention_layernorm, signed),
         gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach().t().contiguous(),
-        down=_signed(m.down_proj.weight))
+        down=_signed(m.down_proj.weight, signed))
 
 
 def _norm(signed: torch.Tensor, weight2: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -131,24 +145,27 @@ class PackedModel:
     """Packed weights of a CausalLM plus `forward_step` / `mtp_step` with the module path's signatures.
 
     `config` is the model's config, so code written against CausalLM's incremental API (the engine,
-    speculative.py) takes either object.
+    speculative.py) takes either object. signed: carry the residual stream as signed pairs (see _norm); None =
+    for models up to SIGNED_MAX_HIDDEN wide.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, signed: bool | None = None) -> None:
         self.model = model
         self.config = model.config
+        self.signed = model.config.hidden_size <= SIGNED_MAX_HIDDEN if signed is None else signed
         self.pack()
 
     @torch.no_grad()
     def pack(self) -> None:
         """(Re)build the packed copies from the model's current weights."""
-        model, cfg = self.model, self.config
-        self.blocks = [_pack_block(layer) for layer in model.layers]
-        self.mtp = [_MTP(hidden_norm=_norm_weight(m.hidden_layernorm), token_norm=_norm_weight(m.token_layernorm),
-                         input_proj=_signed(m.input_proj.weight), block=_pack_block(m.block),
-                         final_norm=_norm_weight(m.final_layernorm)) for m in model.mtp_layers]
+        model, cfg, signed = self.model, self.config, self.signed
+        self.blocks = [_pack_block(layer, signed) for layer in model.layers]
+        self.mtp = [_MTP(hidden_norm=_norm_weight(m.hidden_layernorm, signed),
+                         token_norm=_norm_weight(m.token_layernorm, signed),
+                         input_proj=_signed(m.input_proj.weight, signed), block=_pack_block(m.block, signed),
+                         final_norm=_norm_weight(m.final_layernorm, signed)) for m in model.mtp_layers]
         self.embed = model.embed_tokens.weight.detach()
-        self.norm = _norm_weight(model.norm)
+        self.norm = _norm_weight(model.norm, signed)
         self.head = model.head_weight().detach()
         self.eps = cfg.rms_norm_eps
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -215,15 +232,23 @@ class PackedModel:
                                   torch.full((), float("-inf"), dtype=dtype, device=device))
         return self._scalars[key]
 
+    def _rms(self, xx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm(x) * w of the residual stream: signed pairs (_norm) or plain (F.rms_norm, fp32 inside)."""
+        return _norm(xx, weight, self.eps) if self.signed else F.rms_norm(xx, (xx.shape[-1],), weight, self.eps)
+
+    def _stream(self, x: torch.Tensor) -> torch.Tensor:
+        """x [.., H] as the residual stream: the signed pair [x, -x], or x itself."""
+        return _pair(x) if self.signed else x
+
     # ----- one decoder block -----------------------------------------------------------------------------------
     def _block(self, w: _Block, xx: torch.Tensor, step: _Step, k_flat: torch.Tensor, v_flat: torch.Tensor,
                keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Residual stream as the signed pair xx = [x, -x] [B*T, 2H] (rows b-major) -> the same after the block.
+        """Residual stream xx [B*T, 2H] as the signed pair [x, -x] (or [B*T, H] plain; rows b-major) -> the same after the block.
         k_flat, v_flat: this layer's cache rows viewed [rows*Hkv*S, Dh] (written); keys, values: [B,Hkv,S',Dh]
         views of the same cache, the first kv_len slots (read after the write)."""
         b, t = step.batch, step.tokens
         hq, hkv, dh, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
-        h = _norm(xx, w.norm1, eps)
+        h = self._rms(xx, w.norm1)
         qkv = torch.mm(h, w.qkv) if w.qkv_bias is None else torch.addmm(w.qkv_bias, h, w.qkv)
         qk, v = qkv.split_with_sizes([(hq + hkv) * dh, hkv * dh], 1)  # (Tensor.split is a slow Python wrapper)
         qk = qk.view(b, t, hq + hkv, dh)
@@ -250,7 +275,7 @@ class PackedModel:
             out = out.reshape(b, hq, t, dh)
         out = out.transpose(1, 2).reshape(b * t, hq * dh)
         xx = torch.addmm(xx if w.o_bias is None else xx + w.o_bias, out, w.o)
-        gate, up = torch.mm(_norm(xx, w.norm2, eps), w.gate_up).chunk(2, 1)
+        gate, up = torch.mm(self._rms(xx, w.norm2), w.gate_up).chunk(2, 1)
         return torch.addmm(xx, F.silu(gate) * up, w.down)
 
     def _layers(self, cache: KVCache, b: int, kv_len: int, layer: int | None = None):
@@ -282,11 +307,11 @@ class PackedModel:
             raise ValueError("the packed path does not take cache_rows: pass a view of the cache rows instead")
         _check_step_shapes(input_ids, position_ids, cache_slots, kv_cache, self.config.num_hidden_layers, "kv_cache")
         b, t = input_ids.shape
-        xx = _pair(F.embedding(input_ids, self.embed).view(b * t, -1))
+        xx = self._stream(F.embedding(input_ids, self.embed).view(b * t, -1))
         step = self._step_inputs(position_ids, cache_slots, kv_cache, attn_mask, kv_len, xx.dtype)
         for w, views in zip(self.blocks, self._layers(kv_cache, b, step.kv_len)):
             xx = self._block(w, xx, step, *views)
-        hidden = _norm(xx, self.norm, self.eps).reshape(b, t, -1)
+        hidden = self._rms(xx, self.norm).reshape(b, t, -1)
         return F.linear(at_positions(hidden, logit_index), self.head), hidden
 
     @torch.no_grad()
@@ -348,8 +373,8 @@ class PackedModel:
         b, t = step.batch, step.tokens
         emb = F.embedding(input_ids, self.embed).view(b * t, -1)
         h = prev_hidden.reshape(b * t, -1)
-        xx = torch.mm(torch.cat([_norm(_pair(h), w.hidden_norm, self.eps), _norm(_pair(emb), w.token_norm, self.eps)],
+        xx = torch.mm(torch.cat([self._rms(self._stream(h), w.hidden_norm), self._rms(self._stream(emb), w.token_norm)],
                                 -1), w.input_proj)
         xx = self._block(w.block, xx, step, *views)
-        hidden = _norm(xx, w.final_norm, self.eps).reshape(b, t, -1)
+        hidden = self._rms(xx, w.final_norm).reshape(b, t, -1)
         return F.linear(hidden, self.head), hidden

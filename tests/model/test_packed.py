@@ -31,10 +31,10 @@ def _model(name: str) -> CausalLM:
     return model
 
 
-def _both(model, fn):
+def _both(model, fn, signed=None):
     """Run fn(stepper, cache, mtp_cache) on the module path and the packed path, each with its own caches."""
     outs = []
-    for stepper in (model, PackedModel(model)):
+    for stepper in (model, PackedModel(model, signed=signed)):
         cache, mtp_cache = model.new_kv_cache(3, 24), model.new_mtp_kv_cache(3, 24)
         outs.append((fn(stepper, cache, mtp_cache), cache, mtp_cache))
     return outs
@@ -48,9 +48,10 @@ def _assert_same(ref, got):
         torch.testing.assert_close(b, a, **TOL)
 
 
+@pytest.mark.parametrize("signed", [True, False])  # residual stream as signed pairs (narrow models) or plain
 @pytest.mark.parametrize("name", list(CONFIGS))
 @torch.no_grad()
-def test_prefill_decode_tree_and_mtp_match_module_path(name):
+def test_prefill_decode_tree_and_mtp_match_module_path(name, signed):
     model = _model(name)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -75,7 +76,8 @@ def test_prefill_decode_tree_and_mtp_match_module_path(name):
             out += m.mtp_step(depth, out[3], step_ids, ragged, ragged, mtp_cache, kv_len=8)
         return out
 
-    ref, got = _both(model, run)
+    ref, got = _both(model, run, signed)
+    assert PackedModel(model, signed=signed).signed == signed and PackedModel(model).signed  # 32 wide: signed
     _assert_same(ref, got)
 
 
@@ -139,9 +141,10 @@ def test_bf16_close_to_module_path():
     ids = torch.randint(128, (2, 6), generator=torch.Generator().manual_seed(4))
     pos = torch.arange(6)[None].expand(2, 6)
     ref, _ = model.forward_step(ids, pos, pos, model.new_kv_cache(2, 8))
-    got, _ = PackedModel(model).forward_step(ids, pos, pos, model.new_kv_cache(2, 8))
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), ref.float(), atol=0.05, rtol=0.05)
+    for signed in (True, False):
+        got, _ = PackedModel(model, signed=signed).forward_step(ids, pos, pos, model.new_kv_cache(2, 8))
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), ref.float(), atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
