@@ -1,4 +1,5 @@
-"""A CPU attention kernel for decode steps (csrc/decode_attention.cpp), built on first use.
+"""A CPU attention kernel for decode steps (csrc/decode_attention.cpp), built on first use; the same extension
+holds the few-row matmul (small_mm) of batch-1 decode and verification steps.
 
 PyTorch's CPU attention pays several microseconds of GEMM set-up per (batch row, kv head) pair, which dominates
 a decode step's attention when the head dim is small and each pair has only a few query rows (one-token steps,
@@ -111,6 +112,24 @@ def usable(rows: int, head_dim: int, dtype: torch.dtype, device: torch.device) -
     MAX_ROWS[head_dim] query rows per (batch row, kv head), and the kernel built."""
     return (rows <= MAX_ROWS.get(head_dim, 0) and device.type == "cpu" and dtype == torch.float32
             and kernel() is not None)
+
+
+# small_mm: at most this many rows, weights of at least this many elements (1 MB in fp32: below that the weights sit in
+# cache and torch's GEMM is as fast or faster; measured on this project's CPU, docs/performance.md)
+SMALL_MM_MAX_ROWS, SMALL_MM_MIN_WEIGHT = 16, 1 << 18
+
+
+def small_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the packed path should compute x @ w with the kernel's small_mm: at most SMALL_MM_MAX_ROWS float32
+    CPU rows against a weight of SMALL_MM_MIN_WEIGHT elements or more (streamed from memory), the kernel built."""
+    return (x.shape[0] <= SMALL_MM_MAX_ROWS and w.numel() >= SMALL_MM_MIN_WEIGHT and x.dtype == torch.float32
+            and w.dtype == torch.float32 and x.device.type == "cpu" and kernel() is not None)
+
+
+def small_mm(x: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M,K] @ w [K,N] (+ init [N], [1,N] or [M,N]) -> [M,N] for 1 <= M <= 16: the same as torch.addmm(init, x, w)
+    up to rounding, reading w once (batch-1 decode and verification steps stream every weight)."""
+    return kernel().small_mm(x, w, init)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

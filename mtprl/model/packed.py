@@ -17,7 +17,10 @@ small batches on a GPU, a decode step costs per op, not per flop:
     with `F.scaled_dot_product_attention`, or on the CPU for small head dims and few query rows with
     cpu_attention.py's kernel (SDPA's per-(row, head) GEMM set-up dominates there); per-layer cache views built once
     per step (the flat write views kept per cache);
-  * K/V written with one `index_put_` each into the flattened cache layer (flat indices computed once a step).
+  * K/V written with one `index_put_` each into the flattened cache layer (flat indices computed once a step);
+  * matmuls of up to 16 rows against weights of 1 MB or more (batch-1 decode and verification steps of a model
+    that does not fit in cache) through cpu_attention.small_mm: such a step streams every weight once, and the
+    kernel reads them 1.2-1.3x as fast as torch's one-row GEMM and 2x as fast for 2-16 rows on this CPU.
 Measured on the benchmark's 24-layer model (benchmarks/rollout.py, docs/rollout.md): plain decoding runs 2.94x
 as fast as on the module path at batch 1 and 2.49x at batch 16. Tried and not kept: a hand-written
 baddbmm/softmax/bmm attention over K stored slot-minor (3% faster at batch 16, 3% slower at batch 1); the
@@ -117,6 +120,14 @@ def _norm(signed: torch.Tensor, weight2: torch.Tensor | None, eps: float) -> tor
     norms cost one kernel each. Normalisation runs in fp32 inside the kernel for any dtype."""
     h = signed.shape[-1] // 2
     return torch.layer_norm(signed, (2 * h,), weight2, None, eps, False)[..., :h]  # F.layer_norm minus its overhead
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
+    """init + x @ w; a few float32 CPU rows against a large weight (batch-1 decoding and verification) through
+    cpu_attention.small_mm, which streams the weights once (torch's GEMM reads them slowly there, docs/performance.md)."""
+    if x.shape[0] <= cpu_attention.SMALL_MM_MAX_ROWS and cpu_attention.small_mm_usable(x, w):
+        return cpu_attention.small_mm(x, w, init)
+    return torch.mm(x, w) if init is None else torch.addmm(init, x, w)
 
 
 def _pair(x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +260,7 @@ class PackedModel:
         b, t = step.batch, step.tokens
         hq, hkv, dh, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
         h = self._rms(xx, w.norm1)
-        qkv = torch.mm(h, w.qkv) if w.qkv_bias is None else torch.addmm(w.qkv_bias, h, w.qkv)
+        qkv = _matmul(h, w.qkv, w.qkv_bias)
         qk, v = qkv.split_with_sizes([(hq + hkv) * dh, hkv * dh], 1)  # (Tensor.split is a slow Python wrapper)
         qk = qk.view(b, t, hq + hkv, dh)
         if w.qk_norm is not None:
@@ -274,9 +285,9 @@ class PackedModel:
                 out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=step.mask)
             out = out.reshape(b, hq, t, dh)
         out = out.transpose(1, 2).reshape(b * t, hq * dh)
-        xx = torch.addmm(xx if w.o_bias is None else xx + w.o_bias, out, w.o)
-        gate, up = torch.mm(self._rms(xx, w.norm2), w.gate_up).chunk(2, 1)
-        return torch.addmm(xx, F.silu(gate) * up, w.down)
+        xx = _matmul(out, w.o, xx if w.o_bias is None else xx + w.o_bias)
+        gate, up = _matmul(self._rms(xx, w.norm2), w.gate_up).chunk(2, 1)
+        return _matmul(F.silu(gate) * up, w.down, xx)
 
     def _layers(self, cache: KVCache, b: int, kv_len: int, layer: int | None = None):
         """Per layer (k_flat, v_flat, keys, values): views of the cache's first b rows, for all layers at once
@@ -373,8 +384,8 @@ class PackedModel:
         b, t = step.batch, step.tokens
         emb = F.embedding(input_ids, self.embed).view(b * t, -1)
         h = prev_hidden.reshape(b * t, -1)
-        xx = torch.mm(torch.cat([self._rms(self._stream(h), w.hidden_norm), self._rms(self._stream(emb), w.token_norm)],
-                                -1), w.input_proj)
+        xx = _matmul(torch.cat([self._rms(self._stream(h), w.hidden_norm), self._rms(self._stream(emb), w.token_norm)],
+                               -1), w.input_proj)
         xx = self._block(w.block, xx, step, *views)
         hidden = self._rms(xx, w.final_norm).reshape(b, t, -1)
         return F.linear(hidden, self.head), hidden

@@ -144,3 +144,22 @@ def test_cpu_without_avx2_is_not_built(monkeypatch, fresh_kernel, caplog):
     with caplog.at_level("WARNING", logger=cpu_attention.__name__):
         assert cpu_attention.kernel() is None and cpu_attention.kernel() is None
     assert len([r for r in caplog.records if r.name == cpu_attention.__name__]) == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (8, 16), (13, 33), (128, 384), (768, 1280), (2304, 768)])
+def test_small_mm_matches_addmm(kernel, m, k, n):
+    """The few-row matmul: x [M,K] @ w [K,N] (+ init [N] or [M,N]), K and N not multiples of the kernel's 4 / 8 / 16
+    blocks too; a non-contiguous x is taken as well."""
+    g = torch.Generator().manual_seed(m * 10000 + k * 100 + n)
+    x, w = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    tol = dict(rtol=1e-5, atol=1e-5 * k ** 0.5)
+    torch.testing.assert_close(cpu_attention.small_mm(x, w), x @ w, **tol)
+    for init in (torch.randn(n, generator=g), torch.randn(m, n, generator=g)):
+        torch.testing.assert_close(cpu_attention.small_mm(x, w, init), torch.addmm(init, x, w), **tol)
+    strided = torch.randn(k, m, generator=g).t()
+    torch.testing.assert_close(cpu_attention.small_mm(strided, w), strided @ w, **tol)
+    big = torch.randn(512, 512, generator=g)
+    assert cpu_attention.small_mm_usable(torch.randn(m, 512), big) and not cpu_attention.small_mm_usable(x, w[:, :1])
+    assert not cpu_attention.small_mm_usable(torch.randn(17, 512), big)

@@ -81,6 +81,34 @@ def test_prefill_decode_tree_and_mtp_match_module_path(name, signed):
     _assert_same(ref, got)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+@torch.no_grad()
+def test_batch_1_steps_match_module_path(signed, monkeypatch):
+    """One row: the packed path's matmuls go through cpu_attention.small_mm (when the kernel is built; the tiny
+    model's weights are below its size threshold, lowered here)."""
+    from mtprl.model import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "SMALL_MM_MIN_WEIGHT", 1)
+    model = _model("mimo_gqa_bias")
+    ids = torch.randint(128, (1, 6), generator=torch.Generator().manual_seed(5))
+
+    def run(m, cache, mtp_cache):
+        pos = torch.arange(5)[None]
+        out = list(m.forward_step(ids[:, :5], pos, pos, cache, kv_len=5))
+        p = torch.full((1, 1), 5)
+        out += m.forward_step(ids[:, 5:6], p, p, cache, kv_len=6)  # one row
+        out += m.mtp_step(0, out[-1], ids[:, 5:6], p, p, mtp_cache, kv_len=6)
+        p = torch.tensor([[6, 7, 8]])
+        out += m.forward_step(ids[:, 3:6], p, p, cache, kv_len=9)  # three rows (a verification)
+        return out
+
+    outs = []
+    for stepper in (model, PackedModel(model, signed=signed)):
+        cache, mtp_cache = model.new_kv_cache(1, 12), model.new_mtp_kv_cache(1, 12)
+        outs.append((run(stepper, cache, mtp_cache), cache, mtp_cache))
+    _assert_same(*outs)
+
+
 @torch.no_grad()
 def test_shared_cache_and_logit_index():
     """Prefill with the module path, decode with the packed one (and the reverse): a shared cache works, and
