@@ -107,8 +107,13 @@ def init_distributed(device: str, *, timeout_s: float, expected_world_size: int 
 
 
 def destroy_distributed() -> None:
+    """Leave the process group; a barrier first, so no rank tears down its communication threads while a
+    peer is still in a collective with it (gloo aborts the process then)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def object_nbytes(obj: Any) -> int:
