@@ -14,9 +14,9 @@ returns for the whole batch:
     batches) only makes the next batch start on a recreated pool; one that dies while idle during a
     batch is blamed on the samples then in flight like a crash (one alone in flight is failed).
   * ``num_workers = 0``: in the calling process. Exceptions are caught the same way. With a timeout,
-    each call runs in a daemon thread joined with the deadline; a thread cannot be killed, so a hung
-    call keeps running (and holding a share of the GIL) in the background until it returns or the
-    process exits. Use worker processes when functions may hang.
+    the batch runs in one daemon thread, each sample with its own deadline; a thread cannot be killed, so
+    a hung call keeps running (and holding a share of the GIL) in the background until it returns or the
+    process exits, and a new thread scores the rest. Use worker processes when functions may hang.
 
 The worker side resolves a picklable ``ScoreFnSpec`` (built-in data-source dispatch, or a custom
 file + function name) once per process. The pool is a context manager; ``close()`` stops the workers.
@@ -214,7 +214,9 @@ class ScoringPool:
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
         """One ``ScoreOutcome`` per request, in order; never raises for a failing or hanging sample."""
         if self.num_workers == 0:
-            return [self._score_in_process(r) for r in requests]
+            if self.timeout_s is None:
+                return [self._score_in_process(r) for r in requests]
+            return self._score_in_thread(requests)
         if self._executor is None:
             raise ValueError("this ScoringPool was closed; create a new one")
         return self._score_in_workers(requests)
@@ -242,6 +244,43 @@ class ScoringPool:
         if "error" in box:
             return ScoreOutcome("error", error=_describe(box["error"]))
         return ScoreOutcome("ok", box.get("result"))
+
+    def _score_in_thread(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
+        """In-process scoring with a deadline: ONE daemon thread scores the batch in order (a thread per sample
+        costs ~1-3 ms to start and join, more than the DAPO scorer itself); each sample gets timeout_s from
+        when the thread takes it. A sample past its deadline is a timeout, its thread is left running (its
+        late results dropped) and a new thread takes the rest of the batch."""
+        outcomes: list[ScoreOutcome | None] = [None] * len(requests)
+        start = 0
+        while start < len(requests):
+            cond = threading.Condition()
+            state = {"done": start, "t0": time.monotonic(), "abandoned": False}
+
+            def run(first: int = start, state: dict = state, cond: threading.Condition = cond) -> None:
+                for i in range(first, len(requests)):
+                    try:
+                        out = ScoreOutcome("ok", _score_one(self.spec, requests[i]))
+                    except BaseException as e:  # noqa: BLE001 - reported, not re-raised
+                        out = ScoreOutcome("error", error=_describe(e))
+                    with cond:
+                        if state["abandoned"]:
+                            return
+                        outcomes[i] = out
+                        state["done"], state["t0"] = i + 1, time.monotonic()
+                        cond.notify()
+
+            threading.Thread(target=run, name="mtprl-reward-call", daemon=True).start()
+            with cond:
+                while state["done"] < len(requests):
+                    left = state["t0"] + self.timeout_s - time.monotonic()
+                    if left <= 0:  # the sample in progress is past its deadline
+                        state["abandoned"] = True
+                        outcomes[state["done"]] = ScoreOutcome(
+                            "timeout", error=f"no result within {self.timeout_s} s (thread left running)")
+                        break
+                    cond.wait(left)
+                start = state["done"] + 1 if state["abandoned"] else len(requests)
+        return outcomes
 
     def _submit(self, requests, pending: deque, in_flight: dict, suspect: list[bool], budget: float) -> None:
         """Fill free workers from ``pending``; a crash suspect only ever runs alone. A pool that refuses

@@ -165,3 +165,14 @@ def test_a_worker_killed_while_idle_does_not_stop_the_next_batch(spec):
         out = pool.score([req("1"), req("2"), req("1")])
         assert [o.status for o in out] == ["ok", "ok", "ok"] and pid not in {o.result["pid"] for o in out}
         assert pool.num_restarts == 1
+
+
+def test_in_process_batch_thread_times_out_each_hung_sample_and_scores_the_rest(spec):
+    """One thread scores the whole batch; every hung sample is a timeout on its own deadline and a new thread
+    takes the samples after it (the in-order results around two hangs are all there)."""
+    pool = ScoringPool(spec, num_workers=0, timeout_s=0.3)
+    out = pool.score([req("hang"), req("1"), req("raise"), req("hang"), req("2"), req("1")])
+    assert [o.status for o in out] == ["timeout", "ok", "error", "timeout", "ok", "ok"]
+    assert out[1].result["acc"] and not out[4].result["acc"] and out[5].result["acc"]
+    many = pool.score([req(str(i % 3)) for i in range(200)])
+    assert [o.status for o in many] == ["ok"] * 200
