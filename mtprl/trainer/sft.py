@@ -58,6 +58,14 @@ def sft_loss(model, examples, *, pad_id: int, num_targets: int, train_trunk: boo
     return loss, metrics
 
 
+def length_sorted_micro_batches(examples, micro: int | None) -> list[list[int]]:
+    """Micro-batches of ``micro`` examples (the whole batch when None), formed in order of length so that each
+    pads to a similar length (mixed lengths padded to the longest of the batch waste up to half the compute).
+    The loss is normalised by the whole batch's target count, so the gradient does not depend on the split."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    return [[order[i] for i in group] for group in split_fixed(len(order), micro)]
+
+
 def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
     """Train; returns the HF directory of the final checkpoint."""
     if cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node > 1:
@@ -108,7 +116,7 @@ def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
             t0 = time.perf_counter()
             num_targets = sum(sum(e.loss_mask[1:]) for e in batch)
             metrics: dict[str, float] = {}
-            for group in split_fixed(len(batch), micro):
+            for group in length_sorted_micro_batches(batch, micro):
                 loss, m = sft_loss(model, [batch[i] for i in group], num_targets=num_targets, **kwargs)
                 loss.backward()
                 for k, v in m.items():
@@ -147,7 +155,7 @@ def evaluate_sft(model, examples, batch_size: int, **kwargs) -> dict[str, float]
     model.eval()
     num_targets = sum(sum(e.loss_mask[1:]) for e in examples)
     totals: dict[str, float] = {}
-    for group in split_fixed(len(examples), batch_size):
+    for group in length_sorted_micro_batches(examples, batch_size):
         _, m = sft_loss(model, [examples[i] for i in group], num_targets=num_targets, **kwargs)
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + v

@@ -129,3 +129,26 @@ def test_sft_resumed_after_a_lost_checkpoint_logs_each_step_once(tiny_world, tmp
     shutil.rmtree(out / "global_step_3")  # as if killed after logging step 3, before its checkpoint
     run_sft(_cfg(tiny_world, out, "trainer.total_training_steps=3", "trainer.save_freq=2"))
     assert [r["step"] for r in _losses(out)] == [1, 2, 3]  # step 3 once (the earlier run's row dropped)
+
+
+def test_sft_micro_batches_by_length_keep_the_gradient(tiny_world, tmp_path):
+    from mtprl.trainer.policy import load_policy, load_policy_tokenizer
+    from mtprl.trainer.sft import _examples, length_sorted_micro_batches, sft_loss
+
+    cfg = _cfg(tiny_world, tmp_path)
+    examples = _examples(cfg, load_policy_tokenizer(cfg.actor_rollout_ref.model), cfg.data.train_files)[:10]
+    groups = length_sorted_micro_batches(examples, 4)
+    assert sorted(i for g in groups for i in g) == list(range(10)) and [len(g) for g in groups] == [4, 4, 2]
+    flat = [len(examples[i].input_ids) for g in groups for i in g]
+    assert flat == sorted(flat)
+    model = load_policy(cfg.actor_rollout_ref.model, torch.device("cpu"))
+    kwargs = dict(pad_id=0, num_targets=sum(sum(e.loss_mask[1:]) for e in examples), train_trunk=True, train_mtp=True,
+                  cfg=cfg)
+    grads = []
+    for split in ([list(range(10))], groups):
+        model.zero_grad()
+        for g in split:
+            sft_loss(model, [examples[i] for i in g], **kwargs)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7, msg=n)
