@@ -175,20 +175,28 @@ class CausalLM(nn.Module):
                        sin: torch.Tensor, attention_mask: torch.Tensor | None, steps: int) -> list[torch.Tensor]:
         """Hidden states [B,T,H] of depths D+1..steps, the last MTP layer reused on its own output (mtp.py,
         "Recursive depths"), each indexed by its anchor: entry r-D-1 at position i predicts t_{i+r+1}.
-        prev_in = h^{D-1} and tok_emb = Emb(t_{i+D}) are the last layer's inputs, last = h^D its output."""
+        prev_in = h^{D-1} and tok_emb = Emb(t_{i+D}) are the last layer's inputs, last = h^D its output.
+        Level s runs the block on its own T positions, attending to the keys and values of levels 0..s-1
+        (past_kv) and its own under recursion_mask's last T rows."""
         depth = len(self.mtp_layers)
         if steps <= depth:
             return []
         layer, t = self.mtp_layers[-1], last.shape[1]
-        levels = [layer.project(prev_in, tok_emb)]  # level 0: the layer's ordinary input at every position
+        attention = layer.block.self_attn
+
+        def key_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return attention.key_values(layer.block.input_layernorm(x), cos, sin)
+
+        past = [key_values(layer.project(prev_in, tok_emb))]  # level 0: the layer's ordinary inputs
         out, g = [], last  # g^{D+s}_j, position-indexed
         for s in range(1, steps - depth + 1):
-            levels.append(layer.project(shift_right(g), tok_emb))  # g^{D+s-1}_{j-1} with t_{j+D}
-            n = s + 1
-            attn = AttnInputs(cos=cos.repeat(1, 1, n, 1), sin=sin.repeat(1, 1, n, 1),
-                              mask=recursion_mask(n, attention_mask, t, device=last.device))
-            g = layer.final_layernorm(layer.block(torch.cat(levels, dim=1), attn, depth - 1)[:, s * t:])
+            x = layer.project(shift_right(g), tok_emb)  # g^{D+s-1}_{j-1} with t_{j+D}
+            mask = recursion_mask(s + 1, attention_mask, t, device=last.device)[:, :, s * t:]  # [B|1,1,T,(s+1)T]
+            past_kv = (torch.cat([k for k, _ in past], dim=2), torch.cat([v for _, v in past], dim=2))
+            g = layer.final_layernorm(layer.block(x, AttnInputs(cos=cos, sin=sin, mask=mask, past_kv=past_kv), depth - 1))
             out.append(torch.cat([g[:, s:], torch.zeros_like(g[:, :s])], dim=1))  # anchor a = j - s
+            if s < steps - depth:
+                past.append(key_values(x))
         return out
 
     # ----- incremental forward (static KV cache) ------------------------------------------------------

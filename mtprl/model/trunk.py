@@ -98,6 +98,8 @@ class AttnInputs:
     cache_rows [B] | None, cache_slots [B,T], kv_len: where to write / how many slots to read (see KVCache).
     rows: UniqueTokens when the hidden states are the [1,M] unique tokens of [B,T] rows (cos, sin then [1,1,M,Dh]
     and mask that of the rows); attention expands q, k, v to the rows and gathers each unique token's output.
+    past_kv: (k, v) [B,Hkv,S',Dh] (RoPE applied, from `Attention.key_values`) that the full-sequence path puts
+    before its own keys and values (mask then [B,1,T,S'+T]); the recursive MTP depths attend to earlier levels.
     """
 
     cos: torch.Tensor
@@ -109,6 +111,7 @@ class AttnInputs:
     cache_slots: torch.Tensor | None = None
     kv_len: int | None = None
     rows: UniqueTokens | None = None
+    past_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -125,8 +128,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, attn: AttnInputs, layer: int) -> torch.Tensor:
-        """x [B,T,H] -> [B,T,H]. `layer` indexes attn.cache on the incremental path."""
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B,T,H] -> q [B,Hq,T,Dh], k, v [B,Hkv,T,Dh], RoPE applied to q and k."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
@@ -134,8 +137,18 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H*,T,Dh]
-        q = q * attn.cos + rotate_half(q) * attn.sin
-        k = k * attn.cos + rotate_half(k) * attn.sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def key_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values [B,Hkv,T,Dh] this attention makes of x [B,T,H] (already input-normed)."""
+        return self._qkv(x, cos, sin)[1:]
+
+    def forward(self, x: torch.Tensor, attn: AttnInputs, layer: int) -> torch.Tensor:
+        """x [B,T,H] -> [B,T,H]. `layer` indexes attn.cache on the incremental path."""
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, attn.cos, attn.sin)
+        if attn.past_kv is not None:  # full path: keys / values of earlier inputs first (recursive MTP depths)
+            k, v = torch.cat([attn.past_kv[0], k], dim=2), torch.cat([attn.past_kv[1], v], dim=2)
         if attn.cache is not None:  # incremental: keys/values become the whole cache row [B,Hkv,S,Dh]
             k, v = attn.cache.write_and_read(layer, k, v, attn.cache_rows, attn.cache_slots, attn.kv_len)
             k, v = k.to(q.dtype), v.to(q.dtype)
