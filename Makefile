@@ -29,5 +29,9 @@ test-fast: setup
 demo: setup
 	$(PY) -m mtprl demo
 
+bench: setup  # mtprl vs TRL per DAPO step, and the machine's limits (benchmarks/vs_trl.py; ~30-45 min on 2 cores)
+	$(PY) -m pip install -q -e '.[bench]' "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"  # keep the installed torch
+	$(PY) benchmarks/vs_trl.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
