@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/vs_trl.py [--shapes demo,25m] [--rounds 3] [--threads 1] [--work runs/bench_vs_trl]
                                           [--steps-demo 6] [--steps-25m 3] [--skip-limits] [--limits-only]
                                           [--configs trl_fp32,off,...] [--limits-new-tokens 128] [--limits-repeats 5]
+                                          [--malloc-keep]
 
 Shapes (same HF checkpoint, same prompts, same settings on both sides):
   demo  the model of mtprl's first demo, fixed here (DEMO_MODEL, DEMO_DATA: short synthetic math, a 384-token BPE
@@ -412,7 +413,7 @@ def spawn(args, worker_name: str, shape: str | None = None) -> dict:
            "--limits-new-tokens", str(args.limits_new_tokens),
            "--limits-repeats", str(args.limits_repeats)] + (["--shape", shape] if shape else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", **(GLIBC_KEEP_FREED if args.malloc_keep else {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -420,6 +421,11 @@ def spawn(args, worker_name: str, shape: str | None = None) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+# --malloc-keep (both sides): glibc keeps freed memory instead of returning it to the kernel. By default every
+# allocation over 32 MB is a fresh mmap, so each large activation or gradient of the 25M shape's update (a
+# [6916, 1536] fp32 tensor is 42 MB) page-faults in every page on first touch: a fresh a * b of that size takes
+# 41 ms instead of 17 ms into an existing buffer (10375 minor faults a call). See docs/performance.md.
+GLIBC_KEEP_FREED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**32), "MALLOC_TOP_PAD_": str(2**30)}
 OURS_PHASES = ("gen", "reward", "old_log_prob", "adv", "update_actor")
 TRL_PHASES = ("gen", "reward_adv", "forward", "backward")
 
@@ -495,6 +501,8 @@ def main() -> None:
     ap.add_argument("--limits-only", action="store_true")
     ap.add_argument("--limits-new-tokens", type=int, default=128)
     ap.add_argument("--limits-repeats", type=int, default=5)
+    ap.add_argument("--malloc-keep", action="store_true",
+                    help="run every worker (both sides) with glibc keeping freed memory (GLIBC_KEEP_FREED)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -505,7 +513,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)  # the set-up (the demo-shape SFT run) too
     Path(args.work).mkdir(parents=True, exist_ok=True)
     prepare(Path(args.work))
-    summary: dict = {"threads": args.threads, "rounds": args.rounds}
+    summary: dict = {"threads": args.threads, "rounds": args.rounds, "malloc_keep": args.malloc_keep}
     for shape in [] if args.limits_only else args.shapes.split(","):
         configs = [c for c in SHAPES[shape]["configs"]
                    if args.configs is None or c in args.configs.split(",") or c in ("trl_fp32", "trl_bf16", "off")]
