@@ -66,7 +66,9 @@ class MTPConfig:
 class ModelConfig:
     path: str = ""  # HF checkpoint directory
     tokenizer_path: Optional[str] = None  # None -> path
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    # compute dtype: float32 | bfloat16 (mixed precision: fp32 weights / grads / optimizer state, the trainer's
+    # forwards under bf16 autocast, log-softmax and losses in fp32; see mtprl.trainer.policy) | float16 (refused)
+    dtype: str = "float32"
     override_config: Dict[str, Any] = field(default_factory=dict)  # applied to the checkpoint's config.json
     enable_gradient_checkpointing: bool = False
     use_remove_padding: bool = True  # trim padding columns from every micro-batch before the forward

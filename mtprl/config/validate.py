@@ -322,6 +322,10 @@ def _check_trainer(errors: list[str], cfg: MtprlConfig) -> None:
                           f"pip install 'mtprl[{name}]'")
     _choice(errors, "trainer.device", tr.device, DEVICES)
     _choice(errors, "actor_rollout_ref.model.dtype", cfg.actor_rollout_ref.model.dtype, DTYPES)
+    if cfg.actor_rollout_ref.model.dtype == "float16":
+        errors.append("actor_rollout_ref.model.dtype=float16 is not supported: fp16 training needs loss scaling, "
+                      "which mtprl does not do; use bfloat16 (mixed precision: fp32 weights, bf16 autocast) or "
+                      "float32")
     _choice(errors, "trainer.resume_mode", tr.resume_mode, ("auto", "disable", "resume_path"))
     if tr.resume_mode == "resume_path" and not tr.resume_from_path:
         errors.append("trainer.resume_mode=resume_path needs trainer.resume_from_path")

@@ -1,7 +1,20 @@
-"""Loading the policy and its tokenizer from ``actor_rollout_ref.model`` and choosing device / dtype."""
+"""Loading the policy and its tokenizer from ``actor_rollout_ref.model`` and choosing device / dtype.
+
+Precision (``actor_rollout_ref.model.dtype``). ``float32``: everything in fp32. ``bfloat16``: mixed precision,
+as verl's FSDP default (``mixed_precision.param_dtype=bf16``, fp32 master weights) and TRL / HF's ``bf16=True``
+(autocast over fp32 weights): the weights, their gradients and the optimizer state stay fp32; the trainer's
+forwards and backwards (update, old-log-prob and reference forwards, SFT) run under
+``torch.autocast(device_type, dtype=torch.bfloat16)`` (:func:`compute_autocast`), so matmuls and attention
+run in bf16 while the embedding, the norms' statistics and the residual stream stay fp32; every log-softmax
+(sampled tokens' log-probs, entropy, the PPO ratio, the MTP loss) and every loss is taken in fp32. On one
+process the rollout engine shares the fp32 weights and samples in fp32 (its packed path and CPU kernels are
+fp32). Multi-rank runs get the same split through FSDP2's MixedPrecisionPolicy, their engine a copy in the
+configured dtype. ``float16`` is refused: it needs loss scaling, which mtprl does not do.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -21,8 +34,40 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """The dtype the trainer's forwards and backwards compute in (``model.dtype``); weights stay fp32."""
+    return DTYPES[model_cfg.dtype]
+
+
+def check_precision(model_cfg: ModelConfig, device: torch.device) -> None:
+    """A ConfigError for a ``model.dtype`` this device cannot train in (never a silent fall-back to fp32)."""
+    key = f"actor_rollout_ref.model.dtype={model_cfg.dtype}"
+    if model_cfg.dtype == "float32":
+        return
+    if model_cfg.dtype == "float16":
+        raise ConfigError(f"{key} is not supported: fp16 training needs loss scaling, which mtprl does not do; use "
+                          "bfloat16 (mixed precision: fp32 weights, bf16 autocast) or float32")
+    if model_cfg.dtype not in DTYPES:
+        raise ConfigError(f"{key} is not one of {sorted(DTYPES)}")
+    if not torch.amp.is_autocast_available(device.type):
+        raise ConfigError(f"{key}: torch has no autocast for device {device.type!r}; use float32")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError(f"{key}: this GPU has no bf16 support; use float32")
+
+
+def compute_autocast(model_cfg: ModelConfig, device: torch.device):
+    """The context the trainer's forwards run in: nothing for fp32, bf16 autocast for ``bfloat16``. Run the
+    forward inside it and the losses / log-softmax outside (they cast the logits to fp32); backward needs no
+    context (autocast's casts are recorded in the graph)."""
+    dtype = compute_dtype(model_cfg)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def load_policy(model_cfg: ModelConfig, device: torch.device):
-    """The policy with its MTP layers as ``model.mtp`` asks.
+    """The policy with its MTP layers as ``model.mtp`` asks, its weights in fp32 whatever ``model.dtype`` (the
+    compute dtype: see the module docstring).
 
     mtp.enable: the checkpoint's MTP layers, or ``mtp.num_layers`` of them (fresh ones initialised as
     documented in ``mtprl.model.hf_io.checkpoint``); a checkpoint without MTP layers needs ``num_layers``.
@@ -42,9 +87,10 @@ def load_policy(model_cfg: ModelConfig, device: torch.device):
     if not Path(model_cfg.path).is_dir():
         raise ConfigError(f"actor_rollout_ref.model.path={model_cfg.path!r}: no such directory (a local HF checkpoint "
                           "directory is needed; nothing is downloaded)")
+    check_precision(model_cfg, device)
     mtp = model_cfg.mtp
     num = mtp.num_layers if mtp.enable else None
-    model = from_pretrained(model_cfg.path, dtype=DTYPES[model_cfg.dtype], device=device, num_mtp_layers=num)
+    model = from_pretrained(model_cfg.path, dtype=torch.float32, device=device, num_mtp_layers=num)
     if model_cfg.enable_gradient_checkpointing:
         apply_gradient_checkpointing(model)
     if mtp.enable and model.config.num_mtp_layers == 0:

@@ -23,7 +23,7 @@ from mtprl.model import mtp_loss
 from mtprl.trainer.batching import pad_right, split_fixed, token_logprobs, trim_padding
 from mtprl.trainer.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from mtprl.trainer.optim import build_optimizer, build_scheduler, clip_and_check
-from mtprl.trainer.policy import load_policy, load_policy_tokenizer, resolve_device, set_trainable
+from mtprl.trainer.policy import compute_autocast, load_policy, load_policy_tokenizer, resolve_device, set_trainable
 
 
 def _examples(cfg: MtprlConfig, tokenizer, files):
@@ -42,9 +42,11 @@ def sft_loss(model, examples, *, pad_id: int, num_targets: int, train_trunk: boo
     attn = pad_right([[1] * len(e.input_ids) for e in examples], 0).to(device)
     if cfg.actor_rollout_ref.model.use_remove_padding:
         ids, loss_mask, attn = trim_padding(ids, loss_mask, attn, attention_mask=attn)
-    out = model(ids, attention_mask=attn, compute_mtp=train_mtp,
-                mtp_detach_encoder=mtp_cfg.detach_encoder or not train_trunk,
-                mtp_detach_head=mtp_cfg.detach_lm_head or not train_trunk, mtp_recursive_steps=mtp_cfg.recursive_steps)
+    with compute_autocast(cfg.actor_rollout_ref.model, device):  # bf16: mixed precision; the losses in fp32 below
+        out = model(ids, attention_mask=attn, compute_mtp=train_mtp,
+                    mtp_detach_encoder=mtp_cfg.detach_encoder or not train_trunk,
+                    mtp_detach_head=mtp_cfg.detach_lm_head or not train_trunk,
+                    mtp_recursive_steps=mtp_cfg.recursive_steps)
     share = float(loss_mask[:, 1:].sum()) / max(num_targets, 1)  # this micro-batch's share of the batch targets
     lm = -(token_logprobs(out.logits, ids) * loss_mask).sum() / max(num_targets, 1)
     loss = lm if train_trunk else lm.detach()

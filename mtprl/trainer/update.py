@@ -16,6 +16,7 @@ same micro-batches (tests/trainer/test_update.py); otherwise verl's recompute is
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -28,6 +29,7 @@ from mtprl.model import mtp_loss
 from mtprl.trainer.batching import (shared_prompt_tokens, split_by_tokens, split_fixed, token_logprobs_and_entropy,
                                     trim_padding)
 from mtprl.trainer.optim import clip_and_check
+from mtprl.trainer.policy import compute_autocast
 
 
 @dataclass
@@ -99,9 +101,20 @@ def _forward(model, mb: TrainBatch, cfg: MtprlConfig, *, compute_mtp: bool):
     mtp = cfg.actor_rollout_ref.model.mtp
     shared = (shared_prompt_tokens(ids, attn, resp, mb.group_ids) if cfg.actor_rollout_ref.actor.use_prefix_grouper
               else None)  # each group's prompt through the trunk once, padding never
-    out = model(ids, attention_mask=attn, compute_mtp=compute_mtp, mtp_detach_encoder=mtp.detach_encoder,
-                mtp_detach_head=mtp.detach_lm_head, mtp_recursive_steps=mtp.recursive_steps, unique_tokens=shared)
+    with _autocast(model, cfg, ids.device):  # bf16 mixed precision: the model under autocast, the losses outside
+        out = model(ids, attention_mask=attn, compute_mtp=compute_mtp, mtp_detach_encoder=mtp.detach_encoder,
+                    mtp_detach_head=mtp.detach_lm_head, mtp_recursive_steps=mtp.recursive_steps, unique_tokens=shared)
     return out, ids, attn, resp
+
+
+def _autocast(model, cfg: MtprlConfig, device: torch.device):
+    """bf16 autocast for ``model.dtype=bfloat16`` on one process; an FSDP-sharded model already computes in
+    that dtype through its MixedPrecisionPolicy (and fp32 needs nothing)."""
+    from mtprl.distributed.parallelize import is_sharded
+
+    if is_sharded(model):
+        return contextlib.nullcontext()
+    return compute_autocast(cfg.actor_rollout_ref.model, device)
 
 
 def _rank_rows(batch: TrainBatch, dp) -> list[list[int]]:
