@@ -22,6 +22,9 @@ Configurations (each in its own process, so peak RSS is its own; the order rotat
   trl_fp32  TRL, fp32 (bf16=False): the same precision as ours;  trl_bf16  TRL's default (bf16=True: autocast to
   bf16 over fp32 weights, which on an AVX512-BF16 CPU runs matmuls ~4x faster; also a precision change);
   off       mtprl, speculation off (the MTP layers unused: the work TRL does);
+  off_bf16  the same with actor_rollout_ref.model.dtype=bfloat16: mixed precision like trl_bf16 (fp32 weights and
+            AdamW state, the update's forward / backward under bf16 autocast, log-softmax and loss in fp32; the
+            rollout stays fp32: the engine shares the fp32 weights);
   on        mtprl, speculative rollouts with the MTP layers (a chain of 3 drafts, as the demo), MTP not trained;
   adaptive  the same with mtp.adaptive=True (the engine picks 0..3 draft steps per decode step);
   on_train  the demo's RL setting: speculative rollouts and MTP training (informational; demo shape only).
@@ -52,8 +55,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPES = {"demo": dict(new_tokens=48, configs=("trl_fp32", "trl_bf16", "off", "on", "adaptive", "on_train")),
-          "25m": dict(new_tokens=128, configs=("trl_fp32", "trl_bf16", "off"))}
+SHAPES = {"demo": dict(new_tokens=48, configs=("trl_fp32", "trl_bf16", "off", "off_bf16", "on", "adaptive",
+                                               "on_train")),
+          "25m": dict(new_tokens=128, configs=("trl_fp32", "trl_bf16", "off", "off_bf16"))}
 PROMPTS, N = 8, 8
 
 
@@ -124,17 +128,21 @@ def matmul_params(model) -> int:
 
 
 def machine_peaks() -> dict[str, float]:
-    """Best fp32 matmul FLOP/s (2048^3, the practical peak) and copy bandwidth (2 x 512 MB / time)."""
+    """Best fp32 and bf16 matmul FLOP/s (2048^3, the practical peaks) and copy bandwidth (2 x 512 MB / time)."""
     import torch
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     c = a @ b
     best = min(_timed(lambda: torch.mm(a, b, out=c)) for _ in range(8))
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    c16 = a16 @ b16
+    best16 = min(_timed(lambda: torch.mm(a16, b16, out=c16)) for _ in range(8))
     x = torch.empty(2**27)  # 512 MB
     x.normal_()
     y = torch.empty_like(x)
     copy = min(_timed(lambda: y.copy_(x)) for _ in range(6))
-    return {"matmul_gflops": 2 * 2048**3 / best / 1e9, "copy_gbps": 2 * x.numel() * 4 / copy / 1e9}
+    return {"matmul_gflops": 2 * 2048**3 / best / 1e9, "matmul_bf16_gflops": 2 * 2048**3 / best16 / 1e9,
+            "copy_gbps": 2 * x.numel() * 4 / copy / 1e9}
 
 
 def _timed(fn) -> float:
@@ -173,8 +181,9 @@ def ours_overrides(paths: dict, shape: str, config: str) -> list[str]:
           "trainer.logger=[]", "trainer.val_before_train=False",
           "trainer.test_freq=-1", "trainer.save_freq=-1", "trainer.resume_mode=disable"]
     mtp = "actor_rollout_ref.model.mtp."
-    if config == "off":
-        return ov + [f"{mtp}enable=False", f"{mtp}enable_train=False", f"{mtp}enable_rollout=False"]
+    if config in ("off", "off_bf16"):
+        return ov + [f"{mtp}enable=False", f"{mtp}enable_train=False", f"{mtp}enable_rollout=False",
+                     f"actor_rollout_ref.model.dtype={'bfloat16' if config == 'off_bf16' else 'float32'}"]
     ov += [f"{mtp}enable=True", f"{mtp}enable_rollout=True", f"{mtp}enable_train={config == 'on_train'}",
            f"{mtp}speculative_num_steps=3", f"{mtp}speculative_eagle_topk=1", f"{mtp}speculative_num_draft_tokens=4",
            f"{mtp}detach_encoder=True", f"{mtp}mtp_loss_scaling_factor=0.1"]  # the demo's RL settings
@@ -434,15 +443,15 @@ def _median(runs: list[dict], key: str, skip_first: bool = True) -> float:
     return statistics.median(s[key] for r in runs for s in (r["steps"][1:] if skip_first else r["steps"]))
 
 
-def update_flops(runs: list[dict]) -> dict[str, float]:
-    """Median executed / model FLOP/s of our update, and the in-process matmul peak."""
+def update_flops(runs: list[dict], peak_key: str = "matmul_gflops") -> dict[str, float]:
+    """Median executed / model FLOP/s of our update, and the in-process matmul peak (``peak_key``: fp32 or bf16)."""
     executed, model = [], []
     for r in runs:
         for s in r["steps"][1:]:
             t = s["update_actor"]
             executed.append((6 * r["mm_params"] * s["unique"] + 3 * r["attn_per_sq"] * s["sq_width"]) / t)
             model.append((6 * r["mm_params"] * s["real"] + 3 * r["attn_per_sq"] * s["sq_real"] / 2) / t)
-    peak = statistics.median(r["matmul_gflops"] for r in runs)
+    peak = statistics.median(r[peak_key] for r in runs)
     return {"executed_gflops": statistics.median(executed) / 1e9, "model_gflops": statistics.median(model) / 1e9,
             "matmul_peak_gflops": peak}
 
@@ -456,8 +465,9 @@ def report_shape(shape: str, results: dict[str, list[dict]]) -> dict:
         parts = {p: _median(runs, p) for p in phases}
         other = med[c] - sum(parts.values())
         line = (f"{c:9s} {med[c]:7.3f} s (warm-up step {statistics.median(r['steps'][0]['step_s'] for r in runs):.2f})"
-                f" | TRL fp32 {med['trl_fp32'] / med[c]:.2f}x  TRL bf16 {med['trl_bf16'] / med[c]:.2f}x"
-                + (f"  ours off {med['off'] / med[c]:.2f}x" if not c.startswith("trl") else "")
+                + " | " + "  ".join(f"{name} {med[b] / med[c]:.2f}x" for b, name in
+                                    (("trl_fp32", "TRL fp32"), ("trl_bf16", "TRL bf16"), ("off", "ours off"))
+                                    if b in med and b != c and not (b == "off" and c.startswith("trl")))
                 + " | " + " ".join(f"{p} {v:.3f}" for p, v in parts.items()) + f" other {other:.3f}"
                 + f" | rollout {_median(runs, 'tokens_per_s'):.0f} tok/s | peak RSS "
                 f"{statistics.median(r['peak_rss_mb'] for r in runs):.0f} MB")
@@ -471,11 +481,15 @@ def report_shape(shape: str, results: dict[str, list[dict]]) -> dict:
         steps = min(len(r["steps"]) for r in runs)
         curves[c] = [statistics.mean(r["steps"][i]["score"] for r in runs) for i in range(steps)]
         print(f"  {c:9s} " + " ".join(f"{x:+.3f}" for x in curves[c]))
-    flops = update_flops(results["off"])
-    print(f"our update (off): executed {flops['executed_gflops']:.1f} GFLOP/s = "
-          f"{flops['executed_gflops'] / flops['matmul_peak_gflops']:.0%} of the in-process 2048^3 fp32 matmul peak "
-          f"{flops['matmul_peak_gflops']:.1f} GFLOP/s; model FLOP/s (every sample's tokens as if alone) "
-          f"{flops['model_gflops']:.1f} ({flops['model_gflops'] / flops['matmul_peak_gflops']:.0%})")
+    flops = {}
+    for c, kind, key in (("off", "fp32", "matmul_gflops"), ("off_bf16", "bf16", "matmul_bf16_gflops")):
+        if c not in results:
+            continue
+        f = flops[c] = update_flops(results[c], key)
+        print(f"our update ({c}): executed {f['executed_gflops']:.1f} GFLOP/s = "
+              f"{f['executed_gflops'] / f['matmul_peak_gflops']:.0%} of the in-process 2048^3 {kind} matmul peak "
+              f"{f['matmul_peak_gflops']:.1f} GFLOP/s; model FLOP/s (every sample's tokens as if alone) "
+              f"{f['model_gflops']:.1f} ({f['model_gflops'] / f['matmul_peak_gflops']:.0%})")
     return {"median_step_s": med, "reward_curves": curves, "update": flops}
 
 
@@ -496,7 +510,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench_vs_trl")
     ap.add_argument("--steps-demo", type=int, default=6)
     ap.add_argument("--steps-25m", type=int, default=3)
-    ap.add_argument("--configs", default=None, help="comma list to run a subset (trl_fp32 and off are always run)")
+    ap.add_argument("--configs", default=None, help="comma list: run only these (of each shape's configs)")
     ap.add_argument("--skip-limits", action="store_true")
     ap.add_argument("--limits-only", action="store_true")
     ap.add_argument("--limits-new-tokens", type=int, default=128)
@@ -515,8 +529,7 @@ def main() -> None:
     prepare(Path(args.work))
     summary: dict = {"threads": args.threads, "rounds": args.rounds, "malloc_keep": args.malloc_keep}
     for shape in [] if args.limits_only else args.shapes.split(","):
-        configs = [c for c in SHAPES[shape]["configs"]
-                   if args.configs is None or c in args.configs.split(",") or c in ("trl_fp32", "trl_bf16", "off")]
+        configs = [c for c in SHAPES[shape]["configs"] if args.configs is None or c in args.configs.split(",")]
         results: dict[str, list[dict]] = {c: [] for c in configs}
         for r in range(args.rounds):
             for c in configs[r % len(configs):] + configs[: r % len(configs)]:  # the order rotates every round

@@ -40,7 +40,7 @@ def test_update_flops_by_hand():
     assert out["matmul_peak_gflops"] == 50.0
 
 
-@pytest.mark.parametrize("config", ["off", "on", "adaptive", "on_train"])
+@pytest.mark.parametrize("config", ["off", "off_bf16", "on", "adaptive", "on_train"])
 def test_our_settings_are_valid_config(config, tmp_path):
     paths = {"train": str(tmp_path / "train.parquet"), "demo": str(tmp_path / "m"), "25m": str(tmp_path / "m")}
     cfg = load_config(None, vs_trl.ours_overrides(paths, "demo", config))
@@ -48,7 +48,8 @@ def test_our_settings_are_valid_config(config, tmp_path):
     assert (cfg.data.train_batch_size, cfg.actor_rollout_ref.rollout.n) == (vs_trl.PROMPTS, vs_trl.N)
     assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.optim.lr) == (0.2, 0.28, 1e-5)
     assert not cfg.algorithm.filter_groups.enable and not actor.use_kl_loss
-    assert mtp.enable_rollout == (config != "off") and mtp.enable_train == (config == "on_train")
+    assert mtp.enable_rollout == (not config.startswith("off")) and mtp.enable_train == (config == "on_train")
+    assert cfg.actor_rollout_ref.model.dtype == ("bfloat16" if config == "off_bf16" else "float32")
     assert mtp.adaptive == (config == "adaptive")
 
 
