@@ -9,8 +9,9 @@ normalised by the *global* token / sequence counts of the mini-batch (each rank'
 of the global loss), so the right reduction is a plain sum: ``set_gradient_divide_factor(1)``. With
 that, N ranks produce the gradient one process computes on the whole mini-batch.
 
-Mixed precision (CUDA): parameters are kept and updated in fp32; forward/backward run in
-``actor_rollout_ref.model.dtype`` and gradients are reduced in fp32. CPU runs stay fp32.
+Mixed precision: parameters are kept and updated in fp32; forward/backward run in
+``actor_rollout_ref.model.dtype`` and gradients are reduced in fp32 (one process gets the same split from
+bf16 autocast: ``mtprl.trainer.policy``).
 """
 
 from __future__ import annotations

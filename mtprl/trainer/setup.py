@@ -336,7 +336,7 @@ def _build_run(cfg: MtprlConfig, dist: DistEnv, tokenizer, train_set, val_set, r
 def _shard(cfg: MtprlConfig, dist: DistEnv, model, ref_model):
     """(policy, reference, rollout copy) of a multi-rank run: the rollout engine's full copy in the
     configured dtype, then FSDP2 over all ranks with fp32 master weights (the forward in the configured
-    dtype through FSDP's mixed precision on CUDA), the reference sharded the same way."""
+    dtype through FSDP's mixed precision), the reference sharded the same way."""
     from mtprl.distributed.parallelize import apply_fsdp
 
     fsdp = cfg.actor_rollout_ref.actor.fsdp_config
