@@ -8,35 +8,36 @@ Short levels (answer in one or a few lines; each answer a non-negative integer):
                       d in 1..min(50, (a+b)*c)
 
 Worked levels (column arithmetic written out, one line per column, least significant first; every
-operand of a level has the same number of digits; ~20 to ~190 tokens with the demo tokenizer):
-    5  a+b       1 digit         ~27 tokens        10 a+b       4 digits   ~107 tokens
-    6  a+b       2 digits        ~53               11 a+b+c+d   6 digits   ~195
-    7  a+b+c     2 digits        ~58               12 a-b       3 digits   ~85 (a >= b, a-b has 3 digits)
-    8  a+b       3 digits        ~80               13 a*d       3 digits times one digit 2..9, ~100
-    9  a+b+c     3 digits        ~87
+operand of a level has the same number of digits; token counts with the demo tokenizer):
+    5..12  a+b        1..8 digits (level - 4)      ~25 (1 digit) to ~200 tokens (8 digits)
+    13     a-b        3 digits, a >= b, a-b has 3 digits          ~75 tokens
+    14     a*d        3 digits times one digit 2..9               ~90 tokens
+    15     a+b+c      3 digits                                    ~70 tokens
+    16     a+b+c+d    4 digits                                    ~100 tokens
 
 Each line names its column, adds the column's digits and the carry (subtracts with the borrow, multiplies
-and adds the carry), writes one digit and carries on, and keeps the result so far; the last column
+and adds the carry), carries on, and keeps the result so far (its new digit in front); the last column
 writes its whole sum:
 
-    units: 2+5+0=7, write 7 carry 0, so far 7
-    tens: 7+8+0=15, write 5 carry 1, so far 57
-    hundreds: 4+3+1=8, write 8, so far 857
+    units: 2+5+0=7, carry 0, so far 7
+    tens: 7+8+0=15, carry 1, so far 57
+    hundreds: 4+3+1=8, so far 857
     Answer: 857                                                    (472+385)
 
-    units: 3-0-8<0, 13-0-8=5, write 5 borrow 1, so far 5
-    tens: 0-1-5<0, 10-1-5=4, write 4 borrow 1, so far 45
-    hundreds: 4-1-1=2, write 2, so far 245
+    units: 3-0-8<0, 13-0-8=5, borrow 1, so far 5
+    tens: 0-1-5<0, 10-1-5=4, borrow 1, so far 45
+    hundreds: 4-1-1=2, so far 245
     Answer: 245                                                    (403-158)
 
-    units: 7*8=56, 56+0=56, write 6 carry 5, so far 6
-    tens: 4*8=32, 32+5=37, write 7 carry 3, so far 76
-    hundreds: 3*8=24, 24+3=27, write 27, so far 2776
+    units: 7*8=56, 56+0=56, carry 5, so far 6
+    tens: 4*8=32, 32+5=37, carry 3, so far 76
+    hundreds: 3*8=24, 24+3=27, so far 2776
     Answer: 2776                                                   (347*8)
 
-A line reads the question's digits of its column (the same place in every problem of a level) and what
-the line above holds (the carry, the result so far), so a small model can learn the procedure; what it
-must get right is the digit arithmetic of each column.
+A line reads the question's digits of its column (named by the line, at the same place in every problem of a
+level) and what the lines above hold (the carry, the result so far), so a small model can learn the procedure
+from a few thousand examples; what it must get right is the digit arithmetic of each column, and a long
+problem is the same step many times over, so it has more chances to go wrong.
 
 The worked solution ends with `Answer: <n>` on its own line, so the DAPO scorer (last `Answer:` in
 the last 300 characters) grades it. Rows are assigned levels round-robin over `levels`, so the mix is
@@ -75,7 +76,7 @@ DATA_SOURCE = "synthetic_arith"
 ABILITY = "MATH"
 REWARD_STYLE = "rule"
 LEVELS = (1, 2, 3, 4)  # the short levels, the default mix
-WORKED_LEVELS = (5, 6, 7, 8, 9, 10, 11, 12, 13)  # column arithmetic written out (WORKED_SHAPES)
+WORKED_LEVELS = tuple(range(5, 17))  # column arithmetic written out (WORKED_SHAPES)
 ALL_LEVELS = LEVELS + WORKED_LEVELS
 TINY_MODEL_LEVELS = (1, 1, 1, 2)  # the mix for a ~1M-parameter model warmed up for 1-2 min (see above)
 
@@ -108,10 +109,12 @@ def _randint(rng: np.random.Generator, low: int, high: int) -> int:
     return int(rng.integers(low, high + 1))
 
 
-COLUMN_NAMES = ("units", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands")
+COLUMN_NAMES = ("units", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions",
+                "ten-millions")
 # worked level -> (operation, number of operands, digits per operand); every operand has exactly that many digits
-WORKED_SHAPES = {5: ("+", 2, 1), 6: ("+", 2, 2), 7: ("+", 3, 2), 8: ("+", 2, 3), 9: ("+", 3, 3), 10: ("+", 2, 4),
-                 11: ("+", 4, 6), 12: ("-", 2, 3), 13: ("*", 1, 3)}
+WORKED_SHAPES = {5: ("+", 2, 1), 6: ("+", 2, 2), 7: ("+", 2, 3), 8: ("+", 2, 4), 9: ("+", 2, 5), 10: ("+", 2, 6),
+                 11: ("+", 2, 7), 12: ("+", 2, 8), 13: ("-", 2, 3), 14: ("*", 1, 3), 15: ("+", 3, 3),
+                 16: ("+", 4, 4)}
 
 
 def _column_sum(operands: list[int]) -> list[str]:
@@ -125,10 +128,10 @@ def _column_sum(operands: list[int]) -> list[str]:
         step = f"{COLUMN_NAMES[k]}: {'+'.join(map(str, column))}+{carry}={total}"
         if k == width - 1:  # the last column writes its whole sum
             so_far = f"{total}{so_far}"
-            lines.append(f"{step}, write {total}, so far {so_far}")
+            lines.append(f"{step}, so far {so_far}")
         else:
             so_far = f"{total % 10}{so_far}"
-            lines.append(f"{step}, write {total % 10} carry {total // 10}, so far {so_far}")
+            lines.append(f"{step}, carry {total // 10}, so far {so_far}")
             carry = total // 10
     return lines
 
@@ -146,9 +149,9 @@ def _column_difference(a: int, b: int) -> list[str]:
         value %= 10
         so_far = f"{value}{so_far}"
         if k == width - 1:
-            lines.append(f"{COLUMN_NAMES[k]}: {step}, write {value}, so far {so_far}")
+            lines.append(f"{COLUMN_NAMES[k]}: {step}, so far {so_far}")
         else:
-            lines.append(f"{COLUMN_NAMES[k]}: {step}, write {value} borrow {borrow_out}, so far {so_far}")
+            lines.append(f"{COLUMN_NAMES[k]}: {step}, borrow {borrow_out}, so far {so_far}")
         borrow = borrow_out
     return lines
 
@@ -164,10 +167,10 @@ def _column_product(a: int, d: int) -> list[str]:
         step = f"{COLUMN_NAMES[k]}: {x}*{d}={x * d}, {x * d}+{carry}={total}"
         if k == width - 1:
             so_far = f"{total}{so_far}"
-            lines.append(f"{step}, write {total}, so far {so_far}")
+            lines.append(f"{step}, so far {so_far}")
         else:
             so_far = f"{total % 10}{so_far}"
-            lines.append(f"{step}, write {total % 10} carry {total // 10}, so far {so_far}")
+            lines.append(f"{step}, carry {total // 10}, so far {so_far}")
             carry = total // 10
     return lines
 

@@ -10,7 +10,7 @@ import pytest
 
 from mtprl.data.dataset import build_prompt_dataset, load_prompt_records
 from mtprl.data.sft import load_sft_records, tokenize_sft
-from mtprl.data.synthetic import (DATA_SOURCE, LEVELS, TINY_MODEL_LEVELS, WORKED_LEVELS, WORKED_SHAPES, held_out,
+from mtprl.data.synthetic import (COLUMN_NAMES, DATA_SOURCE, LEVELS, TINY_MODEL_LEVELS, WORKED_LEVELS, WORKED_SHAPES, held_out,
                                   make_problem, make_problems, write_synthetic_math)
 
 EXPR = re.compile(r"^[0-9+\-*()]+$")
@@ -80,7 +80,7 @@ def test_levels_round_robin_and_bad_arguments():
     weighted = make_problems(8, seed=0, split="train", levels=TINY_MODEL_LEVELS)
     assert [p.level for p in weighted] == [1, 1, 1, 2] * 2
     with pytest.raises(ValueError, match="levels must be"):
-        make_problems(4, seed=0, split="train", levels=(14,))
+        make_problems(4, seed=0, split="train", levels=(17,))
     with pytest.raises(ValueError, match="split must be"):
         make_problems(4, seed=0, split="test")
     with pytest.raises(ValueError, match="unknown level"):
@@ -166,7 +166,7 @@ def test_sft_prose_fraction_marks_only_sft_rows(tmp_path):
 
 
 # ----- worked levels: column arithmetic written out --------------------------------------------------------------
-LINE = re.compile(r"^(units|tens|hundreds|thousands|ten-thousands|hundred-thousands): (.+), write (\d+)(?: (carry|borrow) (\d))?, so far (\d+)$")
+LINE = re.compile(r"^([a-z-]+): (.+?)(?:, (carry|borrow) (\d))?, so far (\d+)$")
 
 
 def _check_worked_line(step: str, op: str, carry_in: int) -> tuple[int, int]:
@@ -210,16 +210,14 @@ def test_worked_solutions_are_correct_arithmetic(level):
         for k, line in enumerate(lines[:-1]):
             m = LINE.match(line)
             assert m, line
-            assert m.group(1) == ["units", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands"][k]
+            assert m.group(1) == COLUMN_NAMES[k]
             value, carry_out = _check_worked_line(m.group(2), op, carry)
             last = k == digits - 1
-            assert (m.group(4) is None) == last, line  # the last column carries nothing on
-            written = value if last and op != "-" else value % 10
-            assert int(m.group(3)) == written, line
-            so_far = f"{written}{so_far}"
-            assert m.group(6) == so_far, line
+            assert (m.group(3) is None) == last, line  # the last column carries nothing on
+            so_far = f"{value if last and op != '-' else value % 10}{so_far}"
+            assert m.group(5) == so_far, line
             if not last:
-                assert int(m.group(5)) == carry_out, line
+                assert int(m.group(4)) == carry_out, line
             carry = carry_out
         assert int(so_far) == p.answer
 
@@ -234,21 +232,23 @@ def test_worked_levels_by_hand():
             assert low <= value < high
             return value
 
-    assert make_problem(8, FixedRng([472, 385])).solution == (
-        "units: 2+5+0=7, write 7 carry 0, so far 7\ntens: 7+8+0=15, write 5 carry 1, so far 57\n"
-        "hundreds: 4+3+1=8, write 8, so far 857\nAnswer: 857")
-    assert make_problem(12, FixedRng([158, 403])).solution == (  # sorted: 403-158
-        "units: 3-0-8<0, 13-0-8=5, write 5 borrow 1, so far 5\ntens: 0-1-5<0, 10-1-5=4, write 4 borrow 1, so far 45\n"
-        "hundreds: 4-1-1=2, write 2, so far 245\nAnswer: 245")
-    p = make_problem(13, FixedRng([347, 8]))
+    assert make_problem(7, FixedRng([472, 385])).solution == (
+        "units: 2+5+0=7, carry 0, so far 7\ntens: 7+8+0=15, carry 1, so far 57\n"
+        "hundreds: 4+3+1=8, so far 857\nAnswer: 857")
+    assert make_problem(13, FixedRng([158, 403])).solution == (  # sorted: 403-158
+        "units: 3-0-8<0, 13-0-8=5, borrow 1, so far 5\ntens: 0-1-5<0, 10-1-5=4, borrow 1, so far 45\n"
+        "hundreds: 4-1-1=2, so far 245\nAnswer: 245")
+    p = make_problem(14, FixedRng([347, 8]))
     assert (p.question, p.answer) == ("What is 347*8?", 2776)
-    assert p.solution.split("\n")[1] == "tens: 4*8=32, 32+5=37, write 7 carry 3, so far 76"
+    assert p.solution.split("\n")[1] == "tens: 4*8=32, 32+5=37, carry 3, so far 76"
     p = make_problem(5, FixedRng([9, 8]))
-    assert p.solution == "units: 9+8+0=17, write 17, so far 17\nAnswer: 17"
+    assert p.solution == "units: 9+8+0=17, so far 17\nAnswer: 17"
+    p = make_problem(16, FixedRng([1000, 2000, 3000, 9999]))
+    assert p.solution.split("\n")[0] == "units: 0+0+0+9+0=9, carry 0, so far 9"
 
 
 def test_disjoint_splits_share_no_question(tmp_path):
-    levels = (5, 6, 8, 11)
+    levels = (5, 6, 8, 12)
     train = make_problems(2000, seed=3, split="train", levels=levels, disjoint=True)
     val = make_problems(200, seed=3, split="val", levels=levels, disjoint=True)
     assert not {p.question for p in train} & {p.question for p in val}
@@ -275,6 +275,6 @@ def test_worked_lengths_run_from_about_20_to_200_tokens(tmp_path):
         problems = make_problems(50, seed=0, split="train", levels=(level,))
         lengths[level] = [len(tok(p.solution)["input_ids"]) + 1 for p in problems]  # + eos
     assert 15 <= min(lengths[5]) and max(lengths[5]) <= 30
-    assert 170 <= min(lengths[11]) and max(lengths[11]) <= 220
-    means = [sum(v) / len(v) for v in lengths.values()]
-    assert all(a < b for a, b in zip(means[:7], means[1:7]))  # longer with more digits and operands
+    assert 170 <= min(lengths[12]) and max(lengths[12]) <= 220
+    means = [sum(lengths[level]) / len(lengths[level]) for level in range(5, 13)]
+    assert all(a < b for a, b in zip(means, means[1:]))  # one more digit, one more line
