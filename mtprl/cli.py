@@ -77,7 +77,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mtprl.demo import run_demo
 
-    run_demo(args.out, overrides=args.overrides, quick=args.quick, ablation=args.ablation,
+    run_demo(args.out, overrides=args.overrides, quick=args.quick, ablation=args.ablation, seeds=args.seeds,
              preset=args.preset or "tiny_cpu")
     return 0
 
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--quick", action="store_true", help="a few steps of everything (CI-sized)")
             p.add_argument("--ablation", action="store_true",
                            help="also run RL with the MTP layers frozen and plot accepted length for both")
+            p.add_argument("--seeds", type=int, default=1, metavar="N",
+                           help="run the RL stage N times (trainer.seed / data.seed 1..N) from the same SFT "
+                                "checkpoint and report the validation-accuracy gain of each, mean and std")
     p = sub.add_parser("config", help="inspect the configuration", description="inspect the configuration")
     csub = p.add_subparsers(dest="config_cmd", required=True, metavar="action")
     show = csub.add_parser("show", help="print the fully resolved config as YAML")

@@ -9,13 +9,17 @@ from mtprl.cli import main
 def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
-    for key in ("val_acc_before", "val_acc_after", "min_accept_length", "wall_seconds",
+    for key in ("val_acc_before", "val_acc_after", "val_acc_greedy_before", "val_acc_greedy_after",
+                "min_accept_length", "mean_accept_length", "mean_draft_depth", "response_length_mean", "wall_seconds",
                 "rollout_tokens_per_s_plain_batch", "rollout_tokens_per_s_speculative_batch",
                 "rollout_tokens_per_s_plain_b1", "rollout_speedup_b1", "rollout_tokens_per_s_adaptive_batch",
-                "rollout_speedup_adaptive_b1"):
+                "rollout_speedup_adaptive_batch", "rollout_speedup_adaptive_b1", "response_length_quantiles"):
         assert summary[key] is not None, key
-    assert summary["num_steps"] == 2
-    for name in ("reward_and_val_acc", "accept_length", "time_per_phase"):
+    assert summary["num_steps"] == 2 and summary["num_mtp_layers"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert "val-core/synthetic_arith/acc/mean@2" in rows[0]  # the preset's sampled validation (n=2 in --quick)
+    assert "mtp_losses/mtp_3_loss" in rows[1]  # the one MTP layer trained at its recursive depths 2 and 3
+    for name in ("reward_and_val_acc", "accept_length", "draft_depth", "response_length", "time_per_phase"):
         assert (tmp_path / "rl" / "plots" / f"{name}.png").is_file()
     assert any((tmp_path / "rl" / "tensorboard").iterdir())
     assert (tmp_path / "sft" / "global_step_6" / "actor" / "model.safetensors").is_file()
@@ -50,7 +54,26 @@ def test_demo_measures_the_checkpoint_rl_actually_wrote(tmp_path, monkeypatch):
     monkeypatch.setattr(sft, "run_sft", lambda cfg, console=None: tmp_path / "sft" / "actor")
     monkeypatch.setattr(loop, "train", fake_train)
     monkeypatch.setattr(demo, "measure_rollout_speed",
-                        lambda cfg, console: seen.setdefault("path", cfg.actor_rollout_ref.model.path) and {})
+                        lambda cfg, console: (seen.setdefault("path", cfg.actor_rollout_ref.model.path) and {}, []))
     monkeypatch.setattr(demo, "write_report", lambda *a, **kw: {})
     demo.run_demo(tmp_path, quick=True, overrides=["trainer.total_training_steps=null", "trainer.logger=[jsonl]"])
     assert seen["path"] == str(tmp_path / "rl" / "global_step_3" / "actor")
+
+
+def test_seed_gains_by_hand(tmp_path):
+    from mtprl.demo import seed_gains
+
+    key = "val-core/synthetic_arith/acc/mean@4"
+    for name, before, after in (("rl", 0.25, 0.50), ("rl_seed2", 0.25, 0.35), ("rl_seed3", 0.30, 0.45)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": 0, key: before}, {"step": 5, key: 0.9, "critic/score/mean": 0.0, "response_length/mean": 9},
+                {"step": 10, key: after}]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = seed_gains(tmp_path, ["rl", "rl_seed2", "rl_seed3"])
+    assert [round(r["gain"], 6) for r in out["seed_runs"]] == [0.25, 0.10, 0.15]
+    assert abs(out["seed_gain_mean"] - 0.5 / 3) < 1e-9
+    mean = 0.5 / 3  # sample standard deviation
+    assert abs(out["seed_gain_std"] - (((0.25 - mean) ** 2 + (0.10 - mean) ** 2 + (0.15 - mean) ** 2) / 2) ** 0.5) < 1e-9
+    (tmp_path / "rl_seed3" / "metrics.jsonl").write_text(json.dumps({"step": 3, key: 0.1}))
+    with pytest.raises(ValueError, match="no validation before and after"):
+        seed_gains(tmp_path, ["rl", "rl_seed3"])
