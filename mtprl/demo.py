@@ -118,7 +118,9 @@ def measure_rollout_speed(cfg, console: Console) -> tuple[dict[str, float], list
     rl_batch = cfg.data.gen_batch_size or cfg.data.train_batch_size
     shapes = {"batch": (wide, [ids[:rl_batch]]), "b1": (dataclasses.replace(wide, n=1), [[x] for x in ids[:8]])}
     spec = speculative_config(cfg)
-    modes = {"plain": None, "speculative": spec, "adaptive": dataclasses.replace(spec, adaptive=True)}
+    # the preset's RL setting may be adaptive: "speculative" is always the fixed depth, "adaptive" the engine's pick
+    modes = {"plain": None, "speculative": dataclasses.replace(spec, adaptive=False),
+             "adaptive": dataclasses.replace(spec, adaptive=True)}
     rates: dict[tuple[str, str], list[float]] = {(s, m): [] for s in shapes for m in modes}
     accepts: dict[tuple[str, str], list[float]] = {(s, m): [] for s in shapes for m in modes}
     lengths: list[int] = []

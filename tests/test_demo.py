@@ -77,3 +77,40 @@ def test_seed_gains_by_hand(tmp_path):
     (tmp_path / "rl_seed3" / "metrics.jsonl").write_text(json.dumps({"step": 3, key: 0.1}))
     with pytest.raises(ValueError, match="no validation before and after"):
         seed_gains(tmp_path, ["rl", "rl_seed3"])
+
+
+def test_speed_stage_measures_fixed_depth_next_to_adaptive(monkeypatch):
+    # the preset's RL setting is adaptive; the speed stage's "speculative" figure must still be the fixed depth
+    from types import SimpleNamespace
+
+    import mtprl.demo as demo
+    import mtprl.trainer.policy as policy
+    import mtprl.trainer.setup as setup
+    from mtprl.config import load_config
+
+    seen = []
+
+    class Engine:
+        def generate_with_metrics(self, prompts, params, speculative=None, generator=None):
+            seen.append(None if speculative is None else (speculative.num_steps, speculative.adaptive))
+            metrics = SimpleNamespace(num_generated_tokens=10 * len(prompts), elapsed_s=0.01, mean_accept_length=2.0,
+                                      num_row_steps=5)
+            return SimpleNamespace(metrics=metrics, completions=[SimpleNamespace(token_ids=[1, 2])] * len(prompts))
+
+    import mtprl.data as data
+
+    monkeypatch.setattr(policy, "load_policy_tokenizer", lambda cfg: SimpleNamespace(eos_token_id=0))
+    monkeypatch.setattr(policy, "load_policy", lambda cfg, device: None)
+    monkeypatch.setattr(data, "build_prompt_dataset", lambda *a, **kw: SimpleNamespace(
+        prompts=[SimpleNamespace(prompt_ids=[1, 2, 3])] * 16))
+    monkeypatch.setattr(setup, "build_engine", lambda cfg, model: Engine())
+    import mtprl.trainer.samples as samples
+
+    from mtprl.rollout import SamplingParams
+
+    monkeypatch.setattr(samples, "sampling_params", lambda cfg, tok: SamplingParams(n=8))
+    cfg = load_config("tiny_cpu", [])
+    assert cfg.actor_rollout_ref.model.mtp.adaptive
+    out, _ = demo.measure_rollout_speed(cfg, demo.Console(quiet=True))
+    assert set(seen) == {None, (3, False), (3, True)}
+    assert out["accept_length_speculative_b1"] == 2.0 and out["rollout_speedup_b1"] == 1.0
