@@ -9,19 +9,23 @@ Short levels (answer in one or a few lines; each answer a non-negative integer):
 
 Worked levels (column arithmetic written out, one line per column, least significant first; every
 operand of a level has the same number of digits; token counts with the demo tokenizer):
-    5..12  a+b        1..8 digits (level - 4)      ~25 (1 digit) to ~200 tokens (8 digits)
+    5..12  a+b        1..8 digits (level - 4)      ~27 (1 digit), ~57, ~90, ~125, ~165, ~205 (6) to ~300 tokens (8)
     13     a-b        3 digits, a >= b, a-b has 3 digits          ~75 tokens
     14     a*d        3 digits times one digit 2..9               ~90 tokens
-    15     a+b+c      3 digits                                    ~70 tokens
-    16     a+b+c+d    4 digits                                    ~100 tokens
+    15     a+b+c      3 digits                                    ~105 tokens
+    16     a+b+c+d    4 digits                                    ~170 tokens
 
-Each line names its column, adds the column's digits and the carry (subtracts with the borrow, multiplies
+A sum's line starts with the columns still to add (the operands with the columns done dropped) and the
+carry coming in, so the digits it adds end those numbers, a few tokens back: a small model finds them there
+far sooner than at a distance in the question that changes with every line written (measured: with the column
+named instead, 2-digit sums stayed at ~12% greedy after the demo's SFT; with this form 88%). Subtraction and
+product lines name their column. Each line adds the column's digits and the carry (subtracts with the borrow, multiplies
 and adds the carry), carries on, and keeps the result so far (its new digit in front); the last column
 writes its whole sum:
 
-    units: 2+5+0=7, carry 0, so far 7
-    tens: 7+8+0=15, carry 1, so far 57
-    hundreds: 4+3+1=8, so far 857
+    472+385 carry 0: 2+5+0=7, carry 0, so far 7
+    47+38 carry 0: 7+8+0=15, carry 1, so far 57
+    4+3 carry 1: 4+3+1=8, so far 857
     Answer: 857                                                    (472+385)
 
     units: 3-0-8<0, 13-0-8=5, borrow 1, so far 5
@@ -125,7 +129,8 @@ def _column_sum(operands: list[int]) -> list[str]:
     for k in range(width):
         column = [int(d[width - 1 - k]) for d in digits]
         total = sum(column) + carry
-        step = f"{COLUMN_NAMES[k]}: {'+'.join(map(str, column))}+{carry}={total}"
+        rest = "+".join(str(x // 10**k) for x in operands)  # the columns still to add: the next digits end each number
+        step = f"{rest} carry {carry}: {'+'.join(map(str, column))}+{carry}={total}"
         if k == width - 1:  # the last column writes its whole sum
             so_far = f"{total}{so_far}"
             lines.append(f"{step}, so far {so_far}")
