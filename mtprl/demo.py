@@ -122,7 +122,7 @@ def measure_rollout_speed(cfg, console: Console) -> tuple[dict[str, float], list
     modes = {"plain": None, "speculative": dataclasses.replace(spec, adaptive=False),
              "adaptive": dataclasses.replace(spec, adaptive=True)}
     rates: dict[tuple[str, str], list[float]] = {(s, m): [] for s in shapes for m in modes}
-    accepts: dict[tuple[str, str], list[float]] = {(s, m): [] for s in shapes for m in modes}
+    accepts: dict[str, list[float]] = {s: [] for s in shapes}  # of the fixed-depth mode
     lengths: list[int] = []
     bar = progress_bar(console)
     task = bar.add_task("rollout speed", total=4 * len(shapes) * len(modes))
@@ -141,16 +141,17 @@ def measure_rollout_speed(cfg, console: Console) -> tuple[dict[str, float], list
                         lengths += [len(c.token_ids) for c in res.completions]
                 if rep >= 0:
                     rates[shape, label].append(tokens / seconds)
-                    accepts[shape, label].append(emitted / max(row_steps, 1))
+                    if label == "speculative":
+                        accepts[shape].append(emitted / max(row_steps, 1))
                 bar.advance(task)
     bar.stop()
     out: dict[str, float] = {}
     for shape in shapes:
         for label in modes:
-            out[f"rollout_tokens_per_s_{label}_{shape}"] = sorted(rates[shape, label])[1]
+            out[f"rollout_tokens_per_s_{label}_{shape}"] = statistics.median(rates[shape, label])
         # tokens per row per decode step with every step drafting the configured depth (the MTP layer's quality,
         # which adaptive runs, mostly plain when speculation does not pay, do not show)
-        out[f"accept_length_speculative_{shape}"] = statistics.median(accepts[shape, "speculative"])
+        out[f"accept_length_speculative_{shape}"] = statistics.median(accepts[shape])
         plain = out[f"rollout_tokens_per_s_plain_{shape}"]
         out[f"rollout_speedup_{shape}"] = out[f"rollout_tokens_per_s_speculative_{shape}"] / plain
         out[f"rollout_speedup_adaptive_{shape}"] = out[f"rollout_tokens_per_s_adaptive_{shape}"] / plain

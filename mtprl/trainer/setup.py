@@ -22,7 +22,7 @@ from mtprl.reward.registry import RewardManager, build_reward_manager
 from mtprl.trainer.checkpoint import (checkpoint_step, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                                      set_rng_state)
 from mtprl.trainer.optim import build_optimizer, build_scheduler
-from mtprl.trainer.policy import DTYPES, load_policy, load_policy_tokenizer, resolve_device, set_trainable
+from mtprl.trainer.policy import compute_dtype, load_policy, load_policy_tokenizer, resolve_device, set_trainable
 
 
 class DataExhausted(Exception):
@@ -340,13 +340,13 @@ def _shard(cfg: MtprlConfig, dist: DistEnv, model, ref_model):
     from mtprl.distributed.parallelize import apply_fsdp
 
     fsdp = cfg.actor_rollout_ref.actor.fsdp_config
-    compute_dtype = DTYPES[cfg.actor_rollout_ref.model.dtype]  # the policy itself is loaded in fp32
-    rollout_model = copy.deepcopy(model).to(compute_dtype).requires_grad_(False).eval()
+    dtype = compute_dtype(cfg.actor_rollout_ref.model)  # the policy itself is loaded in fp32
+    rollout_model = copy.deepcopy(model).to(dtype).requires_grad_(False).eval()
     offload = dist.device.type == "cuda" and (fsdp.param_offload or fsdp.optimizer_offload)  # CPU: nothing to offload
-    apply_fsdp(model.float(), dist, compute_dtype=compute_dtype, offload=offload)
+    apply_fsdp(model.float(), dist, compute_dtype=dtype, offload=offload)
     if ref_model is not None:
         ref = cfg.actor_rollout_ref.ref.fsdp_config
-        apply_fsdp(ref_model.float(), dist, compute_dtype=compute_dtype,
+        apply_fsdp(ref_model.float(), dist, compute_dtype=dtype,
                    offload=dist.device.type == "cuda" and ref.param_offload)
     return model, ref_model, rollout_model
 
