@@ -30,7 +30,11 @@ from mtprl.rollout.speculative import (AdaptiveDepth, SpecRows, StepCounters, co
 from mtprl.rollout.tree import build_tree
 from mtprl.rollout.types import Completion, GenerateOutput, RolloutMetrics, SamplingParams, SpeculativeConfig
 
-HIST_LEN = 64  # adaptive mode: ring of trunk hidden states by position; a row's MTP lag stays below HIST_LEN - 1
+# Adaptive mode keeps the trunk's last hidden state of every position (position p at p % W) until the MTP layers have
+# seen it: W = HIST_LEN, or the whole row (None; the memory plan counts it). With the whole row, plain steps never
+# have to run MTP work: the catch-up runs only before a speculative step, for the rows live then. A shorter ring
+# forces a speculative step whenever a row's MTP lag would outgrow it (tests use one).
+HIST_LEN: int | None = None
 
 
 @dataclass
@@ -84,6 +88,7 @@ class _Run:
     trees: list = field(default_factory=list)  # trees[d] = (DraftTree, TreeTensors) truncated to depth d
     adaptive: AdaptiveDepth | None = None
     max_lag: int = 0  # adaptive mode: an upper bound of lengths - mtp_lengths over the live rows
+    hist_len: int = 1  # adaptive mode: W, slots of the hidden-state history per row (HIST_LEN)
 
 
 class Engine:
@@ -125,6 +130,7 @@ class Engine:
         self.device = torch.device(device) if device is not None else ref.device
         self._trunk_cache = None
         self._mtp_cache = None
+        self._with_history = False  # the cache plan counts adaptive speculation's hidden-state history (_ensure_caches)
         self.packed = packed
         self._stepper = None  # what runs forward_step / mtp_step: the model or its PackedModel
         self._packed_signature = None  # _weights_signature of the model when last packed
@@ -159,7 +165,8 @@ class Engine:
 
     def cache_plan(self, speculative: SpeculativeConfig | None = None) -> KVCachePlan:
         """The cache a generate call with this speculative setting allocates (computed, nothing allocated)."""
-        return self._plan(cache_slots(self.max_seq_len, speculative), speculative is not None)
+        return self._plan(cache_slots(self.max_seq_len, speculative), speculative is not None,
+                          speculative is not None and speculative.adaptive)
 
     def release(self) -> None:
         """Free the KV caches and the packed weight copy (``rollout.free_cache_engine`` during the update); the
@@ -167,6 +174,7 @@ class Engine:
         self._trunk_cache = self._mtp_cache = None
         self._stepper = self._packed_signature = None
         self._spec_rows = None
+        self._with_history = False
 
     def current_stepper(self):
         """What the next generate call decodes with (the model, or its PackedModel re-packed to the model's
@@ -176,9 +184,9 @@ class Engine:
         return self._stepper
 
     # ----- setup ----------------------------------------------------------------------------------------------
-    def _plan(self, num_slots: int, with_mtp: bool) -> KVCachePlan:
+    def _plan(self, num_slots: int, with_mtp: bool, with_history: bool = False) -> KVCachePlan:
         return plan_cache(self.model.config, max_num_seqs=self.max_num_seqs, num_slots=num_slots, dtype=self.dtype,
-                          with_mtp=with_mtp, limit_bytes=self.kv_cache_bytes)
+                          with_mtp=with_mtp, limit_bytes=self.kv_cache_bytes, with_history=with_history)
 
     def _packed_model(self):
         from mtprl.model.packed import PackedModel
@@ -213,14 +221,15 @@ class Engine:
         if spec is not None and self.model.config.num_mtp_layers == 0:
             raise ValueError("speculative decoding needs MTP layers; this model has num_mtp_layers=0")
         tree = None if spec is None else build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
-        self._ensure_caches(cache_slots(self.max_seq_len, spec), with_mtp=spec is not None)
+        self._ensure_caches(cache_slots(self.max_seq_len, spec), with_mtp=spec is not None,
+                            with_history=spec is not None and spec.adaptive)
         num_rows, num_slots = self._trunk_cache.num_rows, self._trunk_cache.max_seq_len
         rows = DecodeRows.empty(num_rows, num_slots, self.device)
         spec_rows = None
         if spec is not None:  # reused across calls: every field is written at admission or commit before a read
             cfg = self.model.config
             shape = (num_rows, cfg.vocab_size, cfg.num_mtp_layers, cfg.hidden_size,
-                     HIST_LEN if spec.adaptive else 1, self.dtype, self.device)
+                     (HIST_LEN or num_slots) if spec.adaptive else 1, self.dtype, self.device)
             if self._spec_rows is None or self._spec_rows[0] != shape:
                 self._spec_rows = (shape, SpecRows.empty(*shape))
             spec_rows = self._spec_rows[1]
@@ -228,7 +237,7 @@ class Engine:
                    rows=rows, spec_rows=spec_rows, budget=KVBudget(self.kv_token_budget),
                    stop_ids=torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device),
                    num_rows=num_rows, done=torch.zeros(num_rows, dtype=torch.bool, device=self.device),
-                   results=[None] * len(seqs))
+                   results=[None] * len(seqs), hist_len=1 if spec_rows is None else spec_rows.hist.shape[1])
         if tree is not None:
             key = (spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
             if key not in self._trees:  # (read-only index tensors: built once per draft shape)
@@ -252,12 +261,13 @@ class Engine:
             state = self._adaptive[key] = AdaptiveDepth(max_depth)
         return state
 
-    def _ensure_caches(self, num_slots: int, with_mtp: bool) -> None:
+    def _ensure_caches(self, num_slots: int, with_mtp: bool, with_history: bool = False) -> None:
         """Allocate (once, or re-allocate for more slots or the MTP layers' share of the bound) the trunk cache
         and, when speculating, the MTP cache, with the rows the plan gives (kept once there is an MTP cache)."""
         cache = self._trunk_cache
         with_mtp = with_mtp or self._mtp_cache is not None
-        plan = self._plan(max(num_slots, 0 if cache is None else cache.max_seq_len), with_mtp)
+        self._with_history = with_history = with_history or self._with_history  # (kept, as the MTP cache's share)
+        plan = self._plan(max(num_slots, 0 if cache is None else cache.max_seq_len), with_mtp, with_history)
         if cache is None or cache.max_seq_len < plan.slots or cache.num_rows != plan.rows:
             self._trunk_cache = self._mtp_cache = cache = None  # (freed before the new ones are allocated)
             self._trunk_cache = self.model.new_kv_cache(plan.rows, plan.slots, self.dtype, self.device)
@@ -347,7 +357,7 @@ class Engine:
         if run.spec_rows is not None:  # MTP prefill = a commit of the prompt from committed length 1
             sr = run.spec_rows
             sr.stored_h[sl] = 0
-            if run.adaptive is not None and width <= HIST_LEN - 3:
+            if run.adaptive is not None and width <= run.hist_len - 3:
                 # lazily: the prompt's trunk hidden states wait in the ring, and the catch-up before the first
                 # speculative step commits them (if adaptive keeps choosing plain steps, the MTP work never runs)
                 sr.hist[sl, :width] = hidden[group].to(sr.hist.dtype)
@@ -368,10 +378,13 @@ class Engine:
             depth = run.trees[-1][0].max_depth
             if run.adaptive is not None:
                 depth = run.adaptive.choose(b)
-                if depth == 0 and run.max_lag >= HIST_LEN - 2:  # (a bound: refresh it from the live rows)
+                if depth == 0 and run.max_lag >= run.hist_len - 2:  # (a bound: refresh it from the live rows)
                     run.max_lag = int((run.rows.lengths[:b] - run.spec_rows.mtp_lengths[:b]).max())
-                    if run.max_lag >= HIST_LEN - 2:
+                    if run.max_lag >= run.hist_len - 2:
                         depth = 1  # keep the MTP lag inside the hidden-state ring (the step catches up first)
+        if depth > 0 and run.adaptive is not None:
+            # before the clock: the catch-up is paid once per switch from plain to speculative steps, not per step
+            self._catch_up_mtp(run, b)
         t0 = time.perf_counter()
         if depth == 0:
             self._plain_step(run, b)
@@ -400,7 +413,7 @@ class Engine:
         r.trunk_logprobs[:b].scatter_(1, lengths[:, None], tlp[:, None])
         if run.adaptive is not None:  # remember h^0 for the MTP catch-up
             sr = run.spec_rows
-            sr.hist.index_put_((self._rows_index(b), pos[:, 0] % HIST_LEN), hidden[:, 0].to(sr.hist.dtype))
+            sr.hist.index_put_((self._rows_index(b), pos[:, 0] % run.hist_len), hidden[:, 0].to(sr.hist.dtype))
             run.max_lag += 1
         r.lengths[:b] = lengths + 1
         run.done[:b] = self._is_stop(tokens, run) | (lengths + 1 >= r.limits[:b])
@@ -421,15 +434,13 @@ class Engine:
             return
         l_old = sr.mtp_lengths[:b].clone()
         offsets = torch.arange(width, device=self.device)[None]
-        hidden = sr.hist[torch.arange(b, device=self.device)[:, None], (l_old[:, None] - 1 + offsets) % HIST_LEN]
+        hidden = sr.hist[torch.arange(b, device=self.device)[:, None], (l_old[:, None] - 1 + offsets) % run.hist_len]
         new_tokens = r.tokens[:b].gather(1, (l_old[:, None] + offsets).clamp(max=r.tokens.shape[1] - 1))
         commit_mtp(self._stepper, rows_view(self._mtp_cache, 0, b), l_old, hidden, new_tokens, lag, sr, b, run.counters,
                    may_be_empty=True)
         sr.mtp_lengths[:b] = r.lengths[:b]
 
     def _spec_step(self, run: _Run, b: int, depth: int) -> tuple[list[int], list[int]]:
-        if run.adaptive is not None:
-            self._catch_up_mtp(run, b)
         tree, tt = run.trees[depth]
         r, sr = run.rows, run.spec_rows
         run.max_lag = 0  # (every live row is caught up, and the step commits what it emits)

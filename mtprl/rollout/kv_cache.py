@@ -166,17 +166,21 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes} B"
 
 
-def kv_bytes_per_slot(config: ModelConfig, dtype: torch.dtype, with_mtp: bool) -> int:
-    """2 (K, V) x cached layers x Hkv x Dh x bytes per element."""
+def kv_bytes_per_slot(config: ModelConfig, dtype: torch.dtype, with_mtp: bool, with_history: bool = False) -> int:
+    """2 (K, V) x cached layers x Hkv x Dh x bytes per element; with_history adds one trunk hidden state per slot
+    (hidden_size elements: adaptive speculation keeps the trunk's last hidden state of every position the MTP
+    layers have not seen yet)."""
     layers = config.num_hidden_layers + (config.num_mtp_layers if with_mtp else 0)
-    return 2 * layers * config.num_key_value_heads * config.resolved_head_dim * dtype.itemsize
+    history = config.hidden_size if with_history else 0
+    return (2 * layers * config.num_key_value_heads * config.resolved_head_dim + history) * dtype.itemsize
 
 
 def plan_cache(config: ModelConfig, *, max_num_seqs: int, num_slots: int, dtype: torch.dtype, with_mtp: bool,
-               limit_bytes: int | None, limit_name: str = "kv_cache_bytes") -> KVCachePlan:
+               limit_bytes: int | None, limit_name: str = "kv_cache_bytes", with_history: bool = False) -> KVCachePlan:
     """rows = min(max_num_seqs, floor(limit_bytes / (num_slots x bytes per slot))); a ValueError naming
-    limit_name when not even one row of num_slots slots fits."""
-    per_slot = kv_bytes_per_slot(config, dtype, with_mtp)
+    limit_name when not even one row of num_slots slots fits. with_history: adaptive speculation's hidden-state
+    history is part of the bound (kv_bytes_per_slot)."""
+    per_slot = kv_bytes_per_slot(config, dtype, with_mtp, with_history)
     rows = max_num_seqs
     if limit_bytes is not None:
         rows = min(max_num_seqs, limit_bytes // (num_slots * per_slot))

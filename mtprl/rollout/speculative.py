@@ -371,17 +371,22 @@ class AdaptiveDepth:
     noisy sample.
     Pick argmax_d E(d) / t(d). Exploration: the first `warmup_steps` steps run max_depth (they measure every
     alpha; one step of one row is too little to judge), the next a plain step (a bucket seen later starts from
-    the nearest bucket's statistics); afterwards, while the best depth is < max_depth, every `probe_every` steps
-    one step runs at best + 1 (refreshing alpha_{best+1}) - unless even perfect acceptance at best + 1 could not
-    beat best (then the costs alone decide and the probe would be wasted).
+    the nearest bucket's statistics); afterwards, while the best depth is < max_depth, one step runs at best + 1
+    (refreshing alpha_{best+1}) `probe_every` steps after the best depth last changed in that bucket, then at
+    gaps that double after every probe that leaves the choice as it was (up to `max_probe_gap`: a probe from
+    plain decoding costs the MTP catch-up of every live row, so where speculation keeps losing it is tried
+    ever more rarely) - and never when even perfect acceptance at best + 1 could not beat best (then the costs
+    alone decide and the probe would be wasted).
     The choice uses only past measurements, never the current step's draws, so every step stays exact;
     with temperature > 0 the output is not bit-reproducible across runs (it depends on timings).
     """
 
     def __init__(self, max_depth: int, probe_every: int = 32, warmup_steps: int = 4, forget: float = 0.98,
-                 accept_forget: float = 0.995) -> None:
+                 accept_forget: float = 0.995, max_probe_gap: int = 1024) -> None:
         self.max_depth = max_depth
         self.probe_every = probe_every
+        self.max_probe_gap = max(max_probe_gap, probe_every)
+        self.probes: dict[int, list[int]] = {}  # bucket -> [best depth, gap, step of the next probe]
         self.warmup_steps = warmup_steps
         self.forget = forget
         self.accept_forget = accept_forget
@@ -445,8 +450,14 @@ class AdaptiveDepth:
             tokens.append(tokens[-1] + prod)
         rates = [tokens[d] / self.predicted_time(d, bucket) for d in range(self.max_depth + 1)]
         best = max(range(self.max_depth + 1), key=lambda d: (rates[d], -d))
-        if best < self.max_depth and self.steps % self.probe_every == 0 and self._probe_can_win(best, bucket, rates):
-            return best + 1
+        probe = self.probes.get(bucket)
+        if probe is None or probe[0] != best:  # the choice changed: probe again soon
+            probe = self.probes[bucket] = [best, self.probe_every, self.steps + self.probe_every]
+        if best < self.max_depth and self.steps >= probe[2]:
+            probe[1] = min(2 * probe[1], self.max_probe_gap)
+            probe[2] = self.steps + probe[1]
+            if self._probe_can_win(best, bucket, rates):
+                return best + 1
         return best
 
     def _probe_can_win(self, best: int, bucket: int, rates: list[float]) -> bool:

@@ -174,7 +174,8 @@ def plan_kv_cache(model_config, rollout_cfg, max_seq_len: int, device, *, dtype:
         key = f"actor_rollout_ref.rollout.cpu_kv_cache_gb={r.cpu_kv_cache_gb}"
     try:
         return plan_cache(model_config, max_num_seqs=r.max_num_seqs, num_slots=cache_slots(max_seq_len, speculative),
-                          dtype=dtype, with_mtp=speculative is not None, limit_bytes=limit, limit_name=key)
+                          dtype=dtype, with_mtp=speculative is not None, limit_bytes=limit, limit_name=key,
+                          with_history=speculative is not None and speculative.adaptive)
     except ValueError as e:
         raise ConfigError(f"{e} (max_seq_len = data.max_prompt_length + data.max_response_length = "
                           f"{max_seq_len})") from None

@@ -185,3 +185,38 @@ def test_adaptive_plain_steps_do_no_mtp_work_and_packing_is_skipped_when_weights
         p.data = p.data.clone()  # replaced storage
     eng.generate([[1, 2, 3]], params)
     assert len(packs) == 3
+
+
+def test_probes_back_off_while_the_choice_stays():
+    """Plain wins but a perfect depth-1 step could win: probes come probe_every steps after the choice is made,
+    then at doubling gaps (each probe from plain steps costs an MTP catch-up), capped at max_probe_gap."""
+    ad = AdaptiveDepth(max_depth=4, probe_every=4, warmup_steps=1, max_probe_gap=32)
+    ad.choose(8)
+    _feed(ad, 4, 8, 0.030, alpha=0.5, n=40)
+    ad.choose(8)
+    _feed(ad, 0, 8, 0.010, alpha=0.0)
+    start = ad.steps
+    probes = [ad.steps - start for _ in range(150) if ad.choose(8) == 1]
+    assert probes[:5] == [5, 13, 29, 61, 93]  # the choice made at step 1, then gaps 4, 8, 16, 32, 32
+    assert all(b - a == 32 for a, b in zip(probes[3:], probes[4:]))
+
+
+def test_long_plain_runs_need_no_catch_up_and_the_plan_counts_the_history(draftable_model, monkeypatch):
+    """With the whole row of hidden-state history (HIST_LEN None, the default) a long run of plain steps never
+    forces a speculative step or any MTP work; the memory plan adds one hidden state per slot to the bound."""
+    from mtprl.rollout.kv_cache import kv_bytes_per_slot
+
+    model = draftable_model(num_mtp_layers=1, vocab=32, noise=0.1)
+    monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows: 0)
+    eng = Engine(model, max_num_seqs=2, max_seq_len=160)
+    spec = SpeculativeConfig(num_steps=3, adaptive=True)
+    out = eng.generate_with_metrics([[1, 2, 3], [4, 5]], SamplingParams(temperature=1.0, max_new_tokens=150),
+                                    speculative=spec)
+    assert out.metrics.num_decode_steps >= 149 and out.metrics.num_draft_forwards == 0
+    assert out.metrics.mean_draft_depth == 0.0
+    cfg = model.config
+    kv = 2 * (cfg.num_hidden_layers + 1) * cfg.num_key_value_heads * cfg.resolved_head_dim * 4
+    assert kv_bytes_per_slot(cfg, torch.float32, True) == kv
+    assert eng.cache_plan(spec).bytes_per_slot == kv + cfg.hidden_size * 4
+    assert eng.cache_plan(SpeculativeConfig(num_steps=3)).bytes_per_slot == kv
+    assert eng._spec_rows[1].hist.shape[1] == eng._trunk_cache.max_seq_len  # the whole row
