@@ -67,10 +67,11 @@ Files written by `write_synthetic_math(out_dir, ...)`:
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -121,8 +122,11 @@ WORKED_SHAPES = {5: ("+", 2, 1), 6: ("+", 2, 2), 7: ("+", 2, 3), 8: ("+", 2, 4),
                  16: ("+", 4, 4)}
 
 
-def _column_sum(operands: list[int]) -> list[str]:
-    """Worked lines of sum(operands), one per column, least significant first (module docstring)."""
+def _column_sum(operands: list[int], slip: Callable[[], bool] | None = None) -> list[str]:
+    """Worked lines of sum(operands), one per column, least significant first (module docstring). ``slip``: a
+    careless writer - called at each column that carries (total >= 10, not the last column); when it returns True
+    the line writes "carry 0" and the next columns go on from that, so the lines and the answer stay consistent
+    with the slip and the answer is wrong."""
     width = max(len(str(x)) for x in operands)
     digits = [str(x).rjust(width, "0") for x in operands]
     lines, carry, so_far = [], 0, ""
@@ -136,8 +140,8 @@ def _column_sum(operands: list[int]) -> list[str]:
             lines.append(f"{step}, so far {so_far}")
         else:
             so_far = f"{total % 10}{so_far}"
-            lines.append(f"{step}, carry {total // 10}, so far {so_far}")
-            carry = total // 10
+            carry = 0 if total >= 10 and slip is not None and slip() else total // 10
+            lines.append(f"{step}, carry {carry}, so far {so_far}")
     return lines
 
 
@@ -290,11 +294,27 @@ def prose_solution(problem: MathProblem) -> str:
     return f"{steps}\nThe answer is {problem.answer}."
 
 
+def careless_solution(problem: MathProblem, rng: np.random.Generator, slip_frac: float) -> str:
+    """The worked solution of a worked-sum problem (levels 5-12, 15, 16) as a careless teacher writes it: each
+    carry of 1 or more is dropped ("carry 0") with probability slip_frac and the columns after it follow from the
+    slip, so the answer is wrong whenever a slip happens. Other problems keep their solution."""
+    level = WORKED_SHAPES.get(problem.level)
+    if level is None or level[0] != "+" or slip_frac == 0.0:
+        return problem.solution
+    operands = [int(x) for x in problem.question.removeprefix("What is ").removesuffix("?").split("+")]
+    lines = _column_sum(operands, slip=lambda: bool(rng.random() < slip_frac))
+    answer = int(lines[-1].rsplit("so far ", 1)[1])
+    return "\n".join(lines + [f"Answer: {answer}"])
+
+
 def sft_row(problem: MathProblem, index: int, split: str, instruction: str = SHORT_INSTRUCTION,
-            prose: bool = False) -> dict[str, Any]:
+            prose: bool = False, solution: str | None = None) -> dict[str, Any]:
     """One SFT row: verl's single-turn `prompt`/`response` strings plus the multi-turn `messages`;
-    ``prose`` ends the response with :func:`prose_solution`'s ungradable last line."""
+    ``prose`` ends the response with :func:`prose_solution`'s ungradable last line; ``solution`` replaces the
+    worked solution (e.g. :func:`careless_solution`)."""
     prompt = user_content(problem.question, instruction)
+    if solution is not None:
+        problem = dataclasses.replace(problem, solution=solution)
     response = prose_solution(problem) if prose else problem.solution
     return {
         "data_source": DATA_SOURCE,
@@ -324,6 +344,7 @@ def write_synthetic_math(
     levels: Sequence[int] = LEVELS,
     instruction: str = SHORT_INSTRUCTION,
     sft_prose_frac: float = 0.0,
+    sft_slip_frac: float = 0.0,
     disjoint: bool = False,
 ) -> SyntheticMathPaths:
     """Write RL and SFT parquet files for both splits under out_dir; same arguments -> same files.
@@ -334,11 +355,16 @@ def write_synthetic_math(
     sft_prose_frac: share of SFT responses (chosen with a seeded draw) that end in prose ("The answer is
     n.") instead of "Answer: n" - teacher data from mixed sources, of which only one style is graded.
     RL rows are not affected.
+
+    sft_slip_frac: the SFT teacher is careless - in the worked sums of the SFT files each carry is dropped with
+    this probability (:func:`careless_solution`), so the SFT model learns to slip as often and RL, rewarded on the
+    answer alone, has something to correct. RL rows (prompts and ground truths) are not affected.
     """
     if num_train <= 0 or num_val <= 0:
         raise ValueError(f"num_train and num_val must be positive, got {num_train} and {num_val}")
-    if not 0.0 <= sft_prose_frac <= 1.0:
-        raise ValueError(f"sft_prose_frac must lie in [0, 1], got {sft_prose_frac}")
+    for name, frac in (("sft_prose_frac", sft_prose_frac), ("sft_slip_frac", sft_slip_frac)):
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {frac}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = SyntheticMathPaths(
@@ -352,7 +378,10 @@ def write_synthetic_math(
         problems = make_problems(num, seed=seed, split=split, levels=levels, disjoint=disjoint)
         pq.write_table(pa.Table.from_pylist([rl_row(p, i, split, instruction) for i, p in enumerate(problems)]), rl_path)
         prose = np.random.default_rng([seed, 2, _SPLIT_IDS[split]]).random(num) < sft_prose_frac
-        rows = [sft_row(p, i, split, instruction, prose=bool(prose[i])) for i, p in enumerate(problems)]
+        slips = np.random.default_rng([seed, 3, _SPLIT_IDS[split]])
+        rows = [sft_row(p, i, split, instruction, prose=bool(prose[i]),
+                        solution=careless_solution(p, slips, sft_slip_frac) if sft_slip_frac else None)
+                for i, p in enumerate(problems)]
         pq.write_table(pa.Table.from_pylist(rows), sft_path)
     return paths
 

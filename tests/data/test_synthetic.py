@@ -281,3 +281,41 @@ def test_worked_lengths_run_from_about_25_to_300_tokens(tmp_path):
     assert 190 <= min(lengths[10]) and max(lengths[10]) <= 220  # 6 digits: ~200 tokens (8 digits: ~300)
     means = [sum(lengths[level]) / len(lengths[level]) for level in range(5, 13)]
     assert all(a < b for a, b in zip(means, means[1:]))  # one more digit, one more line
+
+
+def test_careless_teacher_by_hand():
+    """A slip writes carry 0 where the column carries 1, and the columns after it follow from the slip."""
+    from mtprl.data.synthetic import MathProblem, careless_solution
+
+    problem = make_problem(7, np.random.default_rng(0))
+    problem = MathProblem(7, "What is 478+385?", problem.solution, 863)
+    slipped = careless_solution(problem, np.random.default_rng(0), 1.0).split("\n")
+    assert slipped == ["478+385 carry 0: 8+5+0=13, carry 0, so far 3",  # slip: 13 carries 1
+                       "47+38 carry 0: 7+8+0=15, carry 0, so far 53",  # slip again
+                       "4+3 carry 0: 4+3+0=7, so far 753",
+                       "Answer: 753"]
+    assert careless_solution(problem, np.random.default_rng(0), 0.0) == problem.solution
+    product = make_problem(14, np.random.default_rng(0))  # only sums slip
+    assert careless_solution(product, np.random.default_rng(0), 1.0) == product.solution
+
+
+def test_sft_slip_fraction_only_in_sft_rows(tmp_path):
+    """sft_slip_frac: about that share of carries dropped in the SFT responses (each wrong answer explained by its
+    slips); RL rows and their ground truths untouched; seeded."""
+    paths = write_synthetic_math(tmp_path, num_train=600, num_val=10, seed=0, levels=(6, 7), sft_slip_frac=0.4)
+    sft, rl = pq.read_table(paths.sft_train).to_pylist(), pq.read_table(paths.train).to_pylist()
+    carries = slips = wrong = 0
+    for s, r in zip(sft, rl):
+        assert s["extra_info"]["ground_truth"] == r["reward_model"]["ground_truth"]
+        assert r["extra_info"]["solution"].endswith(f"Answer: {r['reward_model']['ground_truth']}")  # RL: correct
+        for line in s["response"].split("\n")[:-2]:  # the columns that may carry (not the last one)
+            total = int(re.search(r"=(\d+),", line).group(1))
+            if total >= 10:
+                carries += 1
+                slips += ", carry 0," in line
+        wrong += dapo_answer(s["response"]) != s["extra_info"]["ground_truth"]
+    assert 0.33 < slips / carries < 0.47 and wrong > 100
+    again = write_synthetic_math(tmp_path / "again", num_train=600, num_val=10, seed=0, levels=(6, 7), sft_slip_frac=0.4)
+    assert pq.read_table(again.sft_train).to_pylist() == sft
+    with pytest.raises(ValueError, match="sft_slip_frac"):
+        write_synthetic_math(tmp_path / "bad", num_train=4, num_val=2, seed=0, sft_slip_frac=1.5)
