@@ -47,6 +47,9 @@ class DemoSize:
     num_val: int = 128
     levels: tuple[int, ...] = DEMO_LEVELS
     sft_prose_frac: float = 0.0  # every SFT answer in the graded "Answer: n" style
+    # a careless SFT teacher: drops 40% of the carries of its worked sums (so ~1 in 4 of its 2-3 digit answers is
+    # wrong); the SFT model slips as often when sampling, and DAPO, rewarded on the answer only, learns not to
+    sft_slip_frac: float = 0.4
     sft_steps: int = 500
     sft_batch: int = 32
     sft_lr: float = 3e-3
@@ -197,7 +200,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, overrides: list[str] = (), qu
     t0 = time.perf_counter()
     console.rule("[bold]1/6 synthetic math data")
     data = write_synthetic_math(out / "data", num_train=size.num_train, num_val=size.num_val, seed=0, levels=size.levels,
-                                sft_prose_frac=size.sft_prose_frac, instruction=DEMO_INSTRUCTION, disjoint=True)
+                                sft_prose_frac=size.sft_prose_frac, sft_slip_frac=size.sft_slip_frac, instruction=DEMO_INSTRUCTION, disjoint=True)
     console.rule("[bold]2/6 tokenizer")
     tok_dir = build_math_tokenizer(out / "tokenizer", vocab_size=384, num_problems=2000, seed=0, levels=WORKED_LEVELS)
     vocab = -(-len(load_tokenizer(tok_dir)) // 8) * 8  # rounded up to a multiple of 8
