@@ -200,7 +200,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, overrides: list[str] = (), qu
     t0 = time.perf_counter()
     console.rule("[bold]1/6 synthetic math data")
     data = write_synthetic_math(out / "data", num_train=size.num_train, num_val=size.num_val, seed=0, levels=size.levels,
-                                sft_prose_frac=size.sft_prose_frac, sft_slip_frac=size.sft_slip_frac, instruction=DEMO_INSTRUCTION, disjoint=True)
+                                sft_prose_frac=size.sft_prose_frac, sft_slip_frac=size.sft_slip_frac,
+                                instruction=DEMO_INSTRUCTION, disjoint=True)
     console.rule("[bold]2/6 tokenizer")
     tok_dir = build_math_tokenizer(out / "tokenizer", vocab_size=384, num_problems=2000, seed=0, levels=WORKED_LEVELS)
     vocab = -(-len(load_tokenizer(tok_dir)) // 8) * 8  # rounded up to a multiple of 8

@@ -380,8 +380,7 @@ def write_synthetic_math(
         prose = np.random.default_rng([seed, 2, _SPLIT_IDS[split]]).random(num) < sft_prose_frac
         slips = np.random.default_rng([seed, 3, _SPLIT_IDS[split]])
         rows = [sft_row(p, i, split, instruction, prose=bool(prose[i]),
-                        solution=careless_solution(p, slips, sft_slip_frac) if sft_slip_frac else None)
-                for i, p in enumerate(problems)]
+                        solution=careless_solution(p, slips, sft_slip_frac)) for i, p in enumerate(problems)]
         pq.write_table(pa.Table.from_pylist(rows), sft_path)
     return paths
 

@@ -287,8 +287,9 @@ def test_careless_teacher_by_hand():
     """A slip writes carry 0 where the column carries 1, and the columns after it follow from the slip."""
     from mtprl.data.synthetic import MathProblem, careless_solution
 
-    problem = make_problem(7, np.random.default_rng(0))
-    problem = MathProblem(7, "What is 478+385?", problem.solution, 863)
+    correct = "478+385 carry 0: 8+5+0=13, carry 1, so far 3\n47+38 carry 1: 7+8+1=16, carry 1, so far 63\n" \
+              "4+3 carry 1: 4+3+1=8, so far 863\nAnswer: 863"
+    problem = MathProblem(7, "What is 478+385?", correct, 863)
     slipped = careless_solution(problem, np.random.default_rng(0), 1.0).split("\n")
     assert slipped == ["478+385 carry 0: 8+5+0=13, carry 0, so far 3",  # slip: 13 carries 1
                        "47+38 carry 0: 7+8+0=15, carry 0, so far 53",  # slip again
