@@ -406,15 +406,13 @@ class AdaptiveDepth:
             total += prod
         return total
 
-    def predicted_time(self, depth: int, bucket: int) -> float | None:
+    def _plain_time(self, bucket: int) -> float | None:
         plain = self.plain.get(bucket)
-        t0 = plain[1] / plain[0] if plain else None
-        if depth == 0:
-            return t0
-        st = self.spec.get(bucket)
-        if st is None:
-            return None
-        s0, s1, s2, t1, t2 = st
+        return plain[1] / plain[0] if plain else None
+
+    def _line(self, bucket: int, depth: int, t0: float | None) -> float | None:
+        """The bucket's own speculative cost at `depth` (its fitted line, or the one-depth extrapolation)."""
+        s0, s1, s2, t1, t2 = self.spec[bucket]
         d_mean, t_mean = s1 / s0, t1 / s0
         det = s0 * s2 - s1 * s1
         if det > 1e-3 * s0 * s0:  # two or more depths measured: least-squares line, slope >= 0
@@ -426,29 +424,49 @@ class AdaptiveDepth:
             pred = t0 + (t_mean - t0) * (depth + 1) / (d_mean + 1)
         return pred if t0 is None else max(pred, t0)  # a speculative step never costs less than a plain one
 
+    def predicted_time(self, depth: int, bucket: int) -> float | None:
+        t0 = self._plain_time(bucket)
+        if depth == 0:
+            return t0
+        if bucket in self.spec:
+            return self._line(bucket, depth, t0)
+        # no speculative step measured at this batch size yet: the nearest measured bucket's cost RELATIVE to its
+        # plain step, times this bucket's plain step (absolute times of 128 rows would rule speculation out at 2)
+        near = self._nearest_spec(bucket)
+        t0_near = None if near is None else self._plain_time(near)
+        if t0 is None or t0_near is None:
+            return None
+        pred = self._line(near, depth, t0_near)
+        return None if pred is None else t0 * pred / t0_near
+
+    def _nearest_spec(self, bucket: int) -> int | None:
+        return min(self.spec, key=lambda k: (abs(k - bucket), k)) if self.spec else None
+
     def _borrow(self, bucket: int) -> None:
-        """A bucket seen for the first time (e.g. the batch's tail) starts from the nearest measured bucket's
-        statistics at a quarter of their weight, instead of exploring again."""
-        if bucket in self.spec or not self.spec:
+        """A bucket seen for the first time (e.g. the batch's tail) starts from the nearest measured bucket's plain
+        step time with the weight of a quarter of one step (its first own plain step outweighs it 4 to 1); its
+        speculative costs are predicted relative to that (predicted_time) until it has measured one of its own."""
+        if bucket in self.plain or not self.plain:
             return
-        near = min(self.spec, key=lambda k: (abs(k - bucket), k))
-        self.spec[bucket] = [0.25 * x for x in self.spec[near]]
-        if near in self.plain:
-            self.plain[bucket] = [0.25 * x for x in self.plain[near]]
+        near = min(self.plain, key=lambda k: (abs(k - bucket), k))
+        self.plain[bucket] = [0.25, 0.25 * self._plain_time(near)]
 
     def choose(self, num_rows: int) -> int:
         bucket = max(num_rows, 1).bit_length()
         self.steps += 1
-        self._borrow(bucket)
-        if bucket not in self.spec or (self.steps <= self.warmup_steps and bucket not in self.plain):
+        if not self.spec or (self.steps <= self.warmup_steps and bucket in self.spec and bucket not in self.plain):
             return self.max_depth  # first steps: measure the deepest (and every alpha)
+        self._borrow(bucket)
         if bucket not in self.plain:
             return 0
         tokens, prod = [1.0], 1.0  # E(d) for d = 0..max_depth (expected_tokens, in one pass)
         for a in self.alphas():
             prod *= a
             tokens.append(tokens[-1] + prod)
-        rates = [tokens[d] / self.predicted_time(d, bucket) for d in range(self.max_depth + 1)]
+        times = [self.predicted_time(d, bucket) for d in range(self.max_depth + 1)]
+        if any(t is None for t in times):
+            return 0
+        rates = [tokens[d] / times[d] for d in range(self.max_depth + 1)]
         best = max(range(self.max_depth + 1), key=lambda d: (rates[d], -d))
         probe = self.probes.get(bucket)
         if probe is None or probe[0] != best:  # the choice changed: probe again soon
@@ -456,6 +474,8 @@ class AdaptiveDepth:
         if best < self.max_depth and self.steps >= probe[2]:
             probe[1] = min(2 * probe[1], self.max_probe_gap)
             probe[2] = self.steps + probe[1]
+            if bucket not in self.spec:  # costs here are only a guess from another batch size: measure them
+                return self.max_depth
             if self._probe_can_win(best, bucket, rates):
                 return best + 1
         return best

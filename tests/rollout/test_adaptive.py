@@ -59,6 +59,27 @@ def test_new_bucket_learns_its_own_costs():
     assert ad.choose(2) == 3
 
 
+def test_new_bucket_predicts_relative_to_its_plain_step_and_probes_the_deepest():
+    """A bucket without speculative measurements scales the nearest bucket's costs by the ratio of plain steps
+    (absolute times of a big batch would rule speculation out for the tail for good), and probes the deepest
+    draft once, even where the borrowed costs say no probe could win: those costs are only a guess."""
+    ad = AdaptiveDepth(max_depth=3, probe_every=4, warmup_steps=1)
+    ad.choose(64)
+    _feed(ad, 3, 64, 0.060, alpha=0.9, n=10)  # 6x a plain step at 64 rows: E(3) = 3.44 tokens lose
+    ad.choose(64)
+    _feed(ad, 0, 64, 0.010, alpha=0.0, n=10)
+    assert ad.choose(1) == 0  # first step at 1 row: plain, borrowed from 64 rows (quarter weight)
+    _feed(ad, 0, 1, 0.001, alpha=0.0, n=10)  # plain is 10x cheaper with 1 row
+    bucket = (1).bit_length()
+    t0 = ad.predicted_time(0, bucket)
+    assert 0.001 < t0 < 0.0013  # the borrowed 10 ms weighs a quarter step against 10 own ones
+    assert ad.predicted_time(3, bucket) == pytest.approx(t0 * 0.060 / 0.010)
+    choices = [ad.choose(1) for _ in range(5)]
+    assert choices.count(3) == 1 and choices.count(0) == 4  # the probe (E(1) = 2 tokens could not beat 6x either)
+    _feed(ad, 3, 1, 0.002, alpha=0.9, n=5)  # measured: at 1 row a depth-3 step costs 2 plain steps
+    assert ad.choose(1) == 3 and ad.choose(64) == 0
+
+
 def test_interpolates_unmeasured_depths_and_probes():
     ad = AdaptiveDepth(max_depth=4, probe_every=4, warmup_steps=1)
     ad.choose(8)
