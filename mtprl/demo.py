@@ -56,7 +56,7 @@ class DemoSize:
     rl_steps: int = 40
     sft_micro_batch: int = 8  # micro-batches in order of length: little padding with mixed lengths
     hidden: int = 64
-    layers: int = 8
+    layers: int = 16
     mtp_layers: int = 1
     recursive_steps: int = 3  # = speculative_num_steps of the RL preset
 
