@@ -57,6 +57,9 @@ class MTPConfig:
     # head by detach_encoder); the untied lm_head is trained by the MTP loss unless this is set
     detach_lm_head: bool = False
     adaptive: bool = False  # choose the number of draft steps per decode step from measured acceptance
+    # the temperature drafts are drawn at (null = the sampling temperature); exact at any value, only the
+    # acceptance rate changes (SpeculativeConfig.draft_temperature)
+    speculative_draft_temperature: Optional[float] = None
     # K > D also trains depths D+1..K, the last MTP layer reused on its own output as speculative drafting
     # reuses it (EAGLE-3's training-time test); 0 = off (SFT and RL)
     recursive_steps: int = 0

@@ -191,6 +191,9 @@ def _check_mtp(errors: list[str], cfg: MtprlConfig) -> None:
     _positive(errors, f"{pre}.num_layers", mtp.num_layers, allow_none=True)
     if mtp.recursive_steps < 0:
         errors.append(f"{pre}.recursive_steps={mtp.recursive_steps} must be >= 0 (0 = off; K trains depths up to K)")
+    tau = mtp.speculative_draft_temperature
+    if tau is not None and not tau > 0:
+        errors.append(f"{pre}.speculative_draft_temperature={tau} must be > 0 (null = the sampling temperature)")
     steps, topk, ndt = mtp.speculative_num_steps, mtp.speculative_eagle_topk, mtp.speculative_num_draft_tokens
     if steps < 1 or topk < 1:
         errors.append(f"{pre}.speculative_num_steps={steps} and speculative_eagle_topk={topk} must be >= 1")

@@ -16,6 +16,7 @@ max_seq_len slots per row, so a memory bound (kv_cache_bytes) buys rows, not tok
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class _Run:
     accepted: torch.Tensor | None = None
     trees: list = field(default_factory=list)  # trees[d] = (DraftTree, TreeTensors) truncated to depth d
     adaptive: AdaptiveDepth | None = None
+    draft_params: SamplingParams | None = None  # what drafts are drawn with (params at the draft temperature)
     max_lag: int = 0  # adaptive mode: an upper bound of lengths - mtp_lengths over the live rows
     hist_len: int = 1  # adaptive mode: W, slots of the hidden-state history per row (HIST_LEN)
 
@@ -247,6 +249,9 @@ class Engine:
             run.reached = torch.zeros(tree.max_depth, dtype=torch.long, device=self.device)
             run.accepted = torch.zeros_like(run.reached)
             run.adaptive = self._adaptive_state(spec, params, tree.max_depth) if spec.adaptive else None
+            run.draft_params = params
+            if spec.draft_temperature is not None and not params.greedy:
+                run.draft_params = dataclasses.replace(params, temperature=spec.draft_temperature)
         return run
 
     def _adaptive_state(self, spec: SpeculativeConfig, params: SamplingParams, max_depth: int) -> AdaptiveDepth:
@@ -254,8 +259,8 @@ class Engine:
         and acceptance rates carry over (an RL loop calls generate every step with the same settings), so the
         exploration (deepest steps, then a plain step, per batch-size bucket) is paid once per engine, not once
         per call. Acceptance estimates forget old steps, so a policy that changes between calls is tracked."""
-        key = (spec.num_steps, spec.eagle_topk, spec.num_draft_tokens, params.greedy, params.temperature,
-               params.top_k, params.top_p)
+        key = (spec.num_steps, spec.eagle_topk, spec.num_draft_tokens, spec.draft_temperature, params.greedy,
+               params.temperature, params.top_k, params.top_p)
         state = self._adaptive.get(key)
         if state is None:
             state = self._adaptive[key] = AdaptiveDepth(max_depth)
@@ -447,7 +452,8 @@ class Engine:
         lengths = r.lengths[:b].clone()
         trunk, mtp = rows_view(self._trunk_cache, 0, b), rows_view(self._mtp_cache, 0, b)
         root = r.tokens[:b].gather(1, (lengths - 1)[:, None]).squeeze(1)
-        draft = draft_tree(self._stepper, tree, tt, mtp, lengths, root, sr, b, run.params, run.generator, run.counters)
+        draft = draft_tree(self._stepper, tree, tt, mtp, lengths, root, sr, b, run.draft_params, run.generator,
+                           run.counters)
         out, path, hidden = verify_and_accept(self._stepper, tree, tt, trunk, lengths, draft, run.params, run.generator,
                                               run.counters)
         path_hidden = hidden[self._rows_index(b)[:, None], path]  # [b,M+1,H] trunk hidden along the accepted path

@@ -73,18 +73,27 @@ class SpeculativeConfig:
         chain, 1 + K * eagle_topk for a tree. A chain needs exactly 1 + K.
     adaptive: pick the draft depth (0..num_steps, 0 = plain decoding) for every decode step from the running
         per-depth acceptance and a measured cost model (see speculative.AdaptiveDepth).
+    draft_temperature [speculative_draft_temperature]: the temperature drafts are drawn at (top-k / top-p as the
+        sampling's); None = the sampling temperature. Exact at any value: acceptance uses the distribution each
+        draft was drawn from, so only the acceptance rate changes, never what is sampled. Below the sampling
+        temperature the drafts keep to the draft's likeliest tokens, which a confident target accepts more
+        often. Greedy decoding ignores it.
     """
 
     num_steps: int = 2
     eagle_topk: int = 1
     num_draft_tokens: int | None = None
     adaptive: bool = False
+    draft_temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
             raise ValueError(f"speculative num_steps must be >= 1, got {self.num_steps}")
         if self.eagle_topk < 1:
             raise ValueError(f"eagle_topk must be >= 1, got {self.eagle_topk}")
+        if self.draft_temperature is not None and not self.draft_temperature > 0:
+            raise ValueError(f"draft_temperature must be > 0 (or None for the sampling temperature), got "
+                             f"{self.draft_temperature}")
         if self.num_draft_tokens is None:
             default = 1 + self.num_steps * self.eagle_topk
             object.__setattr__(self, "num_draft_tokens", default)

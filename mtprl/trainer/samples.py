@@ -66,7 +66,7 @@ def speculative_config(cfg: MtprlConfig) -> SpeculativeConfig | None:
         return None
     return SpeculativeConfig(num_steps=mtp.speculative_num_steps, eagle_topk=mtp.speculative_eagle_topk,
                              num_draft_tokens=mtp.speculative_num_draft_tokens if mtp.speculative_eagle_topk > 1 else None,
-                             adaptive=mtp.adaptive)
+                             adaptive=mtp.adaptive, draft_temperature=mtp.speculative_draft_temperature)
 
 
 def generate_samples(engine, prompts: Sequence[Any], params: SamplingParams, spec, generator, tokenizer,

@@ -88,6 +88,10 @@ CASES = [
      SpeculativeConfig(num_steps=2, eagle_topk=3, num_draft_tokens=6), 2),
     # adaptive: step 1 drafts max depth, step 2 is a plain step (exploration), mixed with refills
     ("adaptive_t1", SamplingParams(temperature=1.0, max_new_tokens=3, n=N), SpeculativeConfig(num_steps=2, adaptive=True), 1),
+    ("chain_t1_draft_t05", SamplingParams(temperature=1.0, max_new_tokens=3, n=N),
+     SpeculativeConfig(num_steps=2, draft_temperature=0.5), 2),
+    ("tree_t07_p09_draft_t03", SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=3, n=N),
+     SpeculativeConfig(num_steps=2, eagle_topk=2, num_draft_tokens=5, draft_temperature=0.3), 1),
 ]
 
 

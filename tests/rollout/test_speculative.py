@@ -218,3 +218,52 @@ def test_metrics_of_two_calls_merge_like_one_call(draftable_model):
     assert merged.accept_rate_per_depth == pytest.approx(whole.accept_rate_per_depth)
     assert merged.num_decode_steps == parts[0].num_decode_steps + parts[1].num_decode_steps
     assert RolloutMetrics.merge([whole]).as_dict() == pytest.approx(whole.as_dict())
+
+
+def test_draft_temperature_draws_drafts_at_that_temperature(draftable_model, monkeypatch):
+    """speculative draft_temperature: drafts come from softmax(draft logits / tau) (what acceptance divides by),
+    the sampling itself stays at the sampling temperature (exactness: test_spec_distribution.py); greedy ignores
+    it. (Whether a colder draft is accepted more depends on the model: only where the draft is a flatter copy of
+    the target - measured on the demo policy in the README.)"""
+    import mtprl.rollout.engine as engine_mod
+
+    model = draftable_model(num_mtp_layers=1, vocab=32, noise=0.3)
+    seen = []
+    original = engine_mod.draft_tree
+
+    def spy(model_, tree, tt, mtp, lengths, root, spec_rows, b, params, *rest):
+        draft = original(model_, tree, tt, mtp, lengths, root, spec_rows, b, params, *rest)
+        seen.append((params, draft))
+        return draft
+
+    monkeypatch.setattr(engine_mod, "draft_tree", spy)
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, n=4)
+    eng = Engine(model, max_num_seqs=8, max_seq_len=32)
+    prompts = [[1, 2, 3], [4, 5]]
+    for tau in (None, 0.25):
+        seen.clear()
+        res = eng.generate_with_metrics(prompts, params, speculative=SpeculativeConfig(num_steps=3, draft_temperature=tau),
+                                        generator=torch.Generator().manual_seed(0))
+        assert res.metrics.num_drafts_reached[0] > 0
+        draft_params, draft = seen[0]
+        assert draft_params.temperature == (1.0 if tau is None else tau)
+        expect = processed_logprobs(draft.logits[:, :3], draft_params).exp()  # children of nodes 0..2
+        torch.testing.assert_close(draft.probs[:, :3], expect)
+    seen.clear()
+    eng.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=4),
+                 speculative=SpeculativeConfig(num_steps=3, draft_temperature=0.25))
+    assert seen[0][0].greedy
+    with pytest.raises(ValueError, match="draft_temperature"):
+        SpeculativeConfig(num_steps=3, draft_temperature=0.0)
+
+
+def test_draft_temperature_config_key_reaches_the_engine():
+    from mtprl.config import ConfigError, load_config
+    from mtprl.trainer.samples import speculative_config
+
+    cfg = load_config("tiny_cpu", ["actor_rollout_ref.model.mtp.speculative_draft_temperature=0.7"])
+    assert speculative_config(cfg).draft_temperature == 0.7
+    off = load_config("tiny_cpu", ["actor_rollout_ref.model.mtp.speculative_draft_temperature=null"])
+    assert speculative_config(off).draft_temperature is None
+    with pytest.raises(ConfigError, match="speculative_draft_temperature=0"):
+        load_config(None, ["actor_rollout_ref.model.mtp.speculative_draft_temperature=0"])
