@@ -432,15 +432,17 @@ class AdaptiveDepth:
             return self._line(bucket, depth, t0)
         # no speculative step measured at this batch size yet: the nearest measured bucket's cost RELATIVE to its
         # plain step, times this bucket's plain step (absolute times of 128 rows would rule speculation out at 2)
-        near = self._nearest_spec(bucket)
+        near = self._nearest(self.spec, bucket)
         t0_near = None if near is None else self._plain_time(near)
         if t0 is None or t0_near is None:
             return None
         pred = self._line(near, depth, t0_near)
         return None if pred is None else t0 * pred / t0_near
 
-    def _nearest_spec(self, bucket: int) -> int | None:
-        return min(self.spec, key=lambda k: (abs(k - bucket), k)) if self.spec else None
+    @staticmethod
+    def _nearest(stats: dict[int, list[float]], bucket: int) -> int | None:
+        """The measured bucket closest to `bucket` (the smaller one on a tie), or None."""
+        return min(stats, key=lambda k: (abs(k - bucket), k)) if stats else None
 
     def _borrow(self, bucket: int) -> None:
         """A bucket seen for the first time (e.g. the batch's tail) starts from the nearest measured bucket's plain
@@ -448,8 +450,7 @@ class AdaptiveDepth:
         speculative costs are predicted relative to that (predicted_time) until it has measured one of its own."""
         if bucket in self.plain or not self.plain:
             return
-        near = min(self.plain, key=lambda k: (abs(k - bucket), k))
-        self.plain[bucket] = [0.25, 0.25 * self._plain_time(near)]
+        self.plain[bucket] = [0.25, 0.25 * self._plain_time(self._nearest(self.plain, bucket))]
 
     def choose(self, num_rows: int) -> int:
         bucket = max(num_rows, 1).bit_length()

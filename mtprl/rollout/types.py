@@ -76,8 +76,8 @@ class SpeculativeConfig:
     draft_temperature [speculative_draft_temperature]: the temperature drafts are drawn at (top-k / top-p as the
         sampling's); None = the sampling temperature. Exact at any value: acceptance uses the distribution each
         draft was drawn from, so only the acceptance rate changes, never what is sampled. Below the sampling
-        temperature the drafts keep to the draft's likeliest tokens, which a confident target accepts more
-        often. Greedy decoding ignores it.
+        temperature the drafts keep to the draft's likeliest tokens, which helps where the draft is a flatter
+        copy of the target (and can hurt where it is already sharp). Greedy decoding ignores it.
     """
 
     num_steps: int = 2
