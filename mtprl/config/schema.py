@@ -63,6 +63,9 @@ class MTPConfig:
     # K > D also trains depths D+1..K, the last MTP layer reused on its own output as speculative drafting
     # reuses it (EAGLE-3's training-time test); 0 = off (SFT and RL)
     recursive_steps: int = 0
+    # learning rate of the MTP layers (null = the actor's optim.lr); the LR schedule scales it like the actor's.
+    # The draft heads follow the policy: at an RL learning rate they barely move while the policy does
+    lr: Optional[float] = None
 
 
 @dataclass

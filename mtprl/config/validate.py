@@ -191,6 +191,12 @@ def _check_mtp(errors: list[str], cfg: MtprlConfig) -> None:
     _positive(errors, f"{pre}.num_layers", mtp.num_layers, allow_none=True)
     if mtp.recursive_steps < 0:
         errors.append(f"{pre}.recursive_steps={mtp.recursive_steps} must be >= 0 (0 = off; K trains depths up to K)")
+    if mtp.lr is not None:
+        if not mtp.lr > 0:
+            errors.append(f"{pre}.lr={mtp.lr} must be > 0 (null = the actor's optim.lr)")
+        elif not (mtp.enable and mtp.enable_train):
+            errors.append(f"{pre}.lr={mtp.lr} is set but the MTP layers are not trained ({pre}.enable_train=False"
+                          f"{'' if mtp.enable else ', enable=False'}): drop it or enable MTP training")
     tau = mtp.speculative_draft_temperature
     if tau is not None and not tau > 0:
         errors.append(f"{pre}.speculative_draft_temperature={tau} must be > 0 (null = the sampling temperature)")

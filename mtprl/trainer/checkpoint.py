@@ -295,6 +295,8 @@ def load_checkpoint(
     from mtprl.distributed.parallelize import is_sharded
 
     opt = torch.load(path / "optimizer.pt", weights_only=False) if (path / "optimizer.pt").is_file() else None
+    if optimizer is not None and opt is not None and opt["optimizer"] is not None:
+        _check_param_groups(path, optimizer, opt["optimizer"])
     if has_sharded(path):  # written by a multi-rank run: DCP reshards to this run's world size (1 included)
         load_sharded(path, model, optimizer)
     else:
@@ -315,6 +317,16 @@ def load_checkpoint(
     if scheduler is not None and opt is not None and opt["scheduler"] is not None:
         scheduler.load_state_dict(opt["scheduler"])
     return torch.load(path / "trainer_state.pt", weights_only=False)
+
+
+def _check_param_groups(path: Path, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """A clear error where torch's would be cryptic: the run builds other parameter groups than the checkpoint's
+    optimizer had (actor_rollout_ref.model.mtp.lr adds two, for the MTP layers)."""
+    have, want = len(saved.get("param_groups", ())), len(optimizer.param_groups)
+    if have != want:
+        raise ValueError(f"checkpoint {path} holds optimizer state for {have} parameter groups but this run builds "
+                         f"{want}: actor_rollout_ref.model.mtp.lr (set or not) changes the grouping - resume with "
+                         f"the setting the run was started with, or start a new run")
 
 
 def resolve_resume(root: str | Path, resume_mode: str, resume_from_path: str | None, *,

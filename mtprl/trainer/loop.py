@@ -100,7 +100,8 @@ def rl_step(run: Run) -> dict[str, float]:
                                            alg.kl_ctrl.target_kl, alg.kl_ctrl.horizon, len(batch))
         batch.advantages, _ = get_adv_estimator(alg.adv_estimator)(
             rewards, batch.response_mask, batch.group_ids, norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma)
-    lr = run.scheduler.get_last_lr()[0]  # the lr of this step's optimizer steps (verl logs it before stepping)
+    lrs = run.scheduler.get_last_lr()  # the lr of this step's optimizer steps (verl logs it before stepping)
+    lr = lrs[0]
     run.release_rollout()  # rollout.free_cache_engine: the engine's memory is the update's meanwhile
     with timed(metrics, "update_actor"):
         update_metrics, skipped = actor_update(run.model, run.optimizer, batch, cfg, run.shuffle_gen, dp=run.dist)
@@ -116,6 +117,8 @@ def rl_step(run: Run) -> dict[str, float]:
                     "critic/advantages/min": adv.min().item(), "actor/lr": lr,
                     "training/skipped_optimizer_steps": float(skipped), "training/epoch": float(run.loader.epoch),
                     "perf/total_num_tokens": float(batch.attention_mask.sum())})  # prompt + response tokens trained on
+    if len(lrs) > 2:  # mtp.lr: the MTP layers' own groups (optim.build_optimizer)
+        metrics["actor/mtp_lr"] = lrs[2]
     return metrics
 
 

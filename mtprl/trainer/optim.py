@@ -1,5 +1,9 @@
 """AdamW with decoupled weight decay on matrices only, and the warmup + constant/cosine LR schedule.
 
+The MTP layers may learn at their own rate (``actor_rollout_ref.model.mtp.lr``; the schedule scales it as it
+scales the actor's): trained on the policy's own rollouts with ``detach_encoder``, they are draft heads whose
+only job is to follow the policy, and at an RL learning rate they barely move.
+
 Only parameters with ``requires_grad`` enter the optimizer: frozen parameters (the trunk under
 ``sft.freeze_trunk``, the MTP layers when ``mtp.enable_train`` is off) are never touched, weight decay
 included.
@@ -15,15 +19,27 @@ from torch import nn
 from mtprl.config.schema import OptimConfig
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+MTP_PREFIX = "mtp_layers."  # parameter names of the MTP layers (CausalLM; FSDP2 keeps the names)
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig, mtp_lr: float | None = None) -> torch.optim.AdamW:
+    """Groups: matrices (weight decay) and the rest (none), at ``optim.lr``; with ``mtp_lr``, the MTP layers'
+    parameters in two more groups of their own (same split) at that rate - so a checkpoint saved without it
+    has 2 groups and one saved with it 4 (resuming across the change is refused by load_checkpoint)."""
+    split = MTP_PREFIX if mtp_lr is not None else None
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {(m, d): [] for m in (False, True) for d in (True, False)}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)  # norms and biases are not decayed
-    if not decay and not no_decay:
+        is_mtp = split is not None and name.startswith(split)
+        buckets[is_mtp, p.dim() >= 2].append(p)  # norms and biases are not decayed
+    if not any(buckets.values()):
         raise ValueError("no trainable parameters: everything is frozen")
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": buckets[False, True], "weight_decay": optim.weight_decay},
+              {"params": buckets[False, False], "weight_decay": 0.0}]
+    if split is not None:
+        groups += [{"params": buckets[True, True], "weight_decay": optim.weight_decay, "lr": mtp_lr},
+                   {"params": buckets[True, False], "weight_decay": 0.0, "lr": mtp_lr}]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=1e-8)
 
 

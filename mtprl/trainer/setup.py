@@ -306,7 +306,7 @@ def _build_run(cfg: MtprlConfig, dist: DistEnv, tokenizer, train_set, val_set, r
     epoch_steps = cfg.trainer.total_epochs * len(loader)
     schedule = cfg.trainer.total_training_steps or epoch_steps  # verl: total_training_steps sets the LR schedule
     total = min(schedule, epoch_steps)  # and the run stops at whichever of the two bounds comes first
-    optimizer = build_optimizer(model, actor.optim)
+    optimizer = build_optimizer(model, actor.optim, mtp.lr)
     scheduler = build_scheduler(optimizer, actor.optim, schedule)
     root = Path(cfg.trainer.default_local_dir)
     prom = cfg.actor_rollout_ref.rollout.prometheus

@@ -94,7 +94,7 @@ def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
     loader = PromptLoader(train, batch_size=cfg.data.train_batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     total = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * len(loader)
     optim_cfg = cfg.actor_rollout_ref.actor.optim
-    optimizer = build_optimizer(model, optim_cfg)
+    optimizer = build_optimizer(model, optim_cfg, mtp_cfg.lr)
     scheduler = build_scheduler(optimizer, optim_cfg, total)
     root = Path(cfg.trainer.default_local_dir)
     step, bad_steps = 0, 0

@@ -128,6 +128,10 @@ def test_list_key_accepts_a_single_name():
         (["trainer.max_actor_ckpt_to_keep=-1"], "max_actor_ckpt_to_keep=-1 must be >= 1"),
         (["trainer.log_val_generations=-1"], "log_val_generations=-1 must be >= 0"),
         (["algorithm.kl_ctrl.type=adaptive", "algorithm.kl_ctrl.horizon=0"], "horizon=0 must be > 0"),
+        (["actor_rollout_ref.model.mtp.enable=True", "actor_rollout_ref.model.mtp.enable_train=True",
+          "actor_rollout_ref.model.mtp.lr=0"], "actor_rollout_ref.model.mtp.lr=0.0 must be > 0"),
+        (["actor_rollout_ref.model.mtp.enable=True", "actor_rollout_ref.model.mtp.lr=1e-3"],
+         "is set but the MTP layers are not trained"),
     ],
 )
 def test_cross_field_errors(overrides, words):

@@ -374,3 +374,19 @@ def test_seq_final_reward_filter_includes_the_kl_in_reward_penalty(tiny_world, t
         assert "timing_s/ref" in timing and "timing_s/old_log_prob" in timing
     finally:
         run.close()
+
+
+def test_mtp_lr_trains_the_mtp_layers_at_their_own_rate_and_resume_keeps_the_grouping(tiny_world, tmp_path):
+    out = tmp_path / "mtp_lr"
+    args = ["trainer.val_before_train=False", "trainer.test_freq=-1", "actor_rollout_ref.actor.optim.lr=1e-6",
+            "actor_rollout_ref.actor.optim.lr_warmup_steps=0", "actor_rollout_ref.model.mtp.lr=1e-3"]
+    train(_cfg(tiny_world, out, "trainer.total_training_steps=1", *args))
+    row = _rows(out)[-1]
+    assert row["actor/lr"] == pytest.approx(1e-6) and row["actor/mtp_lr"] == pytest.approx(1e-3)
+    before, after = from_pretrained(tiny_world.model).state_dict(), from_pretrained(out / "global_step_1" / "actor").state_dict()
+    moved = {n: float((after[n] - before[n]).abs().max()) for n in before}
+    # Adam moves a parameter by at most ~lr per optimizer step (2 mini-batches here)
+    assert 1e-4 < moved["mtp_layers.0.input_proj.weight"] <= 2.1e-3
+    assert moved["layers.0.mlp.up_proj.weight"] <= 2.1e-6
+    with pytest.raises(ValueError, match="2 parameter groups|4 parameter groups"):  # resumed without the key
+        train(_cfg(tiny_world, out, "trainer.total_training_steps=2", *args[:-1]))
