@@ -259,12 +259,14 @@ class CausalLM(nn.Module):
         attn_mask: torch.Tensor | None = None,
         *,
         kv_len: int | None = None,
+        logit_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP layer (depth 0-based) on new positions with its own cache layer (mtp_kv_cache layer `depth`).
 
         prev_hidden [B,T,H]: h^{depth} at these positions (the trunk hidden for depth 0);
         input_ids [B,T]: token t_{i+depth+1} for position i; position_ids: the trunk positions i (see mtp.py).
-        Other arguments as forward_step. Returns logits [B,T,V] (shared head) and h^{depth+1} [B,T,H].
+        Other arguments as forward_step (logit_index: the speculative commit needs the logits of each row's
+        last position only). Returns logits [B,T,V] ([B,P,V] with logit_index; shared head) and h^{depth+1} [B,T,H].
         """
         if not 0 <= depth < self.config.num_mtp_layers:
             raise ValueError(f"depth={depth} out of range: this model has {self.config.num_mtp_layers} MTP layers")
@@ -277,7 +279,7 @@ class CausalLM(nn.Module):
         cos, sin = self._rope(position_ids, tok_emb.dtype)
         attn = step_attn_inputs(cos, sin, mtp_kv_cache, cache_slots, cache_rows, attn_mask, kv_len)
         hidden = self.mtp_layers[depth](prev_hidden, tok_emb, attn, depth)
-        return F.linear(hidden, self.head_weight()), hidden
+        return F.linear(at_positions(hidden, logit_index), self.head_weight()), hidden
 
     def mtp_chain(self, depth: int, position_ids: torch.Tensor, cache_slots: torch.Tensor, mtp_kv_cache: KVCache,
                   *, kv_len: int | None = None):

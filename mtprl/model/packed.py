@@ -328,8 +328,8 @@ class PackedModel:
     @torch.no_grad()
     def mtp_step(self, depth: int, prev_hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  cache_slots: torch.Tensor, mtp_kv_cache: KVCache, cache_rows: torch.Tensor | None = None,
-                 attn_mask: torch.Tensor | None = None, *, kv_len: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 attn_mask: torch.Tensor | None = None, *, kv_len: int | None = None,
+                 logit_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """As CausalLM.mtp_step."""
         from mtprl.model.causal_lm import _check_step_shapes
 
@@ -343,7 +343,7 @@ class PackedModel:
         w = self.mtp[depth]
         step = self._step_inputs(position_ids, cache_slots, mtp_kv_cache, attn_mask, kv_len, w.input_proj.dtype)
         (views,) = self._layers(mtp_kv_cache, input_ids.shape[0], step.kv_len, depth)
-        return self._mtp_forward(w, prev_hidden, input_ids, step, views)
+        return self._mtp_forward(w, prev_hidden, input_ids, step, views, logit_index)
 
     @torch.no_grad()
     def mtp_chain(self, depth: int, position_ids: torch.Tensor, cache_slots: torch.Tensor, mtp_kv_cache: KVCache,
@@ -380,7 +380,7 @@ class PackedModel:
             raise ValueError(f"depth={depth} out of range: this model has {len(self.mtp)} MTP layers")
 
     def _mtp_forward(self, w: _MTP, prev_hidden: torch.Tensor, input_ids: torch.Tensor, step: _Step,
-                     views: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+                     views: tuple, logit_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         b, t = step.batch, step.tokens
         emb = F.embedding(input_ids, self.embed).view(b * t, -1)
         h = prev_hidden.reshape(b * t, -1)
@@ -388,4 +388,8 @@ class PackedModel:
                                -1), w.input_proj)
         xx = self._block(w.block, xx, step, *views)
         hidden = self._rms(xx, w.final_norm).reshape(b, t, -1)
+        if logit_index is not None:
+            from mtprl.model.causal_lm import at_positions
+
+            return F.linear(at_positions(hidden, logit_index), self.head), hidden
         return F.linear(hidden, self.head), hidden

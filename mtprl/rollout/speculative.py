@@ -344,14 +344,17 @@ def commit_mtp(model: torch.nn.Module, mtp: KVCache, l_old: torch.Tensor, hidden
         positions = l_old[:, None] - k + offsets
         positions, slots, kv_len, _ = _place(positions, positions)
         hidden_in = prev if k == 1 else torch.cat([old_h[:, k - 2, None], prev[:, :t - 1]], dim=1)
-        logits, prev = model.mtp_step(k - 1, hidden_in, new_tokens, positions, slots, mtp, kv_len=kv_len)
+        # the head only at each row's last new position (layer 1's: the next step's q_root; deeper layers' logits
+        # are not read): a catch-up after plain steps commits tens of positions per row
+        logits, prev = model.mtp_step(k - 1, hidden_in, new_tokens, positions, slots, mtp, kv_len=kv_len,
+                                      logit_index=last[:, None])
         counters.mtp_forwards += 1
         new_h = prev[rows, last]
         if keep is not None:
             new_h = torch.where(keep, old_h[:, k - 1], new_h)
         spec_rows.stored_h[:b, k - 1] = new_h
         if k == 1:
-            q = logits[rows, last].to(spec_rows.q_root_logits.dtype)
+            q = logits[:, 0].to(spec_rows.q_root_logits.dtype)
             if keep is not None:
                 q = torch.where(keep, spec_rows.q_root_logits[:b], q)
             spec_rows.q_root_logits[:b] = q

@@ -128,6 +128,14 @@ def test_shared_cache_and_logit_index():
     index = torch.tensor([[8, 3], [0, 5]])
     logits, _ = packed.forward_step(ids, pos, pos, cache, logit_index=index)
     torch.testing.assert_close(logits, full[torch.arange(2)[:, None], index], **TOL)
+    # mtp_step takes it too (the speculative commit reads each row's last position only), on both paths
+    hidden = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    for stepper in (model, packed):
+        every, h_every = stepper.mtp_step(0, hidden, ids, pos, pos, model.new_mtp_kv_cache(2, 12))
+        some, h_some = stepper.mtp_step(0, hidden, ids, pos, pos, model.new_mtp_kv_cache(2, 12), logit_index=index)
+        assert some.shape == (2, 2, model.config.vocab_size)
+        torch.testing.assert_close(some, every[torch.arange(2)[:, None], index], **TOL)
+        torch.testing.assert_close(h_some, h_every, **TOL)
 
 
 @torch.no_grad()
