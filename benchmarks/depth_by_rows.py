@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -25,12 +26,9 @@ from pathlib import Path
 import torch
 
 import mtprl.rollout.engine as engine_mod
-from mtprl.config import load_config
-from mtprl.data import build_prompt_dataset
-from mtprl.trainer.checkpoint import find_latest_checkpoint
-from mtprl.trainer.policy import load_policy, load_policy_tokenizer
-from mtprl.trainer.samples import sampling_params, speculative_config
-from mtprl.trainer.setup import build_engine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from demo_policy import rl_batch  # noqa: E402
 
 
 def main() -> None:
@@ -38,18 +36,7 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--repeats", type=int, default=4)
     args = ap.parse_args()
-    last = find_latest_checkpoint(args.run_dir / "rl")
-    if last is None:
-        raise SystemExit(f"{args.run_dir / 'rl'} holds no RL checkpoint: run `mtprl demo --out {args.run_dir}` first")
-    data = args.run_dir / "data"
-    cfg = load_config("tiny_cpu", [f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'val.parquet'}",
-                                   f"actor_rollout_ref.model.path={last / 'actor'}"])
-    tok = load_policy_tokenizer(cfg.actor_rollout_ref.model)
-    engine = build_engine(cfg, load_policy(cfg.actor_rollout_ref.model, torch.device("cpu")))
-    prompts = build_prompt_dataset(cfg.data.val_files, tok, max_prompt_length=cfg.data.max_prompt_length).prompts
-    batch = [p.prompt_ids for p in prompts[:cfg.data.gen_batch_size or cfg.data.train_batch_size]]
-    params = sampling_params(cfg, tok)
-    spec = dataclasses.replace(speculative_config(cfg), adaptive=False)
+    engine, params, batch, spec = rl_batch(args.run_dir)
     modes: dict[str, object] = {"plain": None}
     for d in range(1, spec.num_steps + 1):
         modes[f"d{d}"] = dataclasses.replace(spec, num_steps=d, num_draft_tokens=d + 1)

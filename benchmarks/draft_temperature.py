@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
 
-from mtprl.config import load_config
-from mtprl.data import build_prompt_dataset
-from mtprl.trainer.checkpoint import find_latest_checkpoint
-from mtprl.trainer.policy import load_policy, load_policy_tokenizer
-from mtprl.trainer.samples import sampling_params, speculative_config
-from mtprl.trainer.setup import build_engine
+sys.path.insert(0, str(Path(__file__).parent))
+from demo_policy import rl_batch  # noqa: E402
 
 
 def main() -> None:
@@ -30,18 +27,7 @@ def main() -> None:
     ap.add_argument("--taus", default="none,0.8,0.6,0.4,0.2", help="'none' = the sampling temperature")
     ap.add_argument("--seeds", type=int, default=1, help="generator seeds per temperature (figures averaged)")
     args = ap.parse_args()
-    last = find_latest_checkpoint(args.run_dir / "rl")
-    if last is None:
-        raise SystemExit(f"{args.run_dir / 'rl'} holds no RL checkpoint: run `mtprl demo --out {args.run_dir}` first")
-    data = args.run_dir / "data"
-    cfg = load_config("tiny_cpu", [f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'val.parquet'}",
-                                   f"actor_rollout_ref.model.path={last / 'actor'}"])
-    tok = load_policy_tokenizer(cfg.actor_rollout_ref.model)
-    engine = build_engine(cfg, load_policy(cfg.actor_rollout_ref.model, torch.device("cpu")))
-    params = sampling_params(cfg, tok)
-    prompts = build_prompt_dataset(cfg.data.val_files, tok, max_prompt_length=cfg.data.max_prompt_length).prompts
-    ids = [p.prompt_ids for p in prompts][:cfg.data.gen_batch_size or cfg.data.train_batch_size]
-    spec = dataclasses.replace(speculative_config(cfg), adaptive=False)
+    engine, params, ids, spec = rl_batch(args.run_dir)
     for text in args.taus.split(","):
         tau = None if text.strip().lower() == "none" else float(text)
         lengths, rates = [], []

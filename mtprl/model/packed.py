@@ -388,8 +388,6 @@ class PackedModel:
                                -1), w.input_proj)
         xx = self._block(w.block, xx, step, *views)
         hidden = self._rms(xx, w.final_norm).reshape(b, t, -1)
-        if logit_index is not None:
-            from mtprl.model.causal_lm import at_positions
+        from mtprl.model.causal_lm import at_positions
 
-            return F.linear(at_positions(hidden, logit_index), self.head), hidden
-        return F.linear(hidden, self.head), hidden
+        return F.linear(at_positions(hidden, logit_index), self.head), hidden

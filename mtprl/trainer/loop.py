@@ -101,7 +101,6 @@ def rl_step(run: Run) -> dict[str, float]:
         batch.advantages, _ = get_adv_estimator(alg.adv_estimator)(
             rewards, batch.response_mask, batch.group_ids, norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma)
     lrs = run.scheduler.get_last_lr()  # the lr of this step's optimizer steps (verl logs it before stepping)
-    lr = lrs[0]
     run.release_rollout()  # rollout.free_cache_engine: the engine's memory is the update's meanwhile
     with timed(metrics, "update_actor"):
         update_metrics, skipped = actor_update(run.model, run.optimizer, batch, cfg, run.shuffle_gen, dp=run.dist)
@@ -114,7 +113,7 @@ def rl_step(run: Run) -> dict[str, float]:
     metrics.update(sample_metrics(samples, cfg.data.max_response_length))
     adv = batch.advantages[batch.response_mask.bool()]
     metrics.update({"critic/advantages/mean": adv.mean().item(), "critic/advantages/max": adv.max().item(),
-                    "critic/advantages/min": adv.min().item(), "actor/lr": lr,
+                    "critic/advantages/min": adv.min().item(), "actor/lr": lrs[0],
                     "training/skipped_optimizer_steps": float(skipped), "training/epoch": float(run.loader.epoch),
                     "perf/total_num_tokens": float(batch.attention_mask.sum())})  # prompt + response tokens trained on
     if len(lrs) > 2:  # mtp.lr: the MTP layers' own groups (optim.build_optimizer)
