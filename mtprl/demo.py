@@ -102,8 +102,10 @@ def measure_rollout_speed(cfg, console: Console) -> tuple[dict[str, float], list
     step, 0 = plain; its measurements carry over between calls, as in an RL run). Two shapes: the RL batch
     (``data.gen_batch_size`` prompts x ``rollout.n`` samples, every sample to its natural length, so the batch
     thins out as the short answers finish) and batch 1 (8 prompts one at a time, one sample each). One untimed
-    call per mode first (weights packed, adaptive exploration done), then 3 rounds of every mode in turn;
-    medians. Returns the figures and the response lengths of the plain RL-batch samples."""
+    call per mode first (weights packed, adaptive exploration done), then 3 rounds of every mode in turn (the
+    order reversed every other round); tokens/s are medians over rounds, speed-ups the median over rounds of each
+    round's own ratio to plain (a slow spell of the machine then slows both sides of a ratio, not one mode's
+    median). Returns the figures and the response lengths of the plain RL-batch samples."""
     import torch
 
     from mtprl.data import build_prompt_dataset
@@ -132,7 +134,8 @@ def measure_rollout_speed(cfg, console: Console) -> tuple[dict[str, float], list
     bar.start()
     for rep in range(-1, 3):  # -1: the untimed warm-up round
         for shape, (params, batches) in shapes.items():
-            for label, mode in modes.items():
+            for label in (list(modes) if rep % 2 == 0 else list(modes)[::-1]):
+                mode = modes[label]
                 gen = torch.Generator().manual_seed(max(rep, 0))
                 tokens = seconds = emitted = row_steps = 0.0
                 for batch in batches:
@@ -156,10 +159,12 @@ def measure_rollout_speed(cfg, console: Console) -> tuple[dict[str, float], list
         # which adaptive runs, mostly plain when speculation does not pay, do not show)
         out[f"accept_length_speculative_{shape}"] = statistics.median(accepts[shape])
         plain = out[f"rollout_tokens_per_s_plain_{shape}"]
-        out[f"rollout_speedup_{shape}"] = out[f"rollout_tokens_per_s_speculative_{shape}"] / plain
-        out[f"rollout_speedup_adaptive_{shape}"] = out[f"rollout_tokens_per_s_adaptive_{shape}"] / plain
+        for label, key in (("speculative", "rollout_speedup"), ("adaptive", "rollout_speedup_adaptive")):
+            out[f"{key}_{shape}"] = statistics.median(
+                a / b for a, b in zip(rates[shape, label], rates[shape, "plain"]))
         what = f"RL batch ({rl_batch} prompts x {wide.n})" if shape == "batch" else "batch 1"
-        console.print(f"rollout tokens/s, {what}, median of 3: plain {plain:.0f}, speculative "
+        console.print(f"rollout tokens/s, {what}, median of 3 (speed-ups: of the rounds' ratios): plain {plain:.0f}, "
+                      f"speculative "
                       f"{out[f'rollout_tokens_per_s_speculative_{shape}']:.0f} ({out[f'rollout_speedup_{shape}']:.2f}x), "
                       f"adaptive {out[f'rollout_tokens_per_s_adaptive_{shape}']:.0f} "
                       f"({out[f'rollout_speedup_adaptive_{shape}']:.2f}x); accepted length with "

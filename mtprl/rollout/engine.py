@@ -388,8 +388,14 @@ class Engine:
                     if run.max_lag >= run.hist_len - 2:
                         depth = 1  # keep the MTP lag inside the hidden-state ring (the step catches up first)
         if depth > 0 and run.adaptive is not None:
-            # before the clock: the catch-up is paid once per switch from plain to speculative steps, not per step
-            self._catch_up_mtp(run, b)
+            # before the clock: the catch-up is paid once per switch from plain to speculative steps, not per step;
+            # its own cost per row-position is what AdaptiveDepth charges to plain steps
+            t0 = time.perf_counter()
+            row_positions = self._catch_up_mtp(run, b)
+            if row_positions:
+                if self.device.type != "cpu":
+                    torch.any(run.done[:b]).item()  # (a device sync before the clock stops)
+                run.adaptive.observe_catch_up(row_positions, time.perf_counter() - t0)
         t0 = time.perf_counter()
         if depth == 0:
             self._plain_step(run, b)
@@ -430,13 +436,14 @@ class Engine:
             self._aranges = torch.arange(max(b, self.max_num_seqs), device=self.device)
         return self._aranges[:b]
 
-    def _catch_up_mtp(self, run: _Run, b: int) -> None:
-        """Adaptive mode: run the MTP commit over positions decoded by plain steps since the last sync."""
+    def _catch_up_mtp(self, run: _Run, b: int) -> int:
+        """Adaptive mode: run the MTP commit over positions decoded by plain steps since the last sync. Returns the
+        row-positions computed (b x the widest lag; 0 when nothing lagged)."""
         sr, r = run.spec_rows, run.rows
         lag = r.lengths[:b] - sr.mtp_lengths[:b]
         width = int(lag.max())
         if width == 0:
-            return
+            return 0
         l_old = sr.mtp_lengths[:b].clone()
         offsets = torch.arange(width, device=self.device)[None]
         hidden = sr.hist[torch.arange(b, device=self.device)[:, None], (l_old[:, None] - 1 + offsets) % run.hist_len]
@@ -444,6 +451,7 @@ class Engine:
         commit_mtp(self._stepper, rows_view(self._mtp_cache, 0, b), l_old, hidden, new_tokens, lag, sr, b, run.counters,
                    may_be_empty=True)
         sr.mtp_lengths[:b] = r.lengths[:b]
+        return b * width
 
     def _spec_step(self, run: _Run, b: int, depth: int) -> tuple[list[int], list[int]]:
         tree, tt = run.trees[depth]

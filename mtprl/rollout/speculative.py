@@ -367,11 +367,12 @@ class AdaptiveDepth:
     estimate of P(accept at depth i | depth i-1 accepted): counts with an optimistic prior of 2 accepted out of 2
     and slow forgetting)
     and takes t(d, b) seconds, b = live rows (bucketed by powers of two). Cost model per bucket: t(0) = running
-    mean of plain steps; for d >= 1 a straight line t(d) = a + c d fitted by (forgetting) least squares to
-    every speculative step measured - verification cost grows with the b (d+1) tokens verified and drafting
-    with the d MTP calls, both about linearly - or, while only one depth d* was measured,
-    t(d) = t(0) + (t(d*) - t(0)) (d + 1) / (d* + 1); never below t(0). Pooling all steps in one fit keeps the estimate from being driven by one
-    noisy sample.
+    mean of plain steps, t(d) for a measured depth its own running mean (forgetting), an unmeasured depth
+    interpolated linearly between its measured neighbours with (0, t(0)) as the lowest point, or above the deepest
+    one extrapolated along the last two points (slope >= 0); never below t(0). Interpolating from plain's cost is
+    optimistic for a shallow depth (a speculative step has a fixed part too), so an unmeasured shallow depth gets
+    tried - and then measured - rather than ruled out by an extrapolation: a straight line fitted to noisy deep
+    steps alone once predicted 2.7 plain steps for depth 1 at 64-127 rows (measured: 1.6) and kept it unmeasured.
     Pick argmax_d E(d) / t(d). Exploration: the first `warmup_steps` steps run max_depth (they measure every
     alpha; one step of one row is too little to judge), the next a plain step (a bucket seen later starts from
     the nearest bucket's statistics); afterwards, while the best depth is < max_depth, one step runs at best + 1
@@ -380,6 +381,13 @@ class AdaptiveDepth:
     plain decoding costs the MTP catch-up of every live row, so where speculation keeps losing it is tried
     ever more rarely) - and never when even perfect acceptance at best + 1 could not beat best (then the costs
     alone decide and the probe would be wasted).
+    A plain step also defers work: every live row's MTP state falls one position behind, and the next speculative
+    step first catches up all of it (engine `_catch_up_mtp`, seconds per row-position measured by
+    `observe_catch_up`). So where plain wins only by less than that deferred cost (c x live rows a step) and
+    speculation pays in some smaller bucket (it will run there once the batch thins out, and pay the catch-up
+    then), the choice charges it to the plain step: e.g. a 120-row batch whose MTP lags 53 positions caught up in
+    ~125 ms, +17% on each of those plain steps. Where no smaller bucket speculates, nothing is charged (the
+    catch-up would never run).
     The choice uses only past measurements, never the current step's draws, so every step stays exact;
     with temperature > 0 the output is not bit-reproducible across runs (it depends on timings).
     """
@@ -396,7 +404,8 @@ class AdaptiveDepth:
         self.acc = [2.0] * max_depth  # optimistic prior: 2 of 2 accepted (data dominates after ~20 row-steps)
         self.reach = [2.0] * max_depth
         self.plain: dict[int, list[float]] = {}  # bucket -> [sum w, sum w t]
-        self.spec: dict[int, list[float]] = {}  # bucket -> [S0, S1, S2, T1, T2] weighted sums of 1, d, d^2, t, d t
+        self.spec: dict[int, dict[int, list[float]]] = {}  # bucket -> depth -> [sum w, sum w t]
+        self.catch_up = [0.0, 0.0]  # MTP catch-ups: forgetting sums of [row-positions, seconds]
         self.steps = 0
 
     def alphas(self) -> list[float]:
@@ -413,18 +422,24 @@ class AdaptiveDepth:
         plain = self.plain.get(bucket)
         return plain[1] / plain[0] if plain else None
 
-    def _line(self, bucket: int, depth: int, t0: float | None) -> float | None:
-        """The bucket's own speculative cost at `depth` (its fitted line, or the one-depth extrapolation)."""
-        s0, s1, s2, t1, t2 = self.spec[bucket]
-        d_mean, t_mean = s1 / s0, t1 / s0
-        det = s0 * s2 - s1 * s1
-        if det > 1e-3 * s0 * s0:  # two or more depths measured: least-squares line, slope >= 0
-            slope = max((s0 * t2 - s1 * t1) / det, 0.0)
-            pred = t_mean + slope * (depth - d_mean)
+    def _own_time(self, bucket: int, depth: int, t0: float | None) -> float | None:
+        """The bucket's own speculative cost at `depth` (measured, interpolated or extrapolated: class docstring)."""
+        measured = self.spec[bucket]
+        if depth in measured:
+            w, wt = measured[depth]
+            pred = wt / w
         elif t0 is None:
             return None
-        else:  # one depth measured: a speculative step costs t0 plus (d + 1) units (drafts + verification + commit)
-            pred = t0 + (t_mean - t0) * (depth + 1) / (d_mean + 1)
+        else:
+            points = [(0, t0)] + sorted((d, wt / w) for d, (w, wt) in measured.items())
+            below = [p for p in points if p[0] < depth]
+            above = [p for p in points if p[0] > depth]
+            if above:  # between two measured depths (or plain and the shallowest measured one)
+                (d0, y0), (d1, y1) = below[-1], above[0]
+                pred = y0 + (y1 - y0) * (depth - d0) / (d1 - d0)
+            else:  # deeper than every measured depth: along the last segment, never falling
+                (d0, y0), (d1, y1) = below[-2], below[-1]
+                pred = y1 + max((y1 - y0) / (d1 - d0), 0.0) * (depth - d1)
         return pred if t0 is None else max(pred, t0)  # a speculative step never costs less than a plain one
 
     def predicted_time(self, depth: int, bucket: int) -> float | None:
@@ -432,18 +447,18 @@ class AdaptiveDepth:
         if depth == 0:
             return t0
         if bucket in self.spec:
-            return self._line(bucket, depth, t0)
+            return self._own_time(bucket, depth, t0)
         # no speculative step measured at this batch size yet: the nearest measured bucket's cost RELATIVE to its
         # plain step, times this bucket's plain step (absolute times of 128 rows would rule speculation out at 2)
         near = self._nearest(self.spec, bucket)
         t0_near = None if near is None else self._plain_time(near)
         if t0 is None or t0_near is None:
             return None
-        pred = self._line(near, depth, t0_near)
+        pred = self._own_time(near, depth, t0_near)
         return None if pred is None else t0 * pred / t0_near
 
     @staticmethod
-    def _nearest(stats: dict[int, list[float]], bucket: int) -> int | None:
+    def _nearest(stats: dict, bucket: int) -> int | None:
         """The measured bucket closest to `bucket` (the smaller one on a tie), or None."""
         return min(stats, key=lambda k: (abs(k - bucket), k)) if stats else None
 
@@ -455,6 +470,36 @@ class AdaptiveDepth:
             return
         self.plain[bucket] = [0.25, 0.25 * self._plain_time(self._nearest(self.plain, bucket))]
 
+    def catch_up_seconds(self) -> float | None:
+        """Measured MTP catch-up cost in seconds per row-position (None before the first catch-up)."""
+        return self.catch_up[1] / self.catch_up[0] if self.catch_up[0] > 0 else None
+
+    def _tokens(self) -> list[float]:
+        tokens, prod = [1.0], 1.0  # E(d) for d = 0..max_depth (expected_tokens, in one pass)
+        for a in self.alphas():
+            prod *= a
+            tokens.append(tokens[-1] + prod)
+        return tokens
+
+    def _rates(self, bucket: int, tokens: list[float]) -> list[float] | None:
+        """Expected tokens per second of each depth in `bucket` (None while a cost is unknown)."""
+        times = [self.predicted_time(d, bucket) for d in range(self.max_depth + 1)]
+        if any(t is None for t in times):
+            return None
+        return [tokens[d] / times[d] for d in range(self.max_depth + 1)]
+
+    def _best(self, rates: list[float]) -> int:
+        return max(range(self.max_depth + 1), key=lambda d: (rates[d], -d))
+
+    def _speculates_below(self, bucket: int, tokens: list[float]) -> bool:
+        """Whether some smaller bucket with a plain measurement picks a speculative depth (uncharged)."""
+        for k in self.plain:
+            if k < bucket:
+                rates = self._rates(k, tokens)
+                if rates is not None and self._best(rates) > 0:
+                    return True
+        return False
+
     def choose(self, num_rows: int) -> int:
         bucket = max(num_rows, 1).bit_length()
         self.steps += 1
@@ -463,15 +508,17 @@ class AdaptiveDepth:
         self._borrow(bucket)
         if bucket not in self.plain:
             return 0
-        tokens, prod = [1.0], 1.0  # E(d) for d = 0..max_depth (expected_tokens, in one pass)
-        for a in self.alphas():
-            prod *= a
-            tokens.append(tokens[-1] + prod)
-        times = [self.predicted_time(d, bucket) for d in range(self.max_depth + 1)]
-        if any(t is None for t in times):
+        tokens = self._tokens()
+        rates = self._rates(bucket, tokens)
+        if rates is None:
             return 0
-        rates = [tokens[d] / times[d] for d in range(self.max_depth + 1)]
-        best = max(range(self.max_depth + 1), key=lambda d: (rates[d], -d))
+        best = self._best(rates)
+        per_row = self.catch_up_seconds()
+        if best == 0 and per_row is not None:  # charge the deferred MTP catch-up to the plain step (class doc)
+            charged = [1.0 / (1.0 / rates[0] + per_row * num_rows)] + rates[1:]
+            if self._best(charged) > 0 and self._speculates_below(bucket, tokens):
+                rates = charged
+                best = self._best(rates)
         probe = self.probes.get(bucket)
         if probe is None or probe[0] != best:  # the choice changed: probe again soon
             probe = self.probes[bucket] = [best, self.probe_every, self.steps + self.probe_every]
@@ -492,6 +539,12 @@ class AdaptiveDepth:
             prod *= a
         return (self.expected_tokens(best) + prod) / self.predicted_time(best + 1, bucket) > rates[best]
 
+    def observe_catch_up(self, row_positions: int, seconds: float) -> None:
+        """One MTP catch-up over `row_positions` (live rows x the widest lag) took `seconds`."""
+        f = self.forget
+        self.catch_up[0] = f * self.catch_up[0] + row_positions
+        self.catch_up[1] = f * self.catch_up[1] + seconds
+
     def observe(self, depth: int, num_rows: int, seconds: float, reached: list[int], accepted: list[int]) -> None:
         bucket = max(num_rows, 1).bit_length()
         f = self.forget
@@ -499,9 +552,8 @@ class AdaptiveDepth:
             w = self.plain.setdefault(bucket, [0.0, 0.0])
             w[0], w[1] = f * w[0] + 1.0, f * w[1] + seconds
         else:
-            st = self.spec.setdefault(bucket, [0.0] * 5)
-            for i, v in enumerate((1.0, depth, depth * depth, seconds, depth * seconds)):
-                st[i] = f * st[i] + v
+            w = self.spec.setdefault(bucket, {}).setdefault(depth, [0.0, 0.0])
+            w[0], w[1] = f * w[0] + 1.0, f * w[1] + seconds
         for j in range(min(depth, len(reached))):
             self.acc[j] = self.accept_forget * self.acc[j] + accepted[j]
             self.reach[j] = self.accept_forget * self.reach[j] + reached[j]

@@ -83,12 +83,12 @@ def test_new_bucket_predicts_relative_to_its_plain_step_and_probes_the_deepest()
 def test_interpolates_unmeasured_depths_and_probes():
     ad = AdaptiveDepth(max_depth=4, probe_every=4, warmup_steps=1)
     ad.choose(8)
-    _feed(ad, 4, 8, 0.030, alpha=0.5, n=40)  # deep drafts rarely accepted
+    _feed(ad, 4, 8, 0.034, alpha=0.5, n=40)  # deep drafts rarely accepted
     ad.choose(8)
     _feed(ad, 0, 8, 0.010, alpha=0.0)
-    # one depth measured: t(d) = t0 + (t(4) - t0) (d + 1) / 5
-    assert ad.predicted_time(2, (8).bit_length()) == pytest.approx(0.010 + 0.020 * 3 / 5)
-    # plain: 1 token in 10 ms beats E(1) = 1.5 tokens in 18 ms, but 2 tokens (perfect acceptance) would not
+    # one depth measured: interpolated between plain and it, t(d) = t0 + (t(4) - t0) d / 4
+    assert ad.predicted_time(2, (8).bit_length()) == pytest.approx(0.010 + 0.024 * 2 / 4)
+    # plain: 1 token in 10 ms beats E(1) = 1.5 tokens in 16 ms, but 2 tokens (perfect acceptance) would not
     choices = [ad.choose(8) for _ in range(8)]
     assert choices.count(0) >= 6 and 1 in choices  # every probe_every steps one probe at best + 1
 
@@ -96,21 +96,72 @@ def test_interpolates_unmeasured_depths_and_probes():
 def test_no_probe_when_even_perfect_acceptance_cannot_pay():
     ad = AdaptiveDepth(max_depth=4, probe_every=2, warmup_steps=1)
     ad.choose(8)
-    _feed(ad, 4, 8, 0.050, alpha=0.5, n=40)
+    _feed(ad, 4, 8, 0.060, alpha=0.5, n=40)
     ad.choose(8)
     _feed(ad, 0, 8, 0.010, alpha=0.0)
-    # t(1) = 26 ms: even 2 tokens per step lose to 1 token in 10 ms, so probing depth 1 is wasted work
+    # t(1) = 22.5 ms: even 2 tokens per step lose to 1 token in 10 ms, so probing depth 1 is wasted work
     assert [ad.choose(8) for _ in range(10)] == [0] * 10
 
 
-def test_line_fit_pools_depths():
+def test_unmeasured_depth_interpolates_between_measured_ones_and_extrapolates_above():
     ad = AdaptiveDepth(max_depth=4, probe_every=1000, warmup_steps=1)
     ad.choose(1)
     for d, t in ((4, 0.009), (2, 0.007), (4, 0.009), (2, 0.007)):
         _feed(ad, d, 1, t, alpha=0.9)
     _feed(ad, 0, 1, 0.004, alpha=0.0)
-    assert ad.predicted_time(3, 1) == pytest.approx(0.008)  # the line through the measured depths, not t(0)
+    assert ad.predicted_time(3, 1) == pytest.approx(0.008)  # between the measured depths 2 and 4, not from t(0)
+    assert ad.predicted_time(1, 1) == pytest.approx(0.0055)  # between plain (4 ms) and depth 2 (7 ms)
     assert ad.predicted_time(0, 1) == pytest.approx(0.004)
+    ad = AdaptiveDepth(max_depth=4, probe_every=1000, warmup_steps=1)
+    _feed(ad, 1, 1, 0.006, alpha=0.9)
+    _feed(ad, 2, 1, 0.007, alpha=0.9)
+    _feed(ad, 0, 1, 0.004, alpha=0.0)
+    assert ad.predicted_time(4, 1) == pytest.approx(0.009)  # along depths 1 -> 2
+    _feed(ad, 3, 1, 0.0065, alpha=0.9)
+    assert ad.predicted_time(4, 1) == pytest.approx(0.0065)  # a falling last segment extrapolates flat
+
+
+def _charged_setup(small_bucket_speculates: bool) -> AdaptiveDepth:
+    """64 rows: plain 6.5 ms against a depth-1 step of 11 ms emitting 1.6 tokens (145 vs 154 tokens/s: plain wins
+    uncharged); 4 rows: a depth-1 step of 2.5 ms against plain 2.0 ms (speculation wins) or 3.5 ms (it loses)."""
+    ad = AdaptiveDepth(max_depth=1, probe_every=1000, warmup_steps=1)
+    _feed(ad, 1, 64, 0.011, alpha=0.6, n=10)
+    _feed(ad, 0, 64, 0.0065, alpha=0.0, n=10)
+    _feed(ad, 1, 4, 0.0025 if small_bucket_speculates else 0.0035, alpha=0.6, n=10)
+    _feed(ad, 0, 4, 0.002, alpha=0.0, n=10)
+    ad.steps = 10  # past the warm-up
+    return ad
+
+
+def test_plain_steps_are_charged_the_deferred_mtp_catch_up():
+    """A plain step at 64 rows defers 64 row-positions of MTP catch-up (20 us each here: +1.28 ms on 6.5 ms), so
+    plain's 1 token in 7.78 ms loses to depth 1's 1.6 tokens in 11 ms - once a catch-up was measured, and only
+    while a smaller bucket speculates (where the batch will pay the catch-up when it thins out)."""
+    ad = _charged_setup(small_bucket_speculates=True)
+    assert ad.choose(64) == 0 and ad.choose(4) == 1  # no catch-up measured yet
+    ad.observe_catch_up(64 * 10, 64 * 10 * 20e-6)
+    assert ad.catch_up_seconds() == pytest.approx(20e-6)
+    assert ad.choose(64) == 1
+    ad = _charged_setup(small_bucket_speculates=False)
+    ad.observe_catch_up(64 * 10, 64 * 10 * 20e-6)
+    assert ad.choose(4) == 0 and ad.choose(64) == 0  # nothing speculates below: no catch-up would ever run
+    ad = _charged_setup(small_bucket_speculates=True)
+    ad.observe_catch_up(64 * 10, 64 * 10 * 5e-6)  # +0.32 ms: plain (1 token in 6.82 ms) still wins
+    assert ad.choose(64) == 0
+
+
+def test_engine_measures_its_catch_ups(draftable_model, monkeypatch):
+    """Each catch-up reports b x the widest lag row-positions and its time to AdaptiveDepth.observe_catch_up."""
+    model = draftable_model(num_mtp_layers=1, vocab=32, noise=0.1)
+    schedule = iter([0, 0, 0, 0, 1] + [0] * 100)
+    monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows: next(schedule))
+    seen = []
+    monkeypatch.setattr(AdaptiveDepth, "observe_catch_up", lambda self, n, seconds: seen.append((n, seconds)))
+    eng = Engine(model, max_num_seqs=2, max_seq_len=64)
+    eng.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(temperature=0.0, max_new_tokens=12),
+                 speculative=SpeculativeConfig(num_steps=1, adaptive=True))
+    # prompts of 3 committed lazily (MTP synced to length 1); the prefill's token and 4 plain ones make length 8
+    assert len(seen) == 1 and seen[0][0] == 2 * 7 and seen[0][1] > 0
 
 
 @pytest.mark.parametrize("hist_len", [64, 8])
@@ -213,7 +264,7 @@ def test_probes_back_off_while_the_choice_stays():
     then at doubling gaps (each probe from plain steps costs an MTP catch-up), capped at max_probe_gap."""
     ad = AdaptiveDepth(max_depth=4, probe_every=4, warmup_steps=1, max_probe_gap=32)
     ad.choose(8)
-    _feed(ad, 4, 8, 0.030, alpha=0.5, n=40)
+    _feed(ad, 4, 8, 0.034, alpha=0.5, n=40)
     ad.choose(8)
     _feed(ad, 0, 8, 0.010, alpha=0.0)
     start = ad.steps
