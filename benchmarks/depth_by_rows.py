@@ -5,7 +5,9 @@
 RUN_DIR is an `mtprl demo --out RUN_DIR` folder: its final RL checkpoint and held-out prompts, with the tiny_cpu
 preset's sampling, on the RL batch (gen_batch_size prompts x rollout.n samples at their natural lengths, so the
 live rows fall from 128 as answers finish). Every call decodes with ONE mode throughout: plain, a fixed chain of
-d = 1..K drafts, or adaptive; the modes take turns, --repeats rounds after an untimed one. Each decode step is
+d = 1..K drafts, or adaptive; the modes take turns (the order reversed every other round), --repeats rounds
+after an untimed one, and each mode's speed is the median over rounds of its ratio to plain in the same round
+(a slow spell of the shared machine slows both sides of a ratio). Each decode step is
 timed (the engine's `_decode_step`, wrapped here; an adaptive step's MTP catch-up included) and grouped by live
 rows (powers of two, as AdaptiveDepth's buckets). Printed per bucket: plain ms per step and the share of plain
 decoding's time spent there; r(d) = a depth-d step's time in plain steps; E(d) = tokens per row and step; E/r,
@@ -57,7 +59,8 @@ def main() -> None:
     per_bucket = {m: defaultdict(lambda: [0.0, 0.0, 0]) for m in modes}  # bucket -> [seconds, tokens, steps]
     rates: dict[str, list[float]] = {m: [] for m in modes}
     for rep in range(-1, args.repeats):
-        for label, mode in modes.items():
+        for label in (list(modes) if rep % 2 == 0 else list(modes)[::-1]):
+            mode = modes[label]
             steps.clear()
             res = engine.generate_with_metrics(batch, params, speculative=mode,
                                                generator=torch.Generator().manual_seed(max(rep, 0)))
@@ -69,9 +72,9 @@ def main() -> None:
                 acc[0], acc[1], acc[2] = acc[0] + seconds, acc[1] + tokens, acc[2] + 1
     engine_mod.Engine._decode_step = decode_step
 
-    plain_rate = statistics.median(rates["plain"])
-    print(f"RL batch: {len(batch)} prompts x {params.n}; tokens/s (median of {args.repeats}) vs plain: " + ", ".join(
-        f"{m} {statistics.median(v) / plain_rate:.2f}x" for m, v in rates.items()))
+    ratio = {m: statistics.median(a / b for a, b in zip(v, rates["plain"])) for m, v in rates.items()}
+    print(f"RL batch: {len(batch)} prompts x {params.n}; tokens/s vs plain (median of {args.repeats} rounds' ratios): "
+          + ", ".join(f"{m} {r:.2f}x" for m, r in ratio.items()))
     depths = [m for m in modes if m.startswith("d")]
     print(f"{'rows':>8} {'plain ms':>8} {'share':>6} | " + " ".join(f"r({m[1:]})" for m in depths) + " | "
           + " ".join(f"E({m[1:]})" for m in depths) + " | " + " ".join(f"E/r({m[1:]})" for m in depths))
@@ -94,7 +97,7 @@ def main() -> None:
         print(f"{lo:>3}-{hi:<4} {t0 * 1e3:8.2f} {seconds / total:6.1%} | " + " ".join(f"{x:4.2f}" for x in r) + " | "
               + " ".join(f"{x:4.2f}" for x in e) + " | " + " ".join(f"{x:6.2f}" for x in gains))
     print(f"oracle (best fixed depth per row bucket, on plain's time shares): {total / oracle_time:.2f}x plain; "
-          f"adaptive measured {statistics.median(rates['adaptive']) / plain_rate:.2f}x")
+          f"adaptive measured {ratio['adaptive']:.2f}x")
 
 
 if __name__ == "__main__":
