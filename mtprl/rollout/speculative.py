@@ -374,8 +374,13 @@ class AdaptiveDepth:
     tried - and then measured - rather than ruled out by an extrapolation: a straight line fitted to noisy deep
     steps alone once predicted 2.7 plain steps for depth 1 at 64-127 rows (measured: 1.6) and kept it unmeasured.
     Pick argmax_d E(d) / t(d). Exploration: the first `warmup_steps` steps run max_depth (they measure every
-    alpha; one step of one row is too little to judge), the next a plain step (a bucket seen later starts from
-    the nearest bucket's statistics); afterwards, while the best depth is < max_depth, one step runs at best + 1
+    alpha; one step of one row is too little to judge), the next a plain step. A bucket seen later runs its own
+    plain step first (a plain step's cost grows with the rows: 2.5 ms at 1 row, 18 ms at 128 on the demo model),
+    then predicts its speculative costs relative to it from the nearest measured bucket until it has measured its
+    own. (An earlier rule lent a new bucket the nearest bucket's plain time; where speculation then looked cheap it
+    was chosen at once, no plain step ever ran there to correct it, and the 1-63 row buckets of the demo's RL batch
+    kept the 64-row plain time and the deepest draft.) Afterwards, while the best depth is < max_depth, one step
+    runs at best + 1
     (refreshing alpha_{best+1}) `probe_every` steps after the best depth last changed in that bucket, then at
     gaps that double after every probe that leaves the choice as it was (up to `max_probe_gap`: a probe from
     plain decoding costs the MTP catch-up of every live row, so where speculation keeps losing it is tried
@@ -462,14 +467,6 @@ class AdaptiveDepth:
         """The measured bucket closest to `bucket` (the smaller one on a tie), or None."""
         return min(stats, key=lambda k: (abs(k - bucket), k)) if stats else None
 
-    def _borrow(self, bucket: int) -> None:
-        """A bucket seen for the first time (e.g. the batch's tail) starts from the nearest measured bucket's plain
-        step time with the weight of a quarter of one step (its first own plain step outweighs it 4 to 1); its
-        speculative costs are predicted relative to that (predicted_time) until it has measured one of its own."""
-        if bucket in self.plain or not self.plain:
-            return
-        self.plain[bucket] = [0.25, 0.25 * self._plain_time(self._nearest(self.plain, bucket))]
-
     def catch_up_seconds(self) -> float | None:
         """Measured MTP catch-up cost in seconds per row-position (None before the first catch-up)."""
         return self.catch_up[1] / self.catch_up[0] if self.catch_up[0] > 0 else None
@@ -505,8 +502,7 @@ class AdaptiveDepth:
         self.steps += 1
         if not self.spec or (self.steps <= self.warmup_steps and bucket in self.spec and bucket not in self.plain):
             return self.max_depth  # first steps: measure the deepest (and every alpha)
-        self._borrow(bucket)
-        if bucket not in self.plain:
+        if bucket not in self.plain:  # a bucket's first step after the warm-up: measure its own plain step
             return 0
         tokens = self._tokens()
         rates = self._rates(bucket, tokens)

@@ -43,8 +43,10 @@ def test_low_acceptance_or_expensive_verification_picks_plain():
     ad.choose(64)
     _feed(ad, 0, 64, 0.005, alpha=0.0)
     assert ad.choose(64) == 0
-    # a new batch-size bucket starts from the nearest one's statistics instead of exploring again
+    # a new batch-size bucket measures its own plain step first instead of exploring the deepest draft again
     assert ad.choose(40) == 0 and ad.choose(33) == 0
+    _feed(ad, 0, 40, 0.004, alpha=0.0)
+    assert ad.choose(40) == 0  # speculation predicted relative to it: 6x a plain step for 1.25 tokens
 
 
 def test_new_bucket_learns_its_own_costs():
@@ -54,8 +56,10 @@ def test_new_bucket_learns_its_own_costs():
     ad.choose(64)
     _feed(ad, 0, 64, 0.005, alpha=0.0, n=10)
     assert ad.choose(64) == 0  # E(3) = 3.44 tokens in 30 ms < 1 token in 5 ms
-    assert ad.choose(2) == 0  # borrowed
-    _feed(ad, 3, 2, 0.006, alpha=0.9, n=40)  # measured at 2 rows (e.g. probes): speculation is cheap here
+    assert ad.choose(2) == 0  # its own plain step first
+    _feed(ad, 0, 2, 0.002, alpha=0.0)
+    assert ad.choose(2) == 0  # predicted from 64 rows' ratio: 6x a plain step
+    _feed(ad, 3, 2, 0.005, alpha=0.9, n=40)  # measured at 2 rows (e.g. probes): 2.5 plain steps for 3.44 tokens
     assert ad.choose(2) == 3
 
 
@@ -68,16 +72,34 @@ def test_new_bucket_predicts_relative_to_its_plain_step_and_probes_the_deepest()
     _feed(ad, 3, 64, 0.060, alpha=0.9, n=10)  # 6x a plain step at 64 rows: E(3) = 3.44 tokens lose
     ad.choose(64)
     _feed(ad, 0, 64, 0.010, alpha=0.0, n=10)
-    assert ad.choose(1) == 0  # first step at 1 row: plain, borrowed from 64 rows (quarter weight)
-    _feed(ad, 0, 1, 0.001, alpha=0.0, n=10)  # plain is 10x cheaper with 1 row
+    assert ad.choose(1) == 0  # first step at 1 row: its own plain step
     bucket = (1).bit_length()
+    assert ad.predicted_time(0, bucket) is None and ad.predicted_time(3, bucket) is None  # nothing lent from 64
+    _feed(ad, 0, 1, 0.001, alpha=0.0, n=10)  # plain is 10x cheaper with 1 row
     t0 = ad.predicted_time(0, bucket)
-    assert 0.001 < t0 < 0.0013  # the borrowed 10 ms weighs a quarter step against 10 own ones
+    assert t0 == pytest.approx(0.001)
     assert ad.predicted_time(3, bucket) == pytest.approx(t0 * 0.060 / 0.010)
     choices = [ad.choose(1) for _ in range(5)]
     assert choices.count(3) == 1 and choices.count(0) == 4  # the probe (E(1) = 2 tokens could not beat 6x either)
     _feed(ad, 3, 1, 0.002, alpha=0.9, n=5)  # measured: at 1 row a depth-3 step costs 2 plain steps
     assert ad.choose(1) == 3 and ad.choose(64) == 0
+
+
+def test_a_new_bucket_never_keeps_another_buckets_plain_time():
+    """The demo's RL batch thins out from 128 rows: a bucket first seen where speculation looks cheap relative to
+    the big batch's plain step must still measure its own plain step (an earlier rule lent it the 64-row time,
+    chose the deepest draft at once and never ran a plain step there to correct it)."""
+    ad = AdaptiveDepth(max_depth=3, probe_every=1000, warmup_steps=1)
+    ad.choose(64)
+    _feed(ad, 3, 64, 0.030, alpha=0.8, n=10)
+    ad.choose(64)
+    _feed(ad, 0, 64, 0.020, alpha=0.0, n=10)  # 64 rows: E(3) = 2.95 tokens in 1.5 plain steps wins
+    assert ad.choose(64) == 3
+    assert ad.choose(4) == 0  # 4 rows: its own plain step first, whatever 64 rows suggest
+    _feed(ad, 0, 4, 0.004, alpha=0.0)
+    assert ad.choose(4) == 3  # predicted relative to it (1.5 plain steps): speculate, then measure
+    _feed(ad, 3, 4, 0.014, alpha=0.8, n=10)  # measured: 3.5 plain steps at 4 rows for 2.95 tokens
+    assert ad.choose(4) == 0
 
 
 def test_interpolates_unmeasured_depths_and_probes():
