@@ -311,6 +311,9 @@ class SFTConfig:
 
     freeze_trunk: bool = False  # train the MTP layers only (warm up heads for a checkpoint that has none)
     micro_batch_size_per_gpu: Optional[int] = None  # sequences per forward; None -> the whole batch
+    # pack micro-batches by padded tokens instead (as the actor's use_dynamic_bsz): short sequences share a forward
+    use_dynamic_bsz: bool = False
+    max_token_len_per_gpu: int = 16384  # rows x longest row per micro-batch, with use_dynamic_bsz
 
 
 @dataclass

@@ -248,6 +248,12 @@ def _check_batches(errors: list[str], cfg: MtprlConfig) -> None:
     _positive(errors, "actor_rollout_ref.rollout.val_kwargs.n", rollout.val_kwargs.n)
     _positive(errors, "actor_rollout_ref.actor.loss_scale_factor", actor.loss_scale_factor, allow_none=True)
     _positive(errors, "sft.micro_batch_size_per_gpu", cfg.sft.micro_batch_size_per_gpu, allow_none=True)
+    _positive(errors, "sft.max_token_len_per_gpu", cfg.sft.max_token_len_per_gpu)
+    if cfg.sft.use_dynamic_bsz and cfg.sft.max_token_len_per_gpu < data.max_prompt_length + data.max_response_length:
+        errors.append(
+            f"sft.max_token_len_per_gpu={cfg.sft.max_token_len_per_gpu} is below the longest SFT example "
+            f"(data.max_prompt_length + data.max_response_length = {data.max_prompt_length + data.max_response_length})"
+            ": raise it or turn sft.use_dynamic_bsz off")
     if actor.ppo_mini_batch_size > 0 and data.train_batch_size % max(actor.ppo_mini_batch_size, 1):
         errors.append(
             f"actor_rollout_ref.actor.ppo_mini_batch_size={actor.ppo_mini_batch_size} must divide "
