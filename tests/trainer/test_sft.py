@@ -131,21 +131,16 @@ def test_sft_resumed_after_a_lost_checkpoint_logs_each_step_once(tiny_world, tmp
     assert [r["step"] for r in _losses(out)] == [1, 2, 3]  # step 3 once (the earlier run's row dropped)
 
 
-def test_sft_micro_batches_by_length_keep_the_gradient(tiny_world, tmp_path):
-    from mtprl.trainer.policy import load_policy, load_policy_tokenizer
-    from mtprl.trainer.sft import _examples, length_sorted_micro_batches, sft_loss
+def _assert_same_gradient(cfg, examples, groups):
+    """The gradient summed over the micro-batches `groups` equals one forward over all `examples`."""
+    from mtprl.trainer.policy import load_policy
+    from mtprl.trainer.sft import sft_loss
 
-    cfg = _cfg(tiny_world, tmp_path)
-    examples = _examples(cfg, load_policy_tokenizer(cfg.actor_rollout_ref.model), cfg.data.train_files)[:10]
-    groups = length_sorted_micro_batches(examples, 4)
-    assert sorted(i for g in groups for i in g) == list(range(10)) and [len(g) for g in groups] == [4, 4, 2]
-    flat = [len(examples[i].input_ids) for g in groups for i in g]
-    assert flat == sorted(flat)
     model = load_policy(cfg.actor_rollout_ref.model, torch.device("cpu"))
     kwargs = dict(pad_id=0, num_targets=sum(sum(e.loss_mask[1:]) for e in examples), train_trunk=True, train_mtp=True,
                   cfg=cfg)
     grads = []
-    for split in ([list(range(10))], groups):
+    for split in ([list(range(len(examples)))], groups):
         model.zero_grad()
         for g in split:
             sft_loss(model, [examples[i] for i in g], **kwargs)[0].backward()
@@ -154,11 +149,24 @@ def test_sft_micro_batches_by_length_keep_the_gradient(tiny_world, tmp_path):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7, msg=n)
 
 
+def test_sft_micro_batches_by_length_keep_the_gradient(tiny_world, tmp_path):
+    from mtprl.trainer.policy import load_policy_tokenizer
+    from mtprl.trainer.sft import _examples, length_sorted_micro_batches
+
+    cfg = _cfg(tiny_world, tmp_path)
+    examples = _examples(cfg, load_policy_tokenizer(cfg.actor_rollout_ref.model), cfg.data.train_files)[:10]
+    groups = length_sorted_micro_batches(examples, 4)
+    assert sorted(i for g in groups for i in g) == list(range(10)) and [len(g) for g in groups] == [4, 4, 2]
+    flat = [len(examples[i].input_ids) for g in groups for i in g]
+    assert flat == sorted(flat)
+    _assert_same_gradient(cfg, examples, groups)
+
+
 def test_sft_micro_batches_by_tokens_keep_the_gradient(tiny_world, tmp_path):
     """sft.use_dynamic_bsz: micro-batches within max_token_len_per_gpu padded tokens (rows x longest), every
     example once, and the same gradient as one forward over the whole batch."""
-    from mtprl.trainer.policy import load_policy, load_policy_tokenizer
-    from mtprl.trainer.sft import _examples, sft_loss, sft_micro_batches
+    from mtprl.trainer.policy import load_policy_tokenizer
+    from mtprl.trainer.sft import _examples, sft_micro_batches
 
     cfg = _cfg(tiny_world, tmp_path, "sft.use_dynamic_bsz=True", "sft.max_token_len_per_gpu=160")
     examples = _examples(cfg, load_policy_tokenizer(cfg.actor_rollout_ref.model), cfg.data.train_files)[:10]
@@ -167,17 +175,7 @@ def test_sft_micro_batches_by_tokens_keep_the_gradient(tiny_world, tmp_path):
     assert sorted(i for g in groups for i in g) == list(range(10))
     assert all(len(g) * max(lengths[i] for i in g) <= 160 for g in groups)
     assert len(groups) < 10 and max(len(g) for g in groups) > 1  # short examples share a forward
-    model = load_policy(cfg.actor_rollout_ref.model, torch.device("cpu"))
-    kwargs = dict(pad_id=0, num_targets=sum(sum(e.loss_mask[1:]) for e in examples), train_trunk=True, train_mtp=True,
-                  cfg=cfg)
-    grads = []
-    for split in ([list(range(10))], groups):
-        model.zero_grad()
-        for g in split:
-            sft_loss(model, [examples[i] for i in g], **kwargs)[0].backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7, msg=n)
+    _assert_same_gradient(cfg, examples, groups)
 
 
 def test_sft_token_budget_below_the_longest_example_is_refused(tiny_world, tmp_path):
