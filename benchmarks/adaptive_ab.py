@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from demo_policy import rl_batch  # noqa: E402
+from demo_policy import in_turn, median_ratios, rl_batch  # noqa: E402
 
 import mtprl.rollout.engine as engine_mod  # noqa: E402
 
@@ -60,7 +59,7 @@ def main() -> None:
     states: dict[str, dict] = {"old": {}, "new": {}}
     rates: dict[str, list[float]] = {m: [] for m in modes}
     for rnd in range(-1, args.rounds):  # -1: untimed (weights packed, adaptive exploration done)
-        for label in (list(modes) if rnd % 2 == 0 else list(modes)[::-1]):
+        for label in in_turn(list(modes), rnd):
             if label in classes:  # the engine builds its AdaptiveDepth from this name; each mode keeps its own
                 engine_mod.AdaptiveDepth, engine._adaptive = classes[label], states[label]
             res = engine.generate_with_metrics(prompts, params, speculative=modes[label],
@@ -69,8 +68,7 @@ def main() -> None:
                 rates[label].append(res.metrics.num_generated_tokens / res.metrics.elapsed_s)
         if rnd >= 0 and (rnd + 1) % args.every == 0:
             print(f"after {rnd + 1} rounds, tokens/s vs plain (medians of per-round ratios): " + ", ".join(
-                f"{m} {statistics.median(a / b for a, b in zip(v, rates['plain'])):.3f}x" for m, v in rates.items()),
-                flush=True)
+                f"{m} {r:.3f}x" for m, r in median_ratios(rates).items()), flush=True)
     engine_mod.AdaptiveDepth = classes["new"]
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -30,7 +29,7 @@ import torch
 import mtprl.rollout.engine as engine_mod
 
 sys.path.insert(0, str(Path(__file__).parent))
-from demo_policy import rl_batch  # noqa: E402
+from demo_policy import in_turn, median_ratios, rl_batch  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +58,7 @@ def main() -> None:
     per_bucket = {m: defaultdict(lambda: [0.0, 0.0, 0]) for m in modes}  # bucket -> [seconds, tokens, steps]
     rates: dict[str, list[float]] = {m: [] for m in modes}
     for rep in range(-1, args.repeats):
-        for label in (list(modes) if rep % 2 == 0 else list(modes)[::-1]):
+        for label in in_turn(list(modes), rep):
             mode = modes[label]
             steps.clear()
             res = engine.generate_with_metrics(batch, params, speculative=mode,
@@ -72,7 +71,7 @@ def main() -> None:
                 acc[0], acc[1], acc[2] = acc[0] + seconds, acc[1] + tokens, acc[2] + 1
     engine_mod.Engine._decode_step = decode_step
 
-    ratio = {m: statistics.median(a / b for a, b in zip(v, rates["plain"])) for m, v in rates.items()}
+    ratio = median_ratios(rates)
     print(f"RL batch: {len(batch)} prompts x {params.n}; tokens/s vs plain (median of {args.repeats} rounds' ratios): "
           + ", ".join(f"{m} {r:.2f}x" for m, r in ratio.items()))
     depths = [m for m in modes if m.startswith("d")]

@@ -380,12 +380,11 @@ class AdaptiveDepth:
     own. (An earlier rule lent a new bucket the nearest bucket's plain time; where speculation then looked cheap it
     was chosen at once, no plain step ever ran there to correct it, and the 1-63 row buckets of the demo's RL batch
     kept the 64-row plain time and the deepest draft.) Afterwards, while the best depth is < max_depth, one step
-    runs at best + 1
-    (refreshing alpha_{best+1}) `probe_every` steps after the best depth last changed in that bucket, then at
-    gaps that double after every probe that leaves the choice as it was (up to `max_probe_gap`: a probe from
-    plain decoding costs the MTP catch-up of every live row, so where speculation keeps losing it is tried
-    ever more rarely) - and never when even perfect acceptance at best + 1 could not beat best (then the costs
-    alone decide and the probe would be wasted).
+    runs at best + 1 (refreshing alpha_{best+1}) `probe_every` steps after the best depth last changed in that
+    bucket, then at gaps that double after every probe that leaves the choice as it was (up to `max_probe_gap`:
+    a probe from plain decoding costs the MTP catch-up of every live row, so where speculation keeps losing it is
+    tried ever more rarely) - and never when even perfect acceptance at best + 1 could not beat best (then the
+    costs alone decide and the probe would be wasted).
     A plain step also defers work: every live row's MTP state falls one position behind, and the next speculative
     step first catches up all of it (engine `_catch_up_mtp`, seconds per row-position measured by
     `observe_catch_up`). So where plain wins only by less than that deferred cost (c x live rows a step) and
