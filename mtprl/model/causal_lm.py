@@ -17,9 +17,8 @@ from torch import nn
 from mtprl.model.config import ModelConfig
 from mtprl.model.kv_cache import KVCache
 from mtprl.model.mtp import MTPLayer, recursion_mask, shift_left, shift_right
-from mtprl.model.trunk import (AttnInputs, DecoderBlock, RMSNorm, UniqueTokens, full_attn_inputs, rope_cos_sin,
-                               rope_inv_freq,
-                               step_attn_inputs)
+from mtprl.model.trunk import (AttnInputs, DecoderBlock, RMSNorm, UniqueTokens, full_attn_inputs, is_right_padded,
+                               rope_cos_sin, rope_inv_freq, step_attn_inputs)
 
 
 @dataclass
@@ -131,7 +130,11 @@ class CausalLM(nn.Module):
         head = self.head_weight()
         dtype = self.embed_tokens.weight.dtype
         cos, sin = self._rope(position_ids, dtype)
-        attn = full_attn_inputs(cos, sin, attention_mask)
+        # right padding only (SFT batches, unpadded rows): plain causal attention already hides every padding key
+        # from every real query (its keys are earlier, so real), so the padding mask is dropped: SDPA then runs
+        # its causal kernel (skips the upper triangle, no mask to build); only padding positions' garbage changes
+        key_padding = None if attention_mask is None or is_right_padded(attention_mask) else attention_mask
+        attn = full_attn_inputs(cos, sin, key_padding)
         if unique_tokens is None:
             x = self.embed_tokens(input_ids)  # [B,T,H]
             for i, layer in enumerate(self.layers):
@@ -153,7 +156,7 @@ class CausalLM(nn.Module):
             prev_in, prev = prev, mtp_layer(prev, tok_emb, attn, k - 1)  # h^{k-1}, h^k [B,T,H]
             out.mtp_hidden_states.append(prev)
             out.mtp_logits.append(F.linear(prev, mtp_head))
-        for hidden_k in self._recursive_mtp(prev_in, prev, tok_emb, cos, sin, attention_mask, mtp_recursive_steps):
+        for hidden_k in self._recursive_mtp(prev_in, prev, tok_emb, cos, sin, key_padding, mtp_recursive_steps):
             out.mtp_hidden_states.append(hidden_k)
             out.mtp_logits.append(F.linear(hidden_k, mtp_head))
         return out

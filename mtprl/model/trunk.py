@@ -210,6 +210,11 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row of attention_mask [B,T] (1 = real token) is its real tokens then padding only."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def full_attn_inputs(cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch.Tensor | None) -> AttnInputs:
     """AttnInputs for the full-sequence path. attention_mask [B,T] (1 = real token) or None (all real).
 

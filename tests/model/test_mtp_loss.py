@@ -215,6 +215,41 @@ def test_recursive_depths_ignore_left_padding():
         torch.testing.assert_close(a.mtp_logits[k][:, : 9 - k - 1], b.mtp_logits[k][:, 3: 12 - k - 1], atol=1e-5, rtol=1e-5)
 
 
+def test_right_padding_runs_causal_attention_and_matches_unpadded_rows():
+    """A right-padded batch drops the padding mask (plain causal attention: a real query's keys are all real);
+    every depth at the real anchors, and the gradients of a loss over them, equal those of the rows alone."""
+    from mtprl.model.trunk import is_right_padded
+
+    assert is_right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not is_right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding keeps the mask
+    assert not is_right_padded(torch.tensor([[1, 0, 1]]))
+    model = _recursive_model()
+    gen = torch.Generator().manual_seed(5)
+    rows = [torch.randint(3, 128, (1, n), generator=gen) for n in (9, 6)]
+    ids = torch.cat([rows[0], torch.cat([rows[1], torch.zeros(1, 3, dtype=torch.long)], 1)])
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+
+    def loss_of(out, lengths):  # every depth at the anchors whose target is real
+        return sum(out.mtp_logits[k][r, : n - k - 1].logsumexp(-1).sum() for k in range(3)
+                   for r, n in enumerate(lengths)) + sum(out.logits[r, :n].logsumexp(-1).sum()
+                                                          for r, n in enumerate(lengths))
+
+    batch = model(ids, attention_mask=mask, mtp_recursive_steps=3)
+    loss_of(batch, (9, 6)).backward()
+    batch_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone = [model(r, mtp_recursive_steps=3) for r in rows]
+    sum(loss_of(o, (r.shape[1],)) for o, r in zip(alone, rows)).backward()
+    for r, (o, n) in enumerate(zip(alone, (9, 6))):
+        torch.testing.assert_close(batch.logits[r, :n], o.logits[0], atol=1e-5, rtol=1e-5)
+        for k in range(3):
+            torch.testing.assert_close(batch.mtp_logits[k][r, : n - k - 1], o.mtp_logits[k][0, : n - k - 1],
+                                       atol=1e-5, rtol=1e-5)
+    assert all(torch.isfinite(x).all() for x in [batch.logits, *batch.mtp_logits])
+    for got, want in zip(batch_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_recursive_depth_loss_counts_only_anchors_with_a_target():
     model = _recursive_model()
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
