@@ -9,7 +9,7 @@
 from mtprl.model.causal_lm import CausalLM, CausalLMOutput, default_position_ids
 from mtprl.model.config import ModelConfig
 from mtprl.model.kv_cache import KVCache
-from mtprl.model.mtp import MTPLayer, mtp_loss
+from mtprl.model.mtp import MTPLayer, mtp_loss, mtp_valid_counts
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -28,4 +28,4 @@ def from_pretrained(path, *, dtype=None, device="cpu", num_mtp_layers=None) -> C
 
 
 __all__ = ["CausalLM", "CausalLMOutput", "KVCache", "MTPLayer", "ModelConfig", "default_position_ids",
-           "from_pretrained", "mtp_loss", "tiny_config"]
+           "from_pretrained", "mtp_loss", "mtp_valid_counts", "tiny_config"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from mtprl.model.config import ModelConfig
 from mtprl.model.kv_cache import KVCache
-from mtprl.model.mtp import MTPLayer, recursion_mask, shift_left, shift_right
+from mtprl.model.mtp import MTPLayer, Recursion, shift_left
 from mtprl.model.trunk import (AttnInputs, DecoderBlock, RMSNorm, UniqueTokens, full_attn_inputs, is_right_padded,
                                rope_cos_sin, rope_inv_freq, step_attn_inputs)
 
@@ -151,12 +151,17 @@ class CausalLM(nn.Module):
         detach_head = mtp_detach_head or (mtp_detach_encoder and self.lm_head is None)
         mtp_head = head.detach() if detach_head else head
         prev = hidden.detach() if mtp_detach_encoder else hidden
+        depth, recursive = len(self.mtp_layers), []
         for k, mtp_layer in enumerate(self.mtp_layers, start=1):
             tok_emb = F.embedding(shift_left(input_ids, k), emb_weight)  # Emb(t_{i+k}) [B,T,H]
-            prev_in, prev = prev, mtp_layer(prev, tok_emb, attn, k - 1)  # h^{k-1}, h^k [B,T,H]
+            if k == depth and mtp_recursive_steps > depth:  # the recursion inside the layer's own call (FSDP unit)
+                prev, recursive = mtp_layer(prev, tok_emb, attn, k - 1,
+                                            recursion=Recursion(mtp_recursive_steps - depth, cos, sin, key_padding))
+            else:
+                prev = mtp_layer(prev, tok_emb, attn, k - 1)  # h^k [B,T,H]
             out.mtp_hidden_states.append(prev)
             out.mtp_logits.append(F.linear(prev, mtp_head))
-        for hidden_k in self._recursive_mtp(prev_in, prev, tok_emb, cos, sin, key_padding, mtp_recursive_steps):
+        for hidden_k in recursive:  # depths D+1..K
             out.mtp_hidden_states.append(hidden_k)
             out.mtp_logits.append(F.linear(hidden_k, mtp_head))
         return out
@@ -173,34 +178,6 @@ class CausalLM(nn.Module):
             x = layer(x, attn, i)
         hidden = self.norm(x)[0]  # [M,H]
         return hidden[rows.expand_index], F.linear(hidden, head)[rows.expand_index]
-
-    def _recursive_mtp(self, prev_in: torch.Tensor, last: torch.Tensor, tok_emb: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, attention_mask: torch.Tensor | None, steps: int) -> list[torch.Tensor]:
-        """Hidden states [B,T,H] of depths D+1..steps, the last MTP layer reused on its own output (mtp.py,
-        "Recursive depths"), each indexed by its anchor: entry r-D-1 at position i predicts t_{i+r+1}.
-        prev_in = h^{D-1} and tok_emb = Emb(t_{i+D}) are the last layer's inputs, last = h^D its output.
-        Level s runs the block on its own T positions, attending to the keys and values of levels 0..s-1
-        (past_kv) and its own under recursion_mask's last T rows."""
-        depth = len(self.mtp_layers)
-        if steps <= depth:
-            return []
-        layer, t = self.mtp_layers[-1], last.shape[1]
-        attention = layer.block.self_attn
-
-        def key_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return attention.key_values(layer.block.input_layernorm(x), cos, sin)
-
-        past = [key_values(layer.project(prev_in, tok_emb))]  # level 0: the layer's ordinary inputs
-        out, g = [], last  # g^{D+s}_j, position-indexed
-        for s in range(1, steps - depth + 1):
-            x = layer.project(shift_right(g), tok_emb)  # g^{D+s-1}_{j-1} with t_{j+D}
-            mask = recursion_mask(s + 1, attention_mask, t, device=last.device)[:, :, s * t:]  # [B|1,1,T,(s+1)T]
-            past_kv = (torch.cat([k for k, _ in past], dim=2), torch.cat([v for _, v in past], dim=2))
-            g = layer.final_layernorm(layer.block(x, AttnInputs(cos=cos, sin=sin, mask=mask, past_kv=past_kv), depth - 1))
-            out.append(torch.cat([g[:, s:], torch.zeros_like(g[:, :s])], dim=1))  # anchor a = j - s
-            if s < steps - depth:
-                past.append(key_values(x))
-        return out
 
     # ----- incremental forward (static KV cache) ------------------------------------------------------
     def new_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,

@@ -36,6 +36,8 @@ under speculative sampling, Leviathan et al. 2023, so minimising TV maximises ac
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -61,11 +63,56 @@ class MTPLayer(nn.Module):
         """The block's input h' = W_proj [RMSNorm_h(prev_hidden) ; RMSNorm_e(token_embeds)], all [B,T,H]."""
         return self.input_proj(torch.cat([self.hidden_layernorm(prev_hidden), self.token_layernorm(token_embeds)], dim=-1))
 
-    def forward(self, prev_hidden: torch.Tensor, token_embeds: torch.Tensor, attn: AttnInputs,
-                layer: int) -> torch.Tensor:
+    def forward(self, prev_hidden: torch.Tensor, token_embeds: torch.Tensor, attn: AttnInputs, layer: int,
+                recursion: "Recursion | None" = None) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """prev_hidden h^{k-1} [B,T,H], token_embeds Emb(t_{i+k}) [B,T,H] -> h^k [B,T,H] (final-normed).
-        `layer` indexes attn.cache (the MTP cache) on the incremental path."""
-        return self.final_layernorm(self.block(self.project(prev_hidden, token_embeds), attn, layer))
+        `layer` indexes attn.cache (the MTP cache) on the incremental path.
+
+        recursion (full-sequence path, last layer only): also this layer reused on its own output for
+        `recursion.levels` more depths (module docstring, "Recursive depths"); returns (h^D, [hidden of depth
+        D+1, ...]), each [B,T,H] indexed by its anchor (entry s-1 at position i predicts t_{i+D+s+1}). It runs
+        inside this call so that a wrapper hooking the layer's call (FSDP2 gathers a unit's shards there)
+        covers every use of its weights."""
+        x = self.project(prev_hidden, token_embeds)
+        h = self.final_layernorm(self.block(x, attn, layer))
+        if recursion is None:
+            return h
+        return h, self._recursive_depths(x, h, token_embeds, recursion, layer)
+
+    def _recursive_depths(self, x0: torch.Tensor, last: torch.Tensor, token_embeds: torch.Tensor, rec: "Recursion",
+                          layer: int) -> list[torch.Tensor]:
+        """x0: the block's ordinary input, last = h^D its output. Level s runs the block on its own T positions,
+        attending to the keys and values of levels 0..s-1 (past_kv) and its own under recursion_mask's last T
+        rows."""
+        t = last.shape[1]
+        attention = self.block.self_attn
+
+        def key_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return attention.key_values(self.block.input_layernorm(x), rec.cos, rec.sin)
+
+        past = [key_values(x0)]  # level 0: the layer's ordinary inputs
+        out, g = [], last  # g^{D+s}_j, position-indexed
+        for s in range(1, rec.levels + 1):
+            x = self.project(shift_right(g), token_embeds)  # g^{D+s-1}_{j-1} with t_{j+D}
+            mask = recursion_mask(s + 1, rec.attention_mask, t, device=last.device)[:, :, s * t:]  # [B|1,1,T,(s+1)T]
+            past_kv = (torch.cat([k for k, _ in past], dim=2), torch.cat([v for _, v in past], dim=2))
+            g = self.final_layernorm(self.block(x, AttnInputs(cos=rec.cos, sin=rec.sin, mask=mask, past_kv=past_kv),
+                                                layer))
+            out.append(torch.cat([g[:, s:], torch.zeros_like(g[:, :s])], dim=1))  # anchor a = j - s
+            if s < rec.levels:
+                past.append(key_values(x))
+        return out
+
+
+@dataclass(frozen=True)
+class Recursion:
+    """What MTPLayer.forward needs for the recursive depths: how many (K - D), the RoPE tables [B|1,1,T,Dh] of
+    the sequence and its padding mask [B,T] (None: no padding that any real query could see)."""
+
+    levels: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    attention_mask: torch.Tensor | None
 
 
 def recursion_mask(num_levels: int, attention_mask: torch.Tensor | None, t: int,
@@ -117,10 +164,22 @@ def _depth_valid(loss_mask: torch.Tensor, k: int, attention_mask: torch.Tensor |
     return valid
 
 
-def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """mean of values[valid] (0 when nothing is valid, with a graph so backward still works)."""
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor, count: float | None = None) -> torch.Tensor:
+    """mean of values[valid] (0 when nothing is valid, with a graph so backward still works); with `count`, the
+    sum over valid divided by that count instead (a part of a larger batch's mean)."""
     weights = valid.to(values.dtype)
-    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+    denom = weights.sum() if count is None else torch.tensor(float(count), dtype=values.dtype, device=values.device)
+    return (values * weights).sum() / denom.clamp(min=1.0)
+
+
+def mtp_valid_counts(loss_mask: torch.Tensor, num_depths: int,
+                     attention_mask: torch.Tensor | None = None) -> list[int]:
+    """How many positions count at each depth 1..num_depths (mtp_loss's masks) in loss_mask [B,T]. Computed over a
+    whole (mini-)batch and passed to mtp_loss of each of its micro-batches (`num_valid`), the parts sum to the
+    batch's per-depth means, however the batch is split over micro-batches and ranks. (A micro-batch's share of
+    the batch's loss tokens is not the same weight: depth k does not count a target whose anchor i+k+1 positions
+    earlier falls before the sequence start, so the depths' counts differ, by a sequence's first k tokens.)"""
+    return [int(_depth_valid(loss_mask, k, attention_mask).sum()) for k in range(1, num_depths + 1)]
 
 
 def mtp_loss(
@@ -132,6 +191,7 @@ def mtp_loss(
     loss_type: str = "ce",
     trunk_logits: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    num_valid: list[int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """MTP loss lambda/D * sum_k mean_k and per-depth metrics.
 
@@ -146,6 +206,9 @@ def mtp_loss(
     loss_type: "ce" hard cross-entropy on the actual token; "kl" KL(p_trunk || p_mtp) and "tv"
     0.5 * sum_v |p_trunk - p_mtp|, where p_trunk = softmax(trunk_logits[:, i+k]).detach() predicts the same
     token i+k+1 (trunk_logits [B,T,V] required for kl / tv).
+    num_valid: the counted positions per depth of the whole batch these rows are part of (mtp_valid_counts);
+    each depth's sum is then divided by those counts, so the losses and metrics of a batch's parts add up to
+    the whole batch's. None: these rows' own counts.
     Returns (loss, metrics) with metrics `mtp_losses/mtp_{k}_loss` (the per-depth mean, before scaling) and
     `mtp/acc_{k}` (fraction of counted positions whose argmax equals the target token), k 1-based.
     All maths in fp32.
@@ -160,6 +223,8 @@ def mtp_loss(
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and loss_mask {tuple(loss_mask.shape)} differ in shape")
     b, t = input_ids.shape
     num_depths = len(mtp_logits)
+    if num_valid is not None and len(num_valid) != num_depths:
+        raise ValueError(f"num_valid has {len(num_valid)} counts for {num_depths} depths")
     total = mtp_logits[0].new_zeros((), dtype=torch.float32)
     metrics: dict[str, float] = {}
     for k, logits in enumerate(mtp_logits, start=1):
@@ -180,10 +245,11 @@ def mtp_loss(
                 per_pos = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
             else:
                 per_pos = 0.5 * (ref_logp.exp() - logp.exp()).abs().sum(-1)
-        depth_loss = _masked_mean(per_pos, valid)
+        count = None if num_valid is None else num_valid[k - 1]
+        depth_loss = _masked_mean(per_pos, valid, count)
         total = total + depth_loss
         with torch.no_grad():
-            acc = _masked_mean((logits.argmax(-1) == target).float(), valid)
+            acc = _masked_mean((logits.argmax(-1) == target).float(), valid, count)
         metrics[f"mtp_losses/mtp_{k}_loss"] = float(depth_loss.detach())
         metrics[f"mtp/acc_{k}"] = float(acc)
     return total * (scaling_factor / num_depths), metrics

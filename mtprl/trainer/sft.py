@@ -19,7 +19,7 @@ from mtprl.config.schema import MtprlConfig
 from mtprl.data import PromptLoader, load_sft_records, tokenize_sft
 from mtprl.data.sft import SFT_TRUNCATION_MODES
 from mtprl.metrics import Tracker
-from mtprl.model import mtp_loss
+from mtprl.model import mtp_loss, mtp_valid_counts
 from mtprl.trainer.batching import pad_right, split_by_tokens, split_fixed, token_logprobs, trim_padding
 from mtprl.trainer.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from mtprl.trainer.optim import build_optimizer, build_scheduler, clip_and_check
@@ -32,9 +32,12 @@ def _examples(cfg: MtprlConfig, tokenizer, files):
                         truncation=cfg.data.truncation)
 
 
-def sft_loss(model, examples, *, pad_id: int, num_targets: int, train_trunk: bool, train_mtp: bool, cfg: MtprlConfig):
+def sft_loss(model, examples, *, pad_id: int, num_targets: int, train_trunk: bool, train_mtp: bool, cfg: MtprlConfig,
+             mtp_counts: list[int] | None = None):
     """Loss of one micro-batch, scaled so that summing over micro-batches gives the token-mean over the
-    whole batch (``num_targets`` target tokens). Returns (loss, metrics of this micro-batch)."""
+    whole batch (``num_targets`` target tokens; the MTP depths' means over ``mtp_counts``, the whole batch's
+    per-depth counts from :func:`batch_mtp_counts`, default: this micro-batch's own). Returns (loss, metrics of
+    this micro-batch)."""
     mtp_cfg = cfg.actor_rollout_ref.model.mtp
     device = next(model.parameters()).device
     ids = pad_right([e.input_ids for e in examples], pad_id).to(device)
@@ -54,10 +57,21 @@ def sft_loss(model, examples, *, pad_id: int, num_targets: int, train_trunk: boo
     if train_mtp:
         scale = mtp_cfg.mtp_loss_scaling_factor if train_trunk else 1.0
         m_loss, m_metrics = mtp_loss(out.mtp_logits, ids, loss_mask, scaling_factor=scale,
-                                     loss_type=mtp_cfg.loss_type, trunk_logits=out.logits, attention_mask=attn)
-        loss = loss + m_loss * share
-        metrics.update({k: v * share for k, v in m_metrics.items()})
+                                     loss_type=mtp_cfg.loss_type, trunk_logits=out.logits, attention_mask=attn,
+                                     num_valid=mtp_counts)
+        if mtp_counts is None:  # this micro-batch's own means, weighted by its share of the targets
+            m_loss, m_metrics = m_loss * share, {k: v * share for k, v in m_metrics.items()}
+        loss = loss + m_loss
+        metrics.update(m_metrics)
     return loss, metrics
+
+
+def batch_mtp_counts(model, examples, cfg: MtprlConfig) -> list[int]:
+    """The counted positions of each MTP depth over ``examples`` (mtp_valid_counts), for sft_loss's
+    ``mtp_counts``: the MTP loss of the batch is then its per-depth mean however it is split."""
+    depths = max(model.config.num_mtp_layers, cfg.actor_rollout_ref.model.mtp.recursive_steps)
+    loss_mask = pad_right([e.loss_mask for e in examples], 0)
+    return mtp_valid_counts(loss_mask, depths)  # right padding: every counted target's anchor is a real token
 
 
 def sft_micro_batches(examples, cfg: MtprlConfig, micro: int | None) -> list[list[int]]:
@@ -127,9 +141,11 @@ def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
                 continue
             t0 = time.perf_counter()
             num_targets = sum(sum(e.loss_mask[1:]) for e in batch)
+            counts = batch_mtp_counts(model, batch, cfg) if train_mtp else None
             metrics: dict[str, float] = {}
             for group in sft_micro_batches(batch, cfg, micro):
-                loss, m = sft_loss(model, [batch[i] for i in group], num_targets=num_targets, **kwargs)
+                loss, m = sft_loss(model, [batch[i] for i in group], num_targets=num_targets, mtp_counts=counts,
+                                   **kwargs)
                 loss.backward()
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + v
@@ -166,9 +182,10 @@ def evaluate_sft(model, examples, batch_size: int, **kwargs) -> dict[str, float]
     """Token-mean validation loss (and MTP accuracies) over ``examples``, prefixed ``val/``."""
     model.eval()
     num_targets = sum(sum(e.loss_mask[1:]) for e in examples)
+    counts = batch_mtp_counts(model, examples, kwargs["cfg"]) if kwargs["train_mtp"] else None
     totals: dict[str, float] = {}
     for group in sft_micro_batches(examples, kwargs["cfg"], batch_size):
-        _, m = sft_loss(model, [examples[i] for i in group], num_targets=num_targets, **kwargs)
+        _, m = sft_loss(model, [examples[i] for i in group], num_targets=num_targets, mtp_counts=counts, **kwargs)
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + v
     model.train()

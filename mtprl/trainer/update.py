@@ -25,7 +25,7 @@ import torch
 from mtprl.algorithms import aggregate_loss, count_normalisers, kl_loss, policy_loss
 from mtprl.config.schema import MtprlConfig
 from mtprl.distributed.balance import partition_by_tokens
-from mtprl.model import mtp_loss
+from mtprl.model import mtp_loss, mtp_valid_counts
 from mtprl.trainer.batching import (shared_prompt_tokens, split_by_tokens, split_fixed, token_logprobs_and_entropy,
                                     trim_padding)
 from mtprl.trainer.optim import clip_and_check
@@ -154,8 +154,10 @@ def compute_logprobs(model, batch: TrainBatch, cfg: MtprlConfig, role: str = "ro
     return out * batch.attention_mask
 
 
-def _micro_loss(model, mb: TrainBatch, cfg: MtprlConfig, norms: tuple[int, int], train_mtp: bool):
-    """Loss of one micro-batch (normalised by the mini-batch counts ``norms``) and its metrics."""
+def _micro_loss(model, mb: TrainBatch, cfg: MtprlConfig, norms: tuple[int, int], mtp_counts: list[int] | None):
+    """Loss of one micro-batch (normalised by the mini-batch counts ``norms``, and its MTP loss by the
+    mini-batch's per-depth counts ``mtp_counts``; None: no MTP training) and its metrics."""
+    train_mtp = mtp_counts is not None
     actor, mtp_cfg = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.model.mtp
     temperature = cfg.actor_rollout_ref.rollout.temperature or 1.0
     out, ids, attn, resp = _forward(model, mb, cfg, compute_mtp=train_mtp)
@@ -182,9 +184,10 @@ def _micro_loss(model, mb: TrainBatch, cfg: MtprlConfig, norms: tuple[int, int],
         metrics["actor/kl_coef"] = actor.kl_loss_coef * share
     if train_mtp:
         m_loss, m_metrics = mtp_loss(out.mtp_logits, ids, resp, scaling_factor=mtp_cfg.mtp_loss_scaling_factor,
-                                     loss_type=mtp_cfg.loss_type, trunk_logits=out.logits, attention_mask=attn)
-        loss = loss + m_loss * share
-        metrics.update({k: v * share for k, v in m_metrics.items()})
+                                     loss_type=mtp_cfg.loss_type, trunk_logits=out.logits, attention_mask=attn,
+                                     num_valid=mtp_counts)  # already this micro-batch's part of the mini-batch's
+        loss = loss + m_loss
+        metrics.update(m_metrics)
     return loss, metrics
 
 
@@ -209,6 +212,8 @@ def actor_update(model, optimizer, batch: TrainBatch, cfg: MtprlConfig, generato
         for start in range(0, len(batch), mini_size):
             mini = batch.select(order[start:start + mini_size])
             norms = count_normalisers(mini.response_mask)  # global: every rank holds the whole mini-batch
+            mtp_counts = (mtp_valid_counts(mini.response_mask, max(model.config.num_mtp_layers, mtp.recursive_steps),
+                                           mini.attention_mask) if train_mtp else None)
             step_metrics: dict[str, float] = {}
             _, groups = _rank_micro_batches(mini, cfg, dp, "actor")
             for rows in groups:
@@ -217,7 +222,7 @@ def actor_update(model, optimizer, batch: TrainBatch, cfg: MtprlConfig, generato
                     mb.response_mask = torch.zeros_like(mb.response_mask)
                 else:
                     mb = mini.select(rows)
-                loss, m = _micro_loss(model, mb, cfg, norms, train_mtp)
+                loss, m = _micro_loss(model, mb, cfg, norms, mtp_counts)
                 if rows is None:
                     loss, m = loss * 0.0, {}
                 if not math.isfinite(float(loss.detach())):

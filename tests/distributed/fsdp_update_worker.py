@@ -1,4 +1,4 @@
-"""One rank of the FSDP2 parity test: 3 DAPO updates (MTP loss on, dynamic batch size on) of a tiny
+"""One rank of the FSDP2 parity test: 3 DAPO updates (MTP loss on with a recursive depth, dynamic batch size on) of a tiny
 model on fixed global batches; the full parameters are written to argv[1] by rank 0."""
 
 import importlib.util
@@ -29,6 +29,7 @@ def main(out_path: str, mode: str = "fp32") -> None:
     cfg = load_config(None, ["actor_rollout_ref.rollout.n=2", "data.train_batch_size=4",
                              "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.shuffle=True",
                              "actor_rollout_ref.model.mtp.enable=True", "actor_rollout_ref.model.mtp.enable_train=True",
+                             "actor_rollout_ref.model.mtp.recursive_steps=3",  # depth 3: layer 2 reused
                              "actor_rollout_ref.actor.use_dynamic_bsz=True",
                              "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=24",
                              "actor_rollout_ref.actor.optim.clip_grad=0.5",

@@ -20,7 +20,7 @@ def test_two_fsdp_ranks_equal_one_process(tmp_path, launch_ranks):
     assert moved > 1e-3  # the updates did something the comparison can see
     for k in one["state"]:
         torch.testing.assert_close(two["state"][k], one["state"][k], rtol=0, atol=1e-5, msg=k)
-    for k in ("actor/pg_loss", "actor/grad_norm", "mtp_losses/mtp_1_loss"):
+    for k in ("actor/pg_loss", "actor/grad_norm", "mtp_losses/mtp_1_loss", "mtp_losses/mtp_3_loss"):
         assert two["metrics"][k] == pytest.approx(one["metrics"][k], rel=1e-4, abs=1e-6), k
 
 

@@ -57,7 +57,8 @@ def test_engines_hold_the_trainers_weights_after_every_step(tiny_world, tmp_path
                             "actor_rollout_ref.rollout.free_cache_engine=True", f"custom_reward_function.path={reward}",
                             "algorithm.filter_groups.enable=True", "data.gen_batch_size=2",
                             "algorithm.filter_groups.max_num_gen_batches=20",
-                            "actor_rollout_ref.actor.use_kl_loss=True"))  # the reference policy is sharded too
+                            "actor_rollout_ref.actor.use_kl_loss=True",  # the reference policy is sharded too
+                            "actor_rollout_ref.model.mtp.recursive_steps=3"))  # the MTP layer reused inside its FSDP unit
     for res in results(tmp_path / "sync", 2):
         assert len(res["diffs"]) == 2
         for total, mtp in res["diffs"]:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mtprl.model import CausalLM, ModelConfig, mtp_loss
+from mtprl.model import CausalLM, ModelConfig, mtp_loss, mtp_valid_counts
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 GARBAGE = [50.0, -50.0, 7.0]  # values at positions that must not count
@@ -90,6 +90,28 @@ def test_bad_arguments_raise():
         mtp_loss(logits, ids, loss_mask, loss_type="mse")
     with pytest.raises(ValueError, match="empty"):
         mtp_loss([], ids, loss_mask)
+
+
+def test_batch_counts_make_the_parts_add_up_to_the_whole():
+    """Split over parts, each part's loss with the whole batch's per-depth counts sums to the whole batch's
+    loss, metrics too. Weighting the parts' own means by their share of loss tokens would not: row 1's first
+    response token (position 2) counts at depth 1 but not at depth 2 (its anchor would be position -1)."""
+    logits, ids, loss_mask, _ = _case()  # row 0: the hand-computed case (3 loss tokens; 2 counted at depth 1)
+    ids = torch.cat([ids, torch.tensor([[2, 0, 1, 2]])])
+    loss_mask = torch.cat([loss_mask, torch.tensor([[0, 0, 1, 1]])])
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.cat([x, torch.randn(1, 4, 3, generator=gen)]) for x in logits]
+    assert mtp_valid_counts(loss_mask, 2) == [2 + 2, 1 + 1]  # hand count: depth 1 i=0,1 | i=0,1; depth 2 i=0 | i=0
+    assert mtp_valid_counts(loss_mask, 2, torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])) == [2 + 1, 1 + 0]
+    whole, whole_m = mtp_loss(logits, ids, loss_mask, scaling_factor=1.0)
+    counts = mtp_valid_counts(loss_mask, 2)
+    parts = [mtp_loss([x[r:r + 1] for x in logits], ids[r:r + 1], loss_mask[r:r + 1], scaling_factor=1.0,
+                      num_valid=counts) for r in (0, 1)]
+    assert sum(p[0] for p in parts).item() == pytest.approx(whole.item(), abs=1e-6)
+    for k, v in whole_m.items():
+        assert parts[0][1][k] + parts[1][1][k] == pytest.approx(v, abs=1e-6), k
+    with pytest.raises(ValueError, match="num_valid"):
+        mtp_loss(logits, ids, loss_mask, num_valid=[1])
 
 
 def _grads_after_mtp_loss(tied: bool, detach_encoder: bool, detach_head: bool) -> dict:
