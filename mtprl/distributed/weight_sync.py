@@ -60,7 +60,8 @@ def _gather_rows(shards: list[torch.Tensor], dtype: torch.dtype) -> list[torch.T
         layout.append((rows, rest, chunk))
     flat = torch.cat(parts)
     gathered = flat.new_empty(world * flat.numel())
-    torch.distributed.all_gather_into_tensor(gathered, flat, group=group)
+    gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    gather(gathered, flat, group=group)  # (all_gather_into_tensor's new name in torch 2.13)
     gathered = gathered.view(world, -1)
     out, offset = [], 0
     for rows, rest, chunk in layout:
