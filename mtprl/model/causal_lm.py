@@ -83,6 +83,11 @@ class CausalLM(nn.Module):
         """The output head [V,H] (embed_tokens.weight when tied)."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def num_mtp_depths(self, recursive_steps: int = 0) -> int:
+        """How many depths forward(compute_mtp=True, mtp_recursive_steps=recursive_steps) returns in mtp_logits:
+        the MTP layers D, or K = recursive_steps when K > D (the last layer reused for depths D+1..K)."""
+        return max(len(self.mtp_layers), recursive_steps) if self.mtp_layers else 0
+
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
         if inv_freq.dtype != torch.float32:  # model.to(bf16) also casts buffers: recompute the fp32 table
@@ -131,8 +136,8 @@ class CausalLM(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         cos, sin = self._rope(position_ids, dtype)
         # right padding only (SFT batches, unpadded rows): plain causal attention already hides every padding key
-        # from every real query (its keys are earlier, so real), so the padding mask is dropped: SDPA then runs
-        # its causal kernel (skips the upper triangle, no mask to build); only padding positions' garbage changes
+        # from every real query (its keys are earlier, so real), so the padding mask is dropped and never built
+        # (SDPA's is_causal path); only padding positions' garbage changes
         key_padding = None if attention_mask is None or is_right_padded(attention_mask) else attention_mask
         attn = full_attn_inputs(cos, sin, key_padding)
         if unique_tokens is None:
@@ -152,11 +157,12 @@ class CausalLM(nn.Module):
         mtp_head = head.detach() if detach_head else head
         prev = hidden.detach() if mtp_detach_encoder else hidden
         depth, recursive = len(self.mtp_layers), []
+        levels = self.num_mtp_depths(mtp_recursive_steps) - depth
         for k, mtp_layer in enumerate(self.mtp_layers, start=1):
             tok_emb = F.embedding(shift_left(input_ids, k), emb_weight)  # Emb(t_{i+k}) [B,T,H]
-            if k == depth and mtp_recursive_steps > depth:  # the recursion inside the layer's own call (FSDP unit)
+            if k == depth and levels > 0:  # the recursion inside the layer's own call (FSDP unit)
                 prev, recursive = mtp_layer(prev, tok_emb, attn, k - 1,
-                                            recursion=Recursion(mtp_recursive_steps - depth, cos, sin, key_padding))
+                                            recursion=Recursion(levels, cos, sin, key_padding))
             else:
                 prev = mtp_layer(prev, tok_emb, attn, k - 1)  # h^k [B,T,H]
             out.mtp_hidden_states.append(prev)

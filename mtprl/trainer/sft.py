@@ -69,8 +69,8 @@ def sft_loss(model, examples, *, pad_id: int, num_targets: int, train_trunk: boo
 def batch_mtp_counts(model, examples, cfg: MtprlConfig) -> list[int]:
     """The counted positions of each MTP depth over ``examples`` (mtp_valid_counts), for sft_loss's
     ``mtp_counts``: the MTP loss of the batch is then its per-depth mean however it is split."""
-    depths = max(model.config.num_mtp_layers, cfg.actor_rollout_ref.model.mtp.recursive_steps)
     loss_mask = pad_right([e.loss_mask for e in examples], 0)
+    depths = model.num_mtp_depths(cfg.actor_rollout_ref.model.mtp.recursive_steps)
     return mtp_valid_counts(loss_mask, depths)  # right padding: every counted target's anchor is a real token
 
 

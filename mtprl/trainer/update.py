@@ -212,7 +212,7 @@ def actor_update(model, optimizer, batch: TrainBatch, cfg: MtprlConfig, generato
         for start in range(0, len(batch), mini_size):
             mini = batch.select(order[start:start + mini_size])
             norms = count_normalisers(mini.response_mask)  # global: every rank holds the whole mini-batch
-            mtp_counts = (mtp_valid_counts(mini.response_mask, max(model.config.num_mtp_layers, mtp.recursive_steps),
+            mtp_counts = (mtp_valid_counts(mini.response_mask, model.num_mtp_depths(mtp.recursive_steps),
                                            mini.attention_mask) if train_mtp else None)
             step_metrics: dict[str, float] = {}
             _, groups = _rank_micro_batches(mini, cfg, dp, "actor")

@@ -2,6 +2,7 @@
 model on fixed global batches; the full parameters are written to argv[1] by rank 0."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def main(out_path: str, mode: str = "fp32") -> None:
     if env.is_main:
         torch.save({"state": state, "initial": initial, "metrics": metrics}, out_path)
     destroy_distributed()
+    sys.stdout.flush()
+    # skip interpreter teardown once the result is written: a passing 2-rank test failed once in a full
+    # suite run (not reproduced in 10 reruns, output lost); gloo's threads torn down at exit are the suspect
+    os._exit(0)
 
 
 if __name__ == "__main__":

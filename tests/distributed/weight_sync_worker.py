@@ -2,6 +2,7 @@
 world size, fewer rows than ranks, 1-D) and an FSDP2-sharded model, gathered by sync_weights in one
 all-gather per bucket, checked against DTensor.full_tensor() on every rank. Writes "ok <rank>" to argv[1]."""
 
+import os
 import sys
 
 import torch
@@ -42,6 +43,10 @@ def main(out_path: str) -> None:
     with open(f"{out_path}.{env.rank}", "w") as f:
         f.write(f"ok {env.rank}")
     destroy_distributed()
+    sys.stdout.flush()
+    # skip interpreter teardown once the result is written: a passing 2-rank test failed once in a full
+    # suite run (not reproduced in 10 reruns, output lost); gloo's threads torn down at exit are the suspect
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -134,11 +134,11 @@ def test_sft_resumed_after_a_lost_checkpoint_logs_each_step_once(tiny_world, tmp
 def _assert_same_gradient(cfg, examples, groups):
     """The gradient summed over the micro-batches `groups` equals one forward over all `examples`."""
     from mtprl.trainer.policy import load_policy
-    from mtprl.trainer.sft import sft_loss
+    from mtprl.trainer.sft import batch_mtp_counts, sft_loss
 
     model = load_policy(cfg.actor_rollout_ref.model, torch.device("cpu"))
     kwargs = dict(pad_id=0, num_targets=sum(sum(e.loss_mask[1:]) for e in examples), train_trunk=True, train_mtp=True,
-                  cfg=cfg)
+                  cfg=cfg, mtp_counts=batch_mtp_counts(model, examples, cfg))  # as run_sft calls it
     grads = []
     for split in ([list(range(len(examples)))], groups):
         model.zero_grad()
