@@ -29,9 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mtprl.rollout.engine as engine_mod
-from mtprl.model import cpu_attention
-
-from mtprl.model import CausalLM, ModelConfig
+from mtprl.model import CausalLM, ModelConfig, cpu_attention
 from mtprl.rollout import Engine, SamplingParams, SpeculativeConfig
 
 
@@ -78,7 +76,7 @@ def op_counts(engine: Engine, rows: int, new_tokens: int, spec: SpeculativeConfi
 
         return wrapper
 
-    def kernel_call(name, fn):
+    def kernel_call(fn):
         def wrapper(*args, **kwargs):
             for mode in stack:  # a C++ extension call: no mode sees it dispatched
                 mode.count += 1
@@ -94,10 +92,11 @@ def op_counts(engine: Engine, rows: int, new_tokens: int, spec: SpeculativeConfi
             setattr(engine_mod, name, counted(name, saved[name]))
         engine_mod.Engine._plain_step = counted("step", saved_steps[0], True)
         engine_mod.Engine._spec_step = counted("step", saved_steps[1], True)
-        cpu_attention.decode_attention = kernel_call("decode_attention", saved_kernels[0])
-        cpu_attention.small_mm = kernel_call("small_mm", saved_kernels[1])
+        cpu_attention.decode_attention = kernel_call(saved_kernels[0])
+        cpu_attention.small_mm = kernel_call(saved_kernels[1])
         params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, n=rows)
-        engine.generate_with_metrics([list(range(3, 35))], params, speculative=spec, generator=torch.Generator().manual_seed(0))
+        engine.generate_with_metrics([list(range(3, 35))], params, speculative=spec,
+                                     generator=torch.Generator().manual_seed(0))
     finally:
         for name, fn in saved.items():
             setattr(engine_mod, name, fn)
@@ -142,7 +141,8 @@ def main() -> None:
                 if args.ops:
                     for mode in (None, spec):  # warm-up: packing, cache allocation, the kernel's first load
                         step_ms(engine, rows, 8, mode, 0)
-                    plain, specd = op_counts(engine, rows, args.new_tokens, None), op_counts(engine, rows, args.new_tokens, spec)
+                    plain = op_counts(engine, rows, args.new_tokens, None)
+                    specd = op_counts(engine, rows, args.new_tokens, spec)
                     parts = [specd.get(name, 0.0) for name in SPEC_PHASES]
                     r = specd["step"] / plain["step"]
                     print(f"{hidden:>6} {layers:>6} {rows:>5} | {plain['step']:9.0f} {specd['step']:8.0f} = "
