@@ -4,8 +4,9 @@ Each rank trains an FSDP2 shard of the policy and generates with a full copy of 
 rollout engine. After every update the full tensor of each parameter, MTP layers included, is
 gathered from the shards (one all-gather per size-capped bucket of FSDP2's dim-0 shards, on every
 rank; other layouts through ``DTensor.full_tensor()``) and copied into the engine's copy in place, a
-bucket at a time so at most ``bucket_bytes`` of gathered tensors are alive at once. In-place copies bump each parameter's version counter, which is how the
-engine knows to re-pack its fused weights before the next generation.
+bucket at a time so at most ``bucket_bytes`` of gathered tensors are alive at once. In-place copies bump
+each parameter's version counter, which is how the engine knows to re-pack its fused weights before the
+next generation.
 
 Drafters that silently stopped updating because a sync skipped the MTP parameters were shipped by
 verl, vLLM and SGLang; here every parameter of the destination must be written by every sync, or the

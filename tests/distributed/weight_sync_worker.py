@@ -38,8 +38,9 @@ def main(out_path: str) -> None:
     apply_fsdp(model, env)
     stats = sync_weights(model, engine, bucket_bytes=4096)  # small buckets: several all-gathers
     assert stats.num_buckets > 1
+    synced = dict(engine.named_parameters())
     for name, p in model.named_parameters():
-        assert torch.equal(dict(engine.named_parameters())[name], p.full_tensor()), name
+        assert torch.equal(synced[name], p.full_tensor()), name
     with open(f"{out_path}.{env.rank}", "w") as f:
         f.write(f"ok {env.rank}")
     destroy_distributed()
