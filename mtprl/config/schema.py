@@ -204,7 +204,7 @@ class RolloutConfig:
     # multi-rank runs: the engine holds its own full copy of the weights, refreshed from the FSDP shards after
     # every update in buckets of at most this many MB of gathered tensors (verl's key and default)
     update_weights_bucket_megabytes: int = 512
-    free_cache_engine: bool = False  # multi-rank: drop the engine's weight copy and KV cache during the update
+    free_cache_engine: bool = False  # drop the engine's KV cache and packed weights (multi-rank: its weight copy too) during the update
 
 
 @dataclass

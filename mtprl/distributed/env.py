@@ -21,6 +21,10 @@ import torch
 import torch.distributed as dist
 
 
+# one process group, two back-ends by tensor device (torchtitan's choice for FSDP2 CPU offload)
+CUDA_BACKEND = "cuda:nccl,cpu:gloo"
+
+
 @dataclass(frozen=True)
 class DistEnv:
     """Where this process sits: ``rank`` of ``world_size`` (``local_rank`` on its node), the device
@@ -69,7 +73,7 @@ class DistEnv:
             dist.barrier()
 
     def _comm_device(self) -> torch.device:
-        return self.device if self.backend == "nccl" else torch.device("cpu")
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -80,7 +84,8 @@ def world_from_env() -> tuple[int, int, int]:
 def init_distributed(device: str, *, timeout_s: float, expected_world_size: int | None = None) -> DistEnv:
     """Join the process group the launcher set up (or return a single-process :class:`DistEnv`).
 
-    ``device``: ``trainer.device`` resolved ("cpu" -> gloo, "cuda" -> nccl with one GPU per local rank).
+    ``device``: ``trainer.device`` resolved ("cpu" -> gloo; "cuda" -> one GPU per local rank, nccl for CUDA
+    tensors and gloo for CPU ones).
     ``expected_world_size``: ``trainer.nnodes x trainer.n_gpus_per_node``; a launcher that started a
     different number of ranks is an error naming both.
     """
@@ -98,7 +103,9 @@ def init_distributed(device: str, *, timeout_s: float, expected_world_size: int 
         # its bundle (CUDA_VISIBLE_DEVICES), which is then device 0
         index = local_rank % max(torch.cuda.device_count(), 1)
         torch.cuda.set_device(index)
-        dev, backend = torch.device("cuda", index), "nccl"
+        # nccl for CUDA tensors, gloo for CPU ones: with fsdp_config.param_offload the shards, their gradients
+        # (the grad norm's reduction) and resume's state live on the CPU, and nccl alone has no CPU back-end
+        dev, backend = torch.device("cuda", index), CUDA_BACKEND
     else:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():

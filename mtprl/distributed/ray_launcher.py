@@ -22,8 +22,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mtprl.config.loader import to_dict
+from mtprl.config.loader import ConfigError, to_dict
 from mtprl.config.schema import MtprlConfig
+
+
+def ray_device(device: str, world: int, cluster_gpus: float) -> str:
+    """``trainer.device`` for the ranks of a Ray run, decided on the driver from the cluster's resources
+    (``ray.cluster_resources()["GPU"]``): a worker sees only the GPUs its bundle reserves, so ``auto`` must be
+    resolved before the placement group is made, not on a worker (where it would find no GPU and train on
+    the CPU without a word). ``auto``: ``cuda`` when the cluster has a GPU per rank, ``cpu`` when it has none;
+    a cluster with some GPUs but fewer than the ranks is an error, as is ``cuda`` without enough of them."""
+    gpus = int(cluster_gpus)
+    if device == "auto":
+        if gpus == 0:
+            return "cpu"
+        if gpus >= world:
+            return "cuda"
+        raise ConfigError(f"trainer.device=auto: the Ray cluster has {gpus} GPU(s) for {world} ranks "
+                         "(trainer.nnodes x trainer.n_gpus_per_node); lower the rank count to the GPUs, or set "
+                         "trainer.device=cpu to train on CPUs")
+    if device.startswith("cuda") and gpus < world:
+        raise ConfigError(f"trainer.device={device}: the Ray cluster has {gpus} GPU(s) for {world} ranks "
+                         "(trainer.nnodes x trainer.n_gpus_per_node)")
+    return device
 
 
 class WorkerFailed(RuntimeError):
@@ -91,7 +112,13 @@ def run_with_ray(cfg: MtprlConfig, *, runtime_env: dict[str, Any] | None = None,
         if init.address is None:
             kwargs["num_cpus"] = init.num_cpus or max(world, os.cpu_count() or 1)
         ray.init(**{k: v for k, v in kwargs.items() if v is not None})
-    cuda = cfg.trainer.device.startswith("cuda")
+    try:
+        device = ray_device(cfg.trainer.device, world, ray.cluster_resources().get("GPU", 0))
+    except ConfigError:
+        if started_here:
+            ray.shutdown()
+        raise
+    cuda = device.startswith("cuda")
     bundle = {"CPU": 1, "GPU": 1} if cuda else {"CPU": 1}
     pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
     workers = []
@@ -106,6 +133,7 @@ def run_with_ray(cfg: MtprlConfig, *, runtime_env: dict[str, Any] | None = None,
         threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
         envs = _rank_envs(nodes, master, threads)
         cfg_dict = absolute_paths(to_dict(cfg))
+        cfg_dict["trainer"]["device"] = device  # what the bundles reserved, never re-resolved on a worker
         futures = {w.run.remote(cfg_dict, e): rank for rank, (w, e) in enumerate(zip(workers, envs))}
         return _wait_all(futures, cfg, poll_s)[0]
     finally:

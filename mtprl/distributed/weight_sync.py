@@ -16,11 +16,12 @@ sync fails (``tests/distributed`` checks weight identity after each step).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from mtprl.metrics.clock import device_clock
 
 
 @dataclass
@@ -43,10 +44,12 @@ def _row_sharded(t: torch.Tensor) -> bool:
             and isinstance(t.placements[0], Shard) and t.placements[0].dim == 0 and t.dim() >= 1)
 
 
-def _gather_rows(shards: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+def _gather_rows(shards: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """The full tensors of dim-0 sharded DTensors (same mesh) in ONE all-gather: every rank packs its local
     rows of each tensor, padded to the chunk size ceil(rows / world) (torch.chunk's split, which FSDP2 and
-    Shard(0) use), into one flat buffer in ``dtype``; the gathered buffers are cut back into each rank's rows.
+    Shard(0) use), into one flat buffer in ``dtype`` on ``device`` (the rollout copy's: with
+    ``param_offload`` the shards are on the CPU and the bucket moves to the GPU before the gather, so it
+    travels over nccl, not gloo); the gathered buffers are cut back into each rank's rows.
     One collective per bucket instead of one per parameter (a ~200-tensor model: ~200 gloo round trips)."""
     mesh = shards[0].device_mesh
     world, group = mesh.size(), mesh.get_group()
@@ -54,7 +57,7 @@ def _gather_rows(shards: list[torch.Tensor], dtype: torch.dtype) -> list[torch.T
     for t in shards:
         rows, rest = t.shape[0], tuple(t.shape[1:])
         chunk = -(-rows // world)
-        local = t.to_local().detach().to(dtype).reshape(-1, *rest)
+        local = t.to_local().detach().to(device=device, dtype=dtype).reshape(-1, *rest)
         padded = local.new_zeros((chunk, *rest))
         padded[: local.shape[0]] = local
         parts.append(padded.reshape(-1))
@@ -83,8 +86,9 @@ def sync_weights(src: nn.Module, dst: nn.Module, *, bucket_bytes: int = 512 << 2
     a bucket (same mesh, same target dtype: cast before the wire, bf16 travels as bf16) come in one
     all-gather (_gather_rows); any other DTensor layout through its own ``full_tensor()``.
     """
-    t0 = time.perf_counter()
     dst_params = dict(dst.named_parameters())
+    device = next(iter(dst_params.values())).device if dst_params else None
+    t0 = device_clock(device)
     src_params = list(src.named_parameters())
     missing = set(dst_params) - {n for n, _ in src_params}
     extra = {n for n, _ in src_params} - set(dst_params)
@@ -100,12 +104,13 @@ def sync_weights(src: nn.Module, dst: nn.Module, *, bucket_bytes: int = 512 << 2
         groups: dict[tuple, list[str]] = {}
         for name, p in bucket:
             if _row_sharded(p):
-                groups.setdefault((id(p.device_mesh), dst_params[name].dtype), []).append(name)
+                target = dst_params[name]
+                groups.setdefault((id(p.device_mesh), target.dtype, target.device), []).append(name)
             else:
                 fulls[name] = _full(p.detach().to(dst_params[name].dtype))  # cast the shard first
         sources = dict(bucket)
-        for (_, dtype), names in groups.items():
-            fulls.update(zip(names, _gather_rows([sources[n] for n in names], dtype)))
+        for (_, dtype, device), names in groups.items():
+            fulls.update(zip(names, _gather_rows([sources[n] for n in names], dtype, device)))
         for name, _ in bucket:
             target, full = dst_params[name], fulls[name]
             if target.numel() == 0 and full.numel() > 0:  # released by release_weights: allocate again
@@ -125,7 +130,7 @@ def sync_weights(src: nn.Module, dst: nn.Module, *, bucket_bytes: int = 512 << 2
         if size >= bucket_bytes:
             flush()
     flush()
-    return SyncStats(seconds=time.perf_counter() - t0, bytes=nbytes, num_buckets=buckets, num_tensors=len(src_params))
+    return SyncStats(seconds=device_clock(device) - t0, bytes=nbytes, num_buckets=buckets, num_tensors=len(src_params))
 
 
 @torch.no_grad()

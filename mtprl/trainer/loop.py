@@ -16,11 +16,11 @@ Set-up (model, engine, data, optimizer, resume) lives in :mod:`mtprl.trainer.set
 from __future__ import annotations
 
 import math
-import time
 from contextlib import contextmanager
 
 from mtprl.algorithms import adaptive_kl_coef, apply_kl_in_reward, get_adv_estimator, scores_to_token_rewards
 from mtprl.config.schema import MtprlConfig
+from mtprl.metrics.clock import device_clock
 from mtprl.trainer.faults import fault_point
 from mtprl.trainer.samples import (SeqFinalRewards, collect_step_samples, gather_step_samples, sample_metrics,
                                    to_train_batch)
@@ -30,17 +30,18 @@ from mtprl.trainer.validate import validate
 
 
 @contextmanager
-def timed(metrics: dict, name: str):
-    t0 = time.perf_counter()
+def timed(metrics: dict, name: str, device=None):
+    """Add the block's wall time to ``timing_s/{name}``; on CUDA (``device``) the GPU work it queued is counted."""
+    t0 = device_clock(device)
     yield
-    metrics[f"timing_s/{name}"] = metrics.get(f"timing_s/{name}", 0.0) + time.perf_counter() - t0
+    metrics[f"timing_s/{name}"] = metrics.get(f"timing_s/{name}", 0.0) + device_clock(device) - t0
 
 
 def add_logprobs(run: Run, batch, metrics: dict) -> None:
     """Old log-probs (the rollout's, recomputed, or None on-policy: the update then takes its own, detached)
     and, with a KL term, reference log-probs, in place."""
     cfg = run.cfg
-    with timed(metrics, "old_log_prob"):
+    with timed(metrics, "old_log_prob", run.device):
         if cfg.actor_rollout_ref.actor.use_rollout_log_probs:
             batch.old_logprobs = batch.rollout_logprobs
         elif reuses_current_logprobs(cfg, len(batch)):
@@ -48,7 +49,7 @@ def add_logprobs(run: Run, batch, metrics: dict) -> None:
         else:
             batch.old_logprobs = compute_logprobs(run.model, batch, cfg, dp=run.dist)
     if run.ref_model is not None:
-        with timed(metrics, "ref"):
+        with timed(metrics, "ref", run.device):
             batch.ref_logprobs = compute_logprobs(run.ref_model, batch, cfg, role="ref", dp=run.dist)
 
 
@@ -92,7 +93,7 @@ def rl_step(run: Run) -> dict[str, float]:
                                            if alg.filter_groups.enable else None)  # every rank: the global batch
     batch = to_train_batch(samples, run.tokenizer.pad_token_id).to(run.device)
     add_logprobs(run, batch, metrics)
-    with timed(metrics, "adv"):
+    with timed(metrics, "adv", run.device):
         rewards, kl_metrics = token_rewards(run, batch)  # [N,T]
         metrics.update(kl_metrics)
         if alg.use_kl_in_reward and alg.kl_ctrl.type == "adaptive":
@@ -102,7 +103,7 @@ def rl_step(run: Run) -> dict[str, float]:
             rewards, batch.response_mask, batch.group_ids, norm_by_std=alg.norm_adv_by_std_in_grpo, gamma=alg.gamma)
     lrs = run.scheduler.get_last_lr()  # the lr of this step's optimizer steps (verl logs it before stepping)
     run.release_rollout()  # rollout.free_cache_engine: the engine's memory is the update's meanwhile
-    with timed(metrics, "update_actor"):
+    with timed(metrics, "update_actor", run.device):
         update_metrics, skipped = actor_update(run.model, run.optimizer, batch, cfg, run.shuffle_gen, dp=run.dist)
         fault_point("update", run.step + 1)
         run.scheduler.step()
@@ -134,7 +135,7 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
                             run.dist)
             run.tracker.log(last, run.step)
         while run.step < run.total_steps:
-            t0 = time.perf_counter()
+            t0 = device_clock(run.device)
             try:
                 metrics = rl_step(run)
             except DataExhausted:  # dynamic sampling used up the epochs before total_steps
@@ -144,13 +145,13 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
             run.step += 1
             freq = cfg.trainer.test_freq
             if run.val_prompts and freq > 0 and (run.step % freq == 0 or run.step == run.total_steps):
-                with timed(metrics, "testing"):
+                with timed(metrics, "testing", run.device):
                     metrics.update(validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer,
                                             run.tracker, run.step, run.dist))
             if run.step == run.total_steps or (cfg.trainer.save_freq > 0 and run.step % cfg.trainer.save_freq == 0):
-                with timed(metrics, "save_checkpoint"):
+                with timed(metrics, "save_checkpoint", run.device):
                     save(run, metrics)  # the row rides along: logged on resume if a kill comes before the log below
-            metrics["timing_s/step"] = time.perf_counter() - t0  # generation to checkpoint, as verl's step timer
+            metrics["timing_s/step"] = device_clock(run.device) - t0  # generation to checkpoint, as verl's step timer
             # tokens / s per GPU (rank), as verl: the whole batch's tokens over the step time and the ranks
             per_rank_s = metrics["timing_s/step"] * run.dist.world_size
             metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / per_rank_s

@@ -88,12 +88,18 @@ class Run:
                 "perf/update_weights_buckets": float(stats.num_buckets)}
 
     def release_rollout(self) -> None:
-        """``rollout.free_cache_engine``: drop the engine's KV cache and weight copy during the update."""
-        if self.rollout_model is not None and self.cfg.actor_rollout_ref.rollout.free_cache_engine:
+        """``rollout.free_cache_engine``: during the update the engine holds nothing - its KV cache and packed
+        weights are dropped (one process and N ranks alike; the next generate call re-allocates and re-packs
+        them) and, with several ranks, its weight copy too (refilled by the next :meth:`sync_rollout`)."""
+        if not self.cfg.actor_rollout_ref.rollout.free_cache_engine:
+            return
+        self.engine.release()
+        if self.rollout_model is not None:
             from mtprl.distributed.weight_sync import release_weights
 
-            self.engine.release()
             release_weights(self.rollout_model)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # back from the caching allocator, for the update's activations
 
     def group_ids(self) -> Iterator[int]:
         while True:

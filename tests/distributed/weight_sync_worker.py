@@ -25,9 +25,9 @@ def main(out_path: str) -> None:
     shapes = [(7, 3), (1, 4), (5,), (2, 2, 3), (8, 1)]
     fulls = [torch.randn(*s, generator=gen) for s in shapes]
     shards = [distribute_tensor(f, mesh, [Shard(0)]) for f in fulls]
-    for got, want, dt in zip(_gather_rows(shards, torch.float32), fulls, shards):
+    for got, want, dt in zip(_gather_rows(shards, torch.float32, torch.device("cpu")), fulls, shards):
         assert torch.equal(got, want) and torch.equal(got, dt.full_tensor()), (got.shape, want.shape)
-    assert _gather_rows(shards, torch.bfloat16)[0].dtype == torch.bfloat16
+    assert _gather_rows(shards, torch.bfloat16, torch.device("cpu"))[0].dtype == torch.bfloat16
 
     torch.manual_seed(0)
     model = CausalLM(ModelConfig.tiny(vocab_size=61, num_mtp_layers=1))  # 61 rows: uneven over 2 ranks

@@ -113,6 +113,29 @@ def test_rollout_logprobs_match_recomputed_old_logprobs(tiny_world):
         run.close()
 
 
+def test_free_cache_engine_releases_the_engine_on_one_process(tiny_world):
+    """rollout.free_cache_engine on one process: the engine's KV cache and packed weights go during the update
+    (it was honoured only with a separate multi-rank rollout copy), and the next generation rebuilds them."""
+    from mtprl.trainer.samples import collect_step_samples
+    from mtprl.trainer.setup import setup
+
+    cfg = _cfg(tiny_world, tiny_world.root / "unused", "trainer.resume_mode=disable",
+               "actor_rollout_ref.rollout.free_cache_engine=True")
+    run = setup(cfg)
+    try:
+        def generate():
+            return collect_step_samples(cfg, run.engine, run.reward, run.next_prompts, run.sample_gen, run.tokenizer,
+                                        run.group_ids())[0]
+
+        generate()
+        assert run.engine._trunk_cache is not None and run.engine._stepper is not None
+        run.release_rollout()
+        assert run.engine._trunk_cache is None and run.engine._mtp_cache is None and run.engine._stepper is None
+        assert len(generate()) == 16  # 4 prompts x n=4, with the cache and packed weights built again
+    finally:
+        run.close()
+
+
 def test_malformed_data_stops_before_training(tiny_world, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
