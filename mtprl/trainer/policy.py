@@ -61,15 +61,16 @@ def compute_autocast(model_cfg: ModelConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def load_policy(model_cfg: ModelConfig, device: torch.device):
-    """The policy with its MTP layers as ``model.mtp`` asks, its weights in fp32 whatever ``model.dtype`` (the
-    compute dtype: see the module docstring).
+def policy_config(model_cfg: ModelConfig, device: torch.device):
+    """The policy's model config (``mtprl.model.ModelConfig``) from ``actor_rollout_ref.model``, its MTP layers
+    as ``model.mtp`` asks, after the checks every load makes (override_config, path, precision on ``device``,
+    MTP layers present); ConfigErrors name the key. Nothing is loaded.
 
     mtp.enable: the checkpoint's MTP layers, or ``mtp.num_layers`` of them (fresh ones initialised as
     documented in ``mtprl.model.hf_io.checkpoint``); a checkpoint without MTP layers needs ``num_layers``.
     Without mtp.enable the checkpoint's MTP layers are still loaded (so a save loses nothing) but unused.
     """
-    from mtprl.model import from_pretrained
+    from mtprl.model.hf_io.checkpoint import load_config
 
     for key, value in model_cfg.override_config.items():
         if key in _DROPOUT_KEYS and float(value) == 0.0:
@@ -85,16 +86,27 @@ def load_policy(model_cfg: ModelConfig, device: torch.device):
                           "directory is needed; nothing is downloaded)")
     check_precision(model_cfg, device)
     mtp = model_cfg.mtp
-    num = mtp.num_layers if mtp.enable else None
-    model = from_pretrained(model_cfg.path, dtype=torch.float32, device=device, num_mtp_layers=num)
-    if model_cfg.enable_gradient_checkpointing:
-        apply_gradient_checkpointing(model)
-    if mtp.enable and model.config.num_mtp_layers == 0:
+    config = load_config(model_cfg.path, mtp.num_layers if mtp.enable else None)
+    if mtp.enable and config.num_mtp_layers == 0:
         raise ConfigError(
             f"actor_rollout_ref.model.mtp.enable=True but {model_cfg.path} has no MTP layers; set "
             "actor_rollout_ref.model.mtp.num_layers=D to create D fresh ones (then warm them up with `mtprl sft "
             "sft.freeze_trunk=True`)"
         )
+    return config
+
+
+def load_policy(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The whole policy on ``device`` (see :func:`policy_config`), its weights in ``dtype``: fp32 for the trainer
+    whatever ``model.dtype`` (the compute dtype: see the module docstring); the rollout engine's copy of a
+    multi-rank run is read in the compute dtype directly. Sharded loading for several ranks:
+    :func:`mtprl.distributed.loading.load_sharded_policy`."""
+    from mtprl.model import from_pretrained
+
+    config = policy_config(model_cfg, device)
+    model = from_pretrained(model_cfg.path, dtype=dtype, device=device, num_mtp_layers=config.num_mtp_layers)
+    if model_cfg.enable_gradient_checkpointing:
+        apply_gradient_checkpointing(model)
     return model
 
 

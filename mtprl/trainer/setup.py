@@ -236,7 +236,6 @@ def setup(cfg: MtprlConfig, *, console=None) -> Run:
     tr = cfg.trainer
     dist = init_distributed(resolve_device(tr.device).type, timeout_s=tr.collective_timeout_s,
                             expected_world_size=tr.nnodes * tr.n_gpus_per_node)
-    device = dist.device
     torch.manual_seed(tr.seed)
     tokenizer = load_policy_tokenizer(cfg.actor_rollout_ref.model)
     if not cfg.data.train_files:
@@ -298,15 +297,15 @@ def _build_run(cfg: MtprlConfig, dist: DistEnv, tokenizer, train_set, val_set, r
                ) -> tuple[Run, Path | None]:
     """The run before its checkpoint is restored, and the checkpoint to restore (None: a fresh start)."""
     device = dist.device
-    model = load_policy(cfg.actor_rollout_ref.model, device)
     mtp, actor, alg = cfg.actor_rollout_ref.model.mtp, cfg.actor_rollout_ref.actor, cfg.algorithm
-    set_trainable(model, trunk=True, mtp=mtp.enable and mtp.enable_train)  # frozen MTP layers never change
-    ref_model = None
-    if actor.use_kl_loss or alg.use_kl_in_reward:
-        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-    rollout_model = None
+    with_ref = actor.use_kl_loss or alg.use_kl_in_reward
     if dist.distributed:  # colocated: the engine gets a full copy, training an FSDP2 shard
-        model, ref_model, rollout_model = _shard(cfg, dist, model, ref_model)
+        model, ref_model, rollout_model = _load_sharded(cfg, dist, with_ref)
+    else:
+        model = load_policy(cfg.actor_rollout_ref.model, device)
+        ref_model = copy.deepcopy(model).requires_grad_(False).eval() if with_ref else None
+        rollout_model = None
+    set_trainable(model, trunk=True, mtp=mtp.enable and mtp.enable_train)  # frozen MTP layers never change
     loader = PromptLoader(train_set.prompts, batch_size=cfg.data.gen_batch_size, seed=cfg.data.seed,
                           shuffle=cfg.data.shuffle)
     epoch_steps = cfg.trainer.total_epochs * len(loader)
@@ -340,21 +339,24 @@ def _build_run(cfg: MtprlConfig, dist: DistEnv, tokenizer, train_set, val_set, r
     return run, resume
 
 
-def _shard(cfg: MtprlConfig, dist: DistEnv, model, ref_model):
-    """(policy, reference, rollout copy) of a multi-rank run: the rollout engine's full copy in the
-    configured dtype, then FSDP2 over all ranks with fp32 master weights (the forward in the configured
-    dtype through FSDP's mixed precision), the reference sharded the same way."""
-    from mtprl.distributed.parallelize import apply_fsdp
+def _load_sharded(cfg: MtprlConfig, dist: DistEnv, with_ref: bool):
+    """(policy, reference or None, rollout copy) of a multi-rank run. The policy and the reference are built on
+    the meta device, sharded with FSDP2 (fp32 master weights, the forward in the configured dtype through FSDP's
+    mixed precision) and each rank reads only its shard from the checkpoint; the rollout engine's full copy is
+    read in the configured dtype directly (no fp32 model on the device, no deep copies)."""
+    from mtprl.distributed.loading import load_sharded_policy
 
-    fsdp = cfg.actor_rollout_ref.actor.fsdp_config
-    dtype = compute_dtype(cfg.actor_rollout_ref.model)  # the policy itself is loaded in fp32
-    rollout_model = copy.deepcopy(model).to(dtype).requires_grad_(False).eval()
-    offload = dist.device.type == "cuda" and (fsdp.param_offload or fsdp.optimizer_offload)  # CPU: nothing to offload
-    apply_fsdp(model.float(), dist, compute_dtype=dtype, offload=offload)
-    if ref_model is not None:
-        ref = cfg.actor_rollout_ref.ref.fsdp_config
-        apply_fsdp(ref_model.float(), dist, compute_dtype=dtype,
-                   offload=dist.device.type == "cuda" and ref.param_offload)
+    model_cfg, fsdp = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor.fsdp_config
+    dtype = compute_dtype(model_cfg)
+    cuda = dist.device.type == "cuda"  # CPU: nothing to offload
+    model = load_sharded_policy(model_cfg, dist, compute_dtype=dtype,
+                                offload=cuda and (fsdp.param_offload or fsdp.optimizer_offload))
+    ref_model = None
+    if with_ref:
+        ref_model = load_sharded_policy(model_cfg, dist, compute_dtype=dtype,
+                                        offload=cuda and cfg.actor_rollout_ref.ref.fsdp_config.param_offload)
+        ref_model.requires_grad_(False)
+    rollout_model = load_policy(model_cfg, dist.device, dtype=dtype).requires_grad_(False).eval()
     return model, ref_model, rollout_model
 
 

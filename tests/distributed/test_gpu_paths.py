@@ -1,6 +1,8 @@
 """The CUDA-only choices of the distributed path, checked on CPU: the process group's back-ends, where a weight
 sync bucket travels, Ray's device for ``trainer.device=auto``, and the device clock of the phase timings."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,6 +11,8 @@ from mtprl.config.loader import ConfigError
 from mtprl.distributed import env as env_mod
 from mtprl.distributed.env import CUDA_BACKEND, DistEnv, init_distributed
 from mtprl.distributed.ray_launcher import ray_device
+
+HERE = Path(__file__).parent
 
 
 def test_cuda_ranks_get_a_process_group_with_gloo_for_cpu_tensors(monkeypatch):
@@ -124,3 +128,29 @@ def test_phase_timings_wait_for_the_gpu(monkeypatch):
     device_clock("cpu")
     device_clock(None)
     assert len(calls) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, stored_mtp, tied, num_mtp", [(2, 1, False, 3), (3, 0, True, 2)])
+def test_sharded_loading_reads_only_each_ranks_rows(tiny_world, tmp_path, launch_ranks, world, stored_mtp, tied,
+                                                    num_mtp):
+    """Multi-rank set-up builds the policy on the meta device, shards it and reads each rank's rows from the
+    safetensors files (it loaded the whole fp32 model on every rank's device, then deep-copied it): the gathered
+    weights equal from_pretrained's, fresh MTP layers (copies of a stored MTP layer, or derived from the trunk)
+    and uneven rows (3 ranks) included, and each rank reads ~1/world of the checkpoint."""
+    import json
+
+    from mtprl.model import ModelConfig
+    from mtprl.trainer.policy import init_policy_checkpoint
+
+    model_dir = tmp_path / "policy"
+    # hidden 36 and vocabulary 331: rows that do not split evenly over 2 or 3 ranks
+    cfg = ModelConfig.tiny(vocab_size=331, hidden_size=36, intermediate_size=52, num_attention_heads=3,
+                           num_key_value_heads=1, num_mtp_layers=stored_mtp, tie_word_embeddings=tied)
+    init_policy_checkpoint(model_dir, cfg, tiny_world.tokenizer, seed=3)
+    launch_ranks(HERE / "sharded_load_worker.py", world, str(tmp_path / "out"), str(model_dir), str(num_mtp))
+    results = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(world)]
+    for res in results:
+        assert res["keys_equal"] and res["diff"] == 0.0 and res["inv_freq"] == 0.0
+        assert res["read"] <= res["total"] / world * 1.1
+    assert sum(res["read"] for res in results) == results[0]["total"]  # every row read once, by one rank

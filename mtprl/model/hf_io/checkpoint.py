@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -59,45 +60,100 @@ def _checkpoint_files(path: Path) -> list[Path]:
                      "supported; convert *.bin with transformers' save_pretrained(safe_serialization=True))")
 
 
-def _load_state_dict(path: Path, num_mtp_layers: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """Our-named tensors from all safetensors files, cast to dtype on device; MTP layers >= num_mtp_layers dropped."""
-    state: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    for file in _checkpoint_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for hf_name in f.keys():
-                ours = from_hf_name(hf_name)
-                if ours is None:
-                    if not IGNORED_HF_KEYS.match(hf_name):
-                        unknown.append(hf_name)
-                    continue
-                if ours.startswith("mtp_layers.") and int(ours.split(".")[1]) >= num_mtp_layers:
-                    continue
-                state[ours] = f.get_tensor(hf_name).to(device=device, dtype=dtype)
-    if unknown:
-        raise ValueError(f"checkpoint {str(path)!r} has keys this model does not know: {unknown[:8]}"
-                         f"{' ...' if len(unknown) > 8 else ''}")
-    return state
+class CheckpointReader:
+    """Our-named tensors of an HF directory, each read whole or as a range of its first dimension (safetensors
+    reads only those rows from disk), with fresh MTP layers derived as the module docstring says - the same
+    values whether a tensor is read whole or row range by row range. ``from_pretrained`` reads every tensor
+    whole; a sharded load (``mtprl.distributed.loading``) reads on each rank only the rows its FSDP2 shard
+    holds, so no rank ever holds the whole model.
+
+    config: the model's config (``num_mtp_layers`` as wanted: checkpoint MTP layers beyond it are ignored).
+    """
+
+    def __init__(self, path: str | os.PathLike, config: ModelConfig) -> None:
+        self.path, self.config = Path(path), config
+        self._where: dict[str, tuple[Path, str]] = {}  # our name -> (file, HF key)
+        unknown: list[str] = []
+        for file in _checkpoint_files(self.path):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for hf_name in f.keys():
+                    ours = from_hf_name(hf_name)
+                    if ours is None:
+                        if not IGNORED_HF_KEYS.match(hf_name):
+                            unknown.append(hf_name)
+                    elif not (ours.startswith("mtp_layers.") and int(ours.split(".")[1]) >= config.num_mtp_layers):
+                        self._where[ours] = (file, hf_name)
+        if unknown:
+            raise ValueError(f"checkpoint {str(self.path)!r} has keys this model does not know: {unknown[:8]}"
+                             f"{' ...' if len(unknown) > 8 else ''}")
+        if config.tie_word_embeddings:
+            self._where.pop("lm_head.weight", None)  # some tied checkpoints store the head too; the embedding is it
+        self._files: dict[Path, Any] = {}
+
+    def stored(self) -> set[str]:
+        """Our names of the tensors the checkpoint holds (MTP layers past config.num_mtp_layers left out)."""
+        return set(self._where)
+
+    def close(self) -> None:
+        self._files.clear()
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, *, dtype: torch.dtype = torch.float32,
+             device="cpu") -> torch.Tensor:
+        """Tensor ``name`` (rows ``[start, stop)`` of its first dimension; None: all of it) in ``dtype`` on
+        ``device``. A KeyError for a name that is neither stored nor a fresh MTP layer's."""
+        if name in self._where:
+            file, hf_name = self._where[name]
+            if file not in self._files:
+                self._files[file] = safe_open(str(file), framework="pt", device="cpu")
+            f = self._files[file]
+            t = f.get_tensor(hf_name) if rows is None else f.get_slice(hf_name)[rows[0]: rows[1]]
+            return t.to(device=device, dtype=dtype)
+        return self._fresh(name, rows, dtype, device)
+
+    def _fresh(self, name: str, rows, dtype, device) -> torch.Tensor:
+        """A parameter of an MTP layer the checkpoint lacks (module docstring): layer k > 0 is a copy of layer
+        k - 1 (stored or itself fresh); layer 0 is derived from the trunk."""
+        parts = name.split(".", 2)
+        if parts[0] != "mtp_layers" or len(parts) < 3 or int(parts[1]) >= self.config.num_mtp_layers:
+            raise KeyError(name)
+        k, rest = int(parts[1]), parts[2]
+        if k > 0:  # (clone: a re-read of a stored tensor may share its memory-mapped storage)
+            return self.read(f"mtp_layers.{k - 1}.{rest}", rows, dtype=dtype, device=device).clone()
+        h = self.config.hidden_size
+        lo, hi = rows if rows is not None else (0, h)
+        if rest.startswith("block."):
+            return self.read(f"layers.{self.config.num_hidden_layers - 1}.{rest[len('block.'):]}", rows, dtype=dtype,
+                             device=device).clone()
+        if rest == "final_layernorm.weight":
+            return self.read("norm.weight", rows, dtype=dtype, device=device).clone()
+        if rest in ("hidden_layernorm.weight", "token_layernorm.weight"):
+            return torch.ones(hi - lo, dtype=dtype, device=device)
+        if rest == "input_proj.weight":  # [I ; 0]: row i has its 1 in column i
+            proj = torch.zeros(hi - lo, 2 * h, dtype=dtype, device=device)
+            proj[:, lo:hi] = torch.eye(hi - lo, dtype=dtype, device=device)
+            return proj
+        raise KeyError(name)
 
 
-def _fresh_mtp_params(state: dict[str, torch.Tensor], config: ModelConfig, k: int) -> dict[str, torch.Tensor]:
-    """Warm-start parameters of MTP layer k (see module docstring)."""
-    if k > 0 and f"mtp_layers.{k - 1}.input_proj.weight" in state:
-        prefix = f"mtp_layers.{k - 1}."
-        return {f"mtp_layers.{k}.{n[len(prefix):]}": t.clone() for n, t in state.items() if n.startswith(prefix)}
-    last = f"layers.{config.num_hidden_layers - 1}."
-    ref = state["norm.weight"]
-    h = config.hidden_size
-    params = {f"mtp_layers.{k}.block.{n[len(last):]}": t.clone() for n, t in state.items() if n.startswith(last)}
-    proj = torch.zeros(h, 2 * h, dtype=ref.dtype, device=ref.device)
-    proj[:, :h] = torch.eye(h, dtype=ref.dtype, device=ref.device)
-    params.update({
-        f"mtp_layers.{k}.input_proj.weight": proj,
-        f"mtp_layers.{k}.hidden_layernorm.weight": torch.ones_like(ref),
-        f"mtp_layers.{k}.token_layernorm.weight": torch.ones_like(ref),
-        f"mtp_layers.{k}.final_layernorm.weight": ref.clone(),
-    })
-    return params
+def check_against(reader: CheckpointReader, expected: set[str]) -> None:
+    """ValueError naming what differs when the checkpoint (with fresh MTP layers) cannot fill ``expected``."""
+    stored = reader.stored()
+    fresh = {n for n in expected - stored  # the layers whose input projection is not stored are made whole
+             if n.startswith("mtp_layers.") and f"mtp_layers.{n.split('.')[1]}.input_proj.weight" not in stored}
+    missing, unexpected = expected - stored - fresh, stored - expected
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {str(reader.path)!r} does not match its config: missing {sorted(missing)[:8]}, "
+                         f"unexpected {sorted(unexpected)[:8]}")
+
+
+def load_config(path: str | os.PathLike, num_mtp_layers: int | None = None) -> ModelConfig:
+    """The model config of an HF directory; num_mtp_layers as from_pretrained takes it."""
+    config = config_from_hf(read_hf_config(path))
+    if num_mtp_layers is not None:
+        if num_mtp_layers < 0:
+            raise ValueError(f"num_mtp_layers must be >= 0, got {num_mtp_layers}")
+        config = config.replace(num_mtp_layers=num_mtp_layers)
+    return config
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu",
@@ -106,27 +162,20 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
 
     num_mtp_layers: None -> the checkpoint's own `num_nextn_predict_layers` (0 if absent); D -> exactly D MTP
     layers: extra checkpoint layers are dropped, missing ones freshly initialised (module docstring).
-    Parameters are created directly from the checkpoint tensors (no random init of a large model).
+    Parameters are created directly from the checkpoint tensors, one at a time in ``dtype`` on ``device`` (no
+    random init, no fp32 detour for a bf16 copy).
     """
     path = Path(path)
-    config = config_from_hf(read_hf_config(path))
-    if num_mtp_layers is not None:
-        if num_mtp_layers < 0:
-            raise ValueError(f"num_mtp_layers must be >= 0, got {num_mtp_layers}")
-        config = config.replace(num_mtp_layers=num_mtp_layers)
-    state = _load_state_dict(path, config.num_mtp_layers, dtype, device)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # some tied checkpoints store the head too; the embedding is the head
-    for k in range(config.num_mtp_layers):
-        if f"mtp_layers.{k}.input_proj.weight" not in state:
-            state.update(_fresh_mtp_params(state, config, k))
+    config = load_config(path, num_mtp_layers)
+    reader = CheckpointReader(path, config)
     with torch.device("meta"):
         model = CausalLM(config)
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {str(path)!r} does not match its config: missing {sorted(missing)[:8]}, "
-                         f"unexpected {sorted(unexpected)[:8]}")
+    names = list(model.state_dict())
+    check_against(reader, set(names))
+    try:
+        state = {name: reader.read(name, dtype=dtype, device=device) for name in names}
+    finally:
+        reader.close()
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(config).to(device)
     model.source_dir = str(path.resolve())
