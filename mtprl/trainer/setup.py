@@ -77,15 +77,21 @@ class Run:
 
     def sync_rollout(self) -> dict[str, float]:
         """Copy the updated policy (MTP layers included) from the FSDP shards into the engine's weights
-        (every rank calls it); nothing to do when the engine holds the policy module itself."""
-        if self.rollout_model is None:
-            return {}
-        from mtprl.distributed.weight_sync import sync_weights
-
+        (every rank calls it); nothing to do when the engine holds the policy module itself. A back-end with
+        its own copy of the weights (vLLM: ``engine.holds_own_weights``) gets them pushed, on one process too."""
         r = self.cfg.actor_rollout_ref.rollout
-        stats = sync_weights(self.model, self.rollout_model, bucket_bytes=r.update_weights_bucket_megabytes << 20)
-        return {"timing_s/update_weights": stats.seconds, "perf/update_weights_bytes": float(stats.bytes),
-                "perf/update_weights_buckets": float(stats.num_buckets)}
+        parts = []
+        if self.rollout_model is not None:
+            from mtprl.distributed.weight_sync import sync_weights
+
+            parts.append(sync_weights(self.model, self.rollout_model, bucket_bytes=r.update_weights_bucket_megabytes << 20))
+        if getattr(self.engine, "holds_own_weights", False):
+            parts.append(self.engine.sync_weights(self.model, bucket_bytes=r.update_weights_bucket_megabytes << 20))
+        if not parts:
+            return {}
+        return {"timing_s/update_weights": sum(p.seconds for p in parts),
+                "perf/update_weights_bytes": float(sum(p.bytes for p in parts)),
+                "perf/update_weights_buckets": float(sum(p.num_buckets for p in parts))}
 
     def release_rollout(self) -> None:
         """``rollout.free_cache_engine``: during the update the engine holds nothing - its KV cache and packed
@@ -196,6 +202,10 @@ def build_engine(cfg: MtprlConfig, model, *, console=None):
     from mtprl.trainer.samples import speculative_config
 
     r = cfg.actor_rollout_ref.rollout
+    if r.name == "vllm":
+        from mtprl.rollout.vllm_engine import build_vllm_engine
+
+        return build_vllm_engine(cfg, model, console=console)
     max_seq_len = cfg.data.max_prompt_length + cfg.data.max_response_length
     ref = next(model.parameters())
     spec = speculative_config(cfg)
