@@ -65,6 +65,33 @@ class CheckpointWarning(UserWarning):
     """Resuming from an older checkpoint because a newer one is incomplete or corrupt."""
 
 
+def _numpy_state_globals() -> list:
+    """What numpy's RNG state (``np.random.get_state()``: an ndarray of uint32) pickles as, allowed by name."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_state_file(path: Path) -> Any:
+    """``trainer_state.pt`` / ``optimizer.pt`` with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+    containers, plus numpy's RNG state - never an arbitrary pickled object, whose unpickling could run code (a
+    checkpoint folder on a shared disk is input, not code). A file holding anything else is a CheckpointError."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_numpy_state_globals()):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      str(e).splitlines()[0])
+        raise CheckpointError(
+            f"{path}: refused to load: it holds a pickled object that is not part of an mtprl checkpoint "
+            f"({detail}); unpickling it could run arbitrary code. Resume only from checkpoints mtprl wrote") from None
+
+
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     state["generators"] = {name: g.get_state() for name, g in (generators or {}).items()}
@@ -276,7 +303,7 @@ def checkpoint_step(path: str | Path) -> int:
     manifest = _read_manifest(Path(path))
     if manifest is not None and isinstance(manifest.get("step"), int):
         return manifest["step"]
-    return int(torch.load(Path(path) / "trainer_state.pt", weights_only=False)["step"])
+    return int(load_state_file(Path(path) / "trainer_state.pt")["step"])
 
 
 def load_checkpoint(
@@ -294,7 +321,7 @@ def load_checkpoint(
     from mtprl.distributed.checkpoint import has_sharded, load_full_into_sharded, load_sharded
     from mtprl.distributed.parallelize import is_sharded
 
-    opt = torch.load(path / "optimizer.pt", weights_only=False) if (path / "optimizer.pt").is_file() else None
+    opt = load_state_file(path / "optimizer.pt") if (path / "optimizer.pt").is_file() else None
     if optimizer is not None and opt is not None and opt["optimizer"] is not None:
         _check_param_groups(path, optimizer, opt["optimizer"])
     if has_sharded(path):  # written by a multi-rank run: DCP reshards to this run's world size (1 included)
@@ -316,7 +343,7 @@ def load_checkpoint(
                 optimizer.load_state_dict(opt["optimizer"])
     if scheduler is not None and opt is not None and opt["scheduler"] is not None:
         scheduler.load_state_dict(opt["scheduler"])
-    return torch.load(path / "trainer_state.pt", weights_only=False)
+    return load_state_file(path / "trainer_state.pt")
 
 
 def _check_param_groups(path: Path, optimizer: torch.optim.Optimizer, saved: dict) -> None:

@@ -149,3 +149,36 @@ def test_a_failing_write_leaves_the_previous_checkpoint_and_no_leftover(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_1", LATEST_FILE]
     assert (tmp_path / LATEST_FILE).read_text() == "1"
     assert ckpt.checkpoint_problem(tmp_path / "global_step_1") is None
+
+
+class _RunsCode:
+    """A pickled object whose unpickling calls a function: what a crafted checkpoint would carry."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("echo pwned > /dev/null",)
+
+
+@pytest.mark.parametrize("name", ["trainer_state.pt", "optimizer.pt"])
+def test_a_crafted_pickle_in_a_checkpoint_is_refused(tmp_path, name):
+    """Resume reads trainer_state.pt / optimizer.pt with weights_only=True: a pickle that would run code when
+    loaded (a checkpoint folder on a shared disk) is a clear error, not executed."""
+    from mtprl.trainer.checkpoint import CheckpointError, load_state_file
+
+    path = tmp_path / name
+    torch.save({"step": 3, "payload": _RunsCode()}, path)
+    with pytest.raises(CheckpointError, match="refused to load.*arbitrary code"):
+        load_state_file(path)
+
+
+def test_trainer_state_with_rng_states_loads_with_weights_only(tmp_path):
+    from mtprl.trainer.checkpoint import load_state_file, rng_state
+
+    g = torch.Generator().manual_seed(3)
+    path = _save(tmp_path, 1)
+    torch.save({"rng": rng_state({"sample": g}), "step": 1, "config": {"a": [1, 2.0, "x", None]}},
+               path / "trainer_state.pt")
+    state = load_state_file(path / "trainer_state.pt")
+    assert state["step"] == 1 and torch.equal(state["rng"]["generators"]["sample"], g.get_state())
+    assert state["rng"]["numpy"][0] == "MT19937" and state["config"] == {"a": [1, 2.0, "x", None]}
