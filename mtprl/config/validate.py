@@ -15,9 +15,6 @@ from typing import Iterable
 from mtprl.config.loader import ConfigError
 from mtprl.config.schema import MegatronConfig, MtprlConfig
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-ADV_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus")
-KL_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 TRUNCATIONS = ("error", "left", "right", "middle")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb", "mlflow")
 REWARD_MANAGERS = ("naive", "dapo")
@@ -291,10 +288,13 @@ def _check_algorithm(errors: list[str], cfg: MtprlConfig) -> None:
         errors.append(f"actor_rollout_ref.actor.clip_ratio_c={actor.clip_ratio_c} must be > 1 (dual-clip bound)")
     if actor.clip_ratio_low < 0 or actor.clip_ratio_high < 0 or actor.clip_ratio_low >= 1:
         errors.append("actor_rollout_ref.actor.clip_ratio_low must lie in [0, 1) and clip_ratio_high must be >= 0")
-    _choice(errors, "actor_rollout_ref.actor.loss_agg_mode", actor.loss_agg_mode, LOSS_AGG_MODES)
-    _choice(errors, "actor_rollout_ref.actor.kl_loss_type", actor.kl_loss_type, KL_KINDS)
-    _choice(errors, "algorithm.kl_penalty", alg.kl_penalty, KL_KINDS)
-    _choice(errors, "algorithm.adv_estimator", alg.adv_estimator, ADV_ESTIMATORS)
+    # the registries, so that a name a user registers (ADV_ESTIMATORS.register("my_est")) validates
+    from mtprl.algorithms import ADV_ESTIMATORS, KL_PENALTIES, LOSS_AGG_MODES
+
+    _choice(errors, "actor_rollout_ref.actor.loss_agg_mode", actor.loss_agg_mode, LOSS_AGG_MODES.names())
+    _choice(errors, "actor_rollout_ref.actor.kl_loss_type", actor.kl_loss_type, KL_PENALTIES.names())
+    _choice(errors, "algorithm.kl_penalty", alg.kl_penalty, KL_PENALTIES.names())
+    _choice(errors, "algorithm.adv_estimator", alg.adv_estimator, ADV_ESTIMATORS.names())
     _choice(errors, "algorithm.kl_ctrl.type", alg.kl_ctrl.type, ("fixed", "adaptive"))
     _choice(errors, "algorithm.filter_groups.metric", alg.filter_groups.metric, FILTER_METRICS)
     if alg.kl_ctrl.type == "adaptive" and alg.kl_ctrl.horizon <= 0:

@@ -197,3 +197,19 @@ def test_remote_logger_needs_its_package_and_names_the_extra(name, monkeypatch):
     with pytest.raises(ConfigError, match=rf"trainer.logger includes '{name}' but the {name} package is not "
                                           rf"installed: pip install 'mtprl\[{name}\]'"):
         load_config(None, [f"trainer.logger=[console,{name}]"])
+
+
+def test_a_registered_estimator_loss_mode_and_kl_kind_validate(monkeypatch):
+    """Validation reads the algorithm registries, so what a user registers (as the README invites) is accepted;
+    a typo still names the closest registered name."""
+    from mtprl.algorithms import ADV_ESTIMATORS, KL_PENALTIES, LOSS_AGG_MODES
+
+    with pytest.raises(ConfigError, match=r"algorithm.adv_estimator='my_est'.*grpo"):
+        load_config(None, ["algorithm.adv_estimator=my_est"])
+    for registry, name in ((ADV_ESTIMATORS, "my_est"), (LOSS_AGG_MODES, "my-mean"), (KL_PENALTIES, "my_kl")):
+        monkeypatch.setitem(registry._entries, name, lambda *a, **k: None)
+    cfg = load_config(None, ["algorithm.adv_estimator=my_est", "actor_rollout_ref.actor.loss_agg_mode=my-mean",
+                             "actor_rollout_ref.actor.kl_loss_type=my_kl", "algorithm.kl_penalty=my_kl"])
+    assert cfg.algorithm.adv_estimator == "my_est" and cfg.actor_rollout_ref.actor.loss_agg_mode == "my-mean"
+    with pytest.raises(ConfigError, match=r"did you mean 'my_est'"):
+        load_config(None, ["algorithm.adv_estimator=my_esx"])
