@@ -82,6 +82,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_rollout(args: argparse.Namespace) -> int:
+    from mtprl.rollout.check_cli import run_check
+
+    return run_check(args)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from mtprl.rollout.cli import run_generate
 
@@ -91,7 +97,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "train": ("run DAPO / GRPO training with MTP", _cmd_train),
     "sft": ("supervised fine-tuning / MTP warm-up (sft.freeze_trunk=True: MTP layers only)", _cmd_sft),
-    "generate": ("generate completions with the native engine (MTP speculative decoding optional)", _cmd_generate),
+    "generate": ("generate completions with the native engine or vLLM (MTP speculative decoding optional)",
+                 _cmd_generate),
+    "check-rollout": ("test that a rollout back-end (vllm / native) samples the model's distribution, speculation on",
+                      _cmd_check_rollout),
     "eval": ("run validation on a checkpoint (actor_rollout_ref.model.path, data.val_files)", _cmd_eval),
     "demo": ("the main job on the embedded default: data, tokenizer, SFT, DAPO+MTP, report", _cmd_demo),
 }
@@ -109,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
             from mtprl.rollout.cli import add_generate_args
 
             add_generate_args(p)
+            continue
+        if name == "check-rollout":
+            from mtprl.rollout.check_cli import add_check_args
+
+            add_check_args(p)
             continue
         _add_config_args(p)
         if name == "train":

