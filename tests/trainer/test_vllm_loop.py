@@ -32,7 +32,11 @@ def vllm_world(tmp_path_factory):
 
 
 def _cfg(world, out, *extra):
-    return load_config(None, [
+    return load_config(None, _overrides(world, out, *extra))
+
+
+def _overrides(world, out, *extra):
+    return [
         f"data.train_files={world.data.train}", f"data.val_files={world.data.val}", "data.max_prompt_length=64",
         "data.max_response_length=12", "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         "actor_rollout_ref.rollout.n=4", f"actor_rollout_ref.model.path={world.model}",
@@ -43,7 +47,7 @@ def _cfg(world, out, *extra):
         "actor_rollout_ref.model.mtp.speculative_eagle_topk=1", "actor_rollout_ref.model.mtp.speculative_num_draft_tokens=3",
         "actor_rollout_ref.actor.optim.lr=1e-3",
         "reward_model.reward_manager=dapo", "reward_model.num_workers=0", "trainer.logger=[jsonl]",
-        f"trainer.default_local_dir={out}", "trainer.test_freq=-1", "trainer.save_freq=-1", *extra])
+        f"trainer.default_local_dir={out}", "trainer.test_freq=-1", "trainer.save_freq=-1", *extra]
 
 
 @pytest.mark.slow
@@ -71,3 +75,23 @@ def test_vllm_config_errors_name_the_key(vllm_world, tmp_path):
         _cfg(vllm_world, tmp_path, "actor_rollout_ref.rollout.tensor_model_parallel_size=2")
     with pytest.raises(ConfigError, match="free_cache_engine=True with rollout.name=vllm needs CUDA"):
         _cfg(vllm_world, tmp_path, "actor_rollout_ref.rollout.free_cache_engine=True", "trainer.device=cpu")
+
+
+
+@pytest.mark.slow
+def test_train_validates_and_checkpoints_with_vllm(vllm_world, tmp_path):
+    """`mtprl train` end to end on one process: validation (greedy val_kwargs and a sampled pass, through the same
+    speculative engine), a step, a checkpoint."""
+    import json
+
+    from mtprl.trainer.loop import train
+
+    out = tmp_path / "run"
+    train(_cfg(vllm_world, out, "trainer.total_training_steps=1", "trainer.test_freq=1", "trainer.save_freq=1",
+               "actor_rollout_ref.rollout.val_kwargs.n=2", "actor_rollout_ref.rollout.val_kwargs.do_sample=True",
+               "actor_rollout_ref.rollout.val_kwargs.temperature=1.0", "trainer.val_greedy=True"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert any(k.startswith("val-aux/") and k.endswith("greedy@1") for k in rows[1])
+    assert "val/rollout/spec_accept_length" in rows[1]
+    assert (out / "global_step_1" / "actor" / "config.json").is_file()
