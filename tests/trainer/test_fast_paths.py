@@ -82,7 +82,7 @@ def test_loop_skips_the_old_log_prob_forward_on_policy(monkeypatch):
     calls = []
     monkeypatch.setattr(loop, "compute_logprobs", lambda *a, **k: calls.append(1) or compute_logprobs(*a, **k))
     for cfg, forwards in ((_cfg(), 0), (_cfg("actor_rollout_ref.actor.ppo_mini_batch_size=1"), 1)):
-        run = SimpleNamespace(cfg=cfg, model=model, dist=None, ref_model=None)
+        run = SimpleNamespace(cfg=cfg, model=model, dist=None, ref_model=None, device=torch.device("cpu"))
         batch, metrics = _batch(), {}
         calls.clear()
         loop.add_logprobs(run, batch, metrics)
