@@ -155,6 +155,29 @@ def test_pack_sees_in_place_weight_updates():
     assert not torch.allclose(after, before)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("signed", [True, False])
+def test_repack_writes_into_the_previous_pack(name, signed):
+    """A re-pack after an update copies into the old packed tensors (never a second packed copy at the peak): every
+    packed tensor keeps its storage, takes the new values, and aliases of parameters stay aliases."""
+    from mtprl.distributed.weight_sync import stepper_weights
+
+    model = _model(name)
+    packed = PackedModel(model, signed=signed)
+    before = {k: (t.data_ptr(), t.clone()) for k, t in stepper_weights(packed).items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5).add_(0.25)
+    packed.pack()
+    fresh = stepper_weights(PackedModel(model, signed=signed))
+    after = stepper_weights(packed)
+    assert after.keys() == fresh.keys() == before.keys()
+    for k, t in after.items():
+        assert t.data_ptr() == before[k][0], k  # same storage
+        torch.testing.assert_close(t, fresh[k], rtol=0, atol=0, msg=k)
+        assert not torch.equal(t, before[k][1]), k  # and the update reached it
+
+
 def test_bad_inputs_raise():
     model = _model("mimo_gqa_bias")
     packed = PackedModel(model)
