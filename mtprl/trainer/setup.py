@@ -132,6 +132,7 @@ class Run:
         from mtprl.distributed.env import destroy_distributed
 
         _close_all([self.tracker.close, self.reward.close] + ([self.exporter.close] if self.exporter is not None else [])
+                   + ([self.engine.close] if hasattr(self.engine, "close") else [])  # vLLM: shut its engine down
                    + ([destroy_distributed] if self.dist.distributed else []))
 
 
@@ -150,7 +151,7 @@ class Evaluation:
     checkpoint: Path | None  # the validated checkpoint, None when model.path is validated as it is
 
     def close(self) -> None:
-        _close_all([self.tracker.close, self.reward.close])
+        _close_all([self.tracker.close, self.reward.close] + ([self.engine.close] if hasattr(self.engine, "close") else []))
 
 
 def _close_all(closers) -> None:

@@ -73,8 +73,12 @@ def test_vllm_config_errors_name_the_key(vllm_world, tmp_path):
         _cfg(vllm_world, tmp_path, "actor_rollout_ref.model.mtp.speculative_eagle_topk=2")
     with pytest.raises(ConfigError, match="tensor_model_parallel_size=2"):
         _cfg(vllm_world, tmp_path, "actor_rollout_ref.rollout.tensor_model_parallel_size=2")
-    with pytest.raises(ConfigError, match="free_cache_engine=True with rollout.name=vllm needs CUDA"):
-        _cfg(vllm_world, tmp_path, "actor_rollout_ref.rollout.free_cache_engine=True", "trainer.device=cpu")
+    with pytest.raises(ConfigError, match="free_cache_engine=True needs CUDA"):  # known once the device is
+        setup(_cfg(vllm_world, tmp_path, "actor_rollout_ref.rollout.free_cache_engine=True", "trainer.device=cpu"))
+    init_policy_checkpoint(tmp_path / "hd8", ModelConfig.tiny(vocab_size=320, num_mtp_layers=1),
+                           vllm_world.root / "tokenizer", seed=0)  # hidden 32, 4 heads: head dim 8
+    with pytest.raises(ConfigError, match="head dim 8 .* no vLLM CPU attention kernel"):
+        setup(_cfg(vllm_world, tmp_path, f"actor_rollout_ref.model.path={tmp_path / 'hd8'}"))
 
 
 
