@@ -2,14 +2,16 @@
 
     model = mtprl.model.from_pretrained(path, dtype=torch.float32, device="cpu", num_mtp_layers=None)
     out = model(input_ids)                # .logits [B,T,V], .hidden_states [B,T,H], .mtp_logits D x [B,T,V]
+    out = model(input_ids, scoring=TokenScoring(mask))  # .token_logprobs [B,T], no [B,T,V] tensor (model/head.py)
     logits, hidden = model.forward_step(input_ids, position_ids, cache_slots, model.new_kv_cache(B, S))
     model.save_pretrained(path)
 """
 
 from mtprl.model.causal_lm import CausalLM, CausalLMOutput, default_position_ids
 from mtprl.model.config import ModelConfig
+from mtprl.model.head import TokenScoring
 from mtprl.model.kv_cache import KVCache
-from mtprl.model.mtp import MTPLayer, mtp_loss, mtp_valid_counts
+from mtprl.model.mtp import MTPLayer, mtp_loss, mtp_loss_from_scores, mtp_token_scores, mtp_valid_counts
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -27,5 +29,5 @@ def from_pretrained(path, *, dtype=None, device="cpu", num_mtp_layers=None) -> C
                             num_mtp_layers=num_mtp_layers)
 
 
-__all__ = ["CausalLM", "CausalLMOutput", "KVCache", "MTPLayer", "ModelConfig", "default_position_ids",
-           "from_pretrained", "mtp_loss", "mtp_valid_counts", "tiny_config"]
+__all__ = ["CausalLM", "CausalLMOutput", "KVCache", "MTPLayer", "ModelConfig", "TokenScoring", "default_position_ids",
+           "from_pretrained", "mtp_loss", "mtp_loss_from_scores", "mtp_token_scores", "mtp_valid_counts", "tiny_config"]

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtprl.model.config import ModelConfig
+from mtprl.model.head import TokenScoring, head_for_matmul, reference_token_scores, token_scores
 from mtprl.model.kv_cache import KVCache
-from mtprl.model.mtp import MTPLayer, Recursion, shift_left
+from mtprl.model.mtp import MTPLayer, Recursion, mtp_token_scores, reference_mtp_token_scores, shift_left
 from mtprl.model.trunk import (AttnInputs, DecoderBlock, RMSNorm, UniqueTokens, full_attn_inputs, is_right_padded,
                                rope_cos_sin, rope_inv_freq, step_attn_inputs)
 
@@ -26,12 +27,21 @@ class CausalLMOutput:
     """logits [B,T,V] (position t predicts token t+1); hidden_states [B,T,H] (trunk, after the final norm = h^0);
     mtp_logits: D tensors [B,T,V] (K with mtp_recursive_steps=K > D: depths D+1..K are the last layer reused
     recursively), mtp_logits[k-1][:, i] predicts token i+k+1 (positions with i+k >= T are garbage);
-    mtp_hidden_states: the same number of [B,T,H] tensors (h^k)."""
+    mtp_hidden_states: the same number of [B,T,H] tensors (h^k).
 
-    logits: torch.Tensor
+    With forward(scoring=...) (model.head.TokenScoring) no [B,T,V] tensor is made: logits is None, mtp_logits
+    empty, and instead token_logprobs [B,T] / token_entropy [B,T] | None (the scored tokens') and, when the
+    request names an MTP loss mask, mtp_token_losses / mtp_token_correct: one [B,T] per depth
+    (mtp.mtp_token_scores; reduce with mtp.mtp_loss_from_scores)."""
+
+    logits: torch.Tensor | None
     hidden_states: torch.Tensor
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
     mtp_hidden_states: list[torch.Tensor] = field(default_factory=list)
+    token_logprobs: torch.Tensor | None = None
+    token_entropy: torch.Tensor | None = None
+    mtp_token_losses: list[torch.Tensor] = field(default_factory=list)
+    mtp_token_correct: list[torch.Tensor] = field(default_factory=list)
 
 
 def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -106,6 +116,7 @@ class CausalLM(nn.Module):
         mtp_detach_head: bool = False,
         mtp_recursive_steps: int = 0,
         unique_tokens: UniqueTokens | None = None,
+        scoring: TokenScoring | None = None,
     ) -> CausalLMOutput:
         """input_ids [B,T]; position_ids [B,T] (default: see default_position_ids); attention_mask [B,T] 1 = real.
 
@@ -122,6 +133,8 @@ class CausalLM(nn.Module):
         mtp_recursive_steps: K > D adds depths D+1..K to mtp_logits / mtp_hidden_states: the last MTP layer
             reused on its own output as the rollout drafts them (mtp.py, "Recursive depths"); the detach
             options apply to them too. K <= D adds nothing.
+        scoring: per-token scores instead of logits (model.head.TokenScoring, CausalLMOutput): the head runs on
+            chunks of the scored positions inside this call (under FSDP2 the head is gathered only here).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B,T], got shape {tuple(input_ids.shape)}")
@@ -145,12 +158,15 @@ class CausalLM(nn.Module):
             for i, layer in enumerate(self.layers):
                 x = layer(x, attn, i)
             hidden = self.norm(x)  # h^0 [B,T,H]
-            out = CausalLMOutput(logits=F.linear(hidden, head), hidden_states=hidden)
+            logits = None if scoring is not None else F.linear(hidden, head)
+            out = CausalLMOutput(logits=logits, hidden_states=hidden)
         else:
-            hidden, logits = self._unique_trunk(input_ids, position_ids, attn, unique_tokens, head)
+            unique = self._unique_trunk(input_ids, position_ids, attn, unique_tokens)  # [M,H]
+            hidden = unique[unique_tokens.expand_index]
+            logits = None if scoring is not None else F.linear(unique, head)[unique_tokens.expand_index]
             out = CausalLMOutput(logits=logits, hidden_states=hidden)
         if not compute_mtp or not self.mtp_layers:
-            return out
+            return out if scoring is None else self._score(out, input_ids, head, head, scoring)
         emb_weight = self.embed_tokens.weight.detach() if mtp_detach_encoder else self.embed_tokens.weight
         # tied: head is embed_tokens.weight, so detaching the encoder must detach the MTP path's head too
         detach_head = mtp_detach_head or (mtp_detach_encoder and self.lm_head is None)
@@ -166,15 +182,43 @@ class CausalLM(nn.Module):
             else:
                 prev = mtp_layer(prev, tok_emb, attn, k - 1)  # h^k [B,T,H]
             out.mtp_hidden_states.append(prev)
-            out.mtp_logits.append(F.linear(prev, mtp_head))
-        for hidden_k in recursive:  # depths D+1..K
-            out.mtp_hidden_states.append(hidden_k)
-            out.mtp_logits.append(F.linear(hidden_k, mtp_head))
+        out.mtp_hidden_states.extend(recursive)  # depths D+1..K
+        if scoring is not None:
+            return self._score(out, input_ids, head, mtp_head, scoring)
+        out.mtp_logits.extend(F.linear(h, mtp_head) for h in out.mtp_hidden_states)
         return out
 
-    def _unique_trunk(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: AttnInputs, rows: UniqueTokens,
-                      head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The trunk on the unique tokens [1,M] of the rows; returns (h^0 [B,T,H], logits [B,T,V]) of the rows."""
+    def _score(self, out: CausalLMOutput, input_ids: torch.Tensor, head: torch.Tensor, mtp_head: torch.Tensor,
+               scoring: TokenScoring) -> CausalLMOutput:
+        """Fill out's token scores (scoring's request) from its hidden states, a chunk of positions at a time."""
+        if scoring.reference:
+            return self._score_reference(out, input_ids, head, mtp_head, scoring)
+        head_mm = head_for_matmul(out.hidden_states, head)  # one bf16 copy under autocast, read by every call
+        out.token_logprobs, out.token_entropy = token_scores(
+            out.hidden_states, head, input_ids, scoring.score_mask, temperature=scoring.temperature,
+            entropy=scoring.entropy, weight_mm=head_mm, chunk_size=scoring.chunk_size)
+        if scoring.mtp_loss_mask is not None and out.mtp_hidden_states:
+            out.mtp_token_losses, out.mtp_token_correct = mtp_token_scores(
+                out.mtp_hidden_states, mtp_head, input_ids, scoring.mtp_loss_mask, loss_type=scoring.mtp_loss_type,
+                trunk_hidden=out.hidden_states.detach(), trunk_head=head_mm, attention_mask=scoring.attention_mask,
+                head_mm=head_mm, chunk_size=scoring.chunk_size)
+        return out
+
+    def _score_reference(self, out: CausalLMOutput, input_ids: torch.Tensor, head: torch.Tensor,
+                         mtp_head: torch.Tensor, scoring: TokenScoring) -> CausalLMOutput:
+        """_score from full [B,T,V] logits (TokenScoring.reference)."""
+        out.token_logprobs, out.token_entropy = reference_token_scores(
+            out.hidden_states, head, input_ids, scoring.score_mask, temperature=scoring.temperature,
+            entropy=scoring.entropy)
+        if scoring.mtp_loss_mask is not None and out.mtp_hidden_states:
+            out.mtp_token_losses, out.mtp_token_correct = reference_mtp_token_scores(
+                out.mtp_hidden_states, mtp_head, input_ids, scoring.mtp_loss_mask, loss_type=scoring.mtp_loss_type,
+                trunk_hidden=out.hidden_states, trunk_head=head, attention_mask=scoring.attention_mask)
+        return out
+
+    def _unique_trunk(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: AttnInputs,
+                      rows: UniqueTokens) -> torch.Tensor:
+        """The trunk on the unique tokens [1,M] of the rows; returns their final-normed hidden states h^0 [M,H]."""
         ids = input_ids.reshape(-1)[rows.unique_index][None]  # [1,M]
         positions = position_ids.expand_as(input_ids).reshape(-1)[rows.unique_index][None]
         x = self.embed_tokens(ids)
@@ -182,8 +226,7 @@ class CausalLM(nn.Module):
         attn = AttnInputs(cos=cos, sin=sin, mask=attn.mask, is_causal=attn.is_causal, rows=rows)
         for i, layer in enumerate(self.layers):
             x = layer(x, attn, i)
-        hidden = self.norm(x)[0]  # [M,H]
-        return hidden[rows.expand_index], F.linear(hidden, head)[rows.expand_index]
+        return self.norm(x)[0]  # [M,H]
 
     # ----- incremental forward (static KV cache) ------------------------------------------------------
     def new_kv_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,

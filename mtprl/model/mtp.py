@@ -39,9 +39,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtprl.model.config import ModelConfig
+from mtprl.model.head import linear_scores
 from mtprl.model.trunk import AttnInputs, DecoderBlock, RMSNorm
 
 MTP_LOSS_TYPES = ("ce", "kl", "tv")
@@ -193,7 +195,8 @@ def mtp_loss(
     attention_mask: torch.Tensor | None = None,
     num_valid: list[int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """MTP loss lambda/D * sum_k mean_k and per-depth metrics.
+    """MTP loss lambda/D * sum_k mean_k and per-depth metrics, from full logits: the slow reference of
+    `mtp_token_scores` + `mtp_loss_from_scores` (what the trainer runs, one chunk of logits at a time).
 
     mtp_logits: D tensors [B,T,V], one per trained depth (the MTP layers, then any recursive depths of
         `CausalLM.forward(mtp_recursive_steps=K)`, D = K then); mtp_logits[k-1][:, i] predicts token i+k+1.
@@ -213,43 +216,112 @@ def mtp_loss(
     `mtp/acc_{k}` (fraction of counted positions whose argmax equals the target token), k 1-based.
     All maths in fp32.
     """
-    if loss_type not in MTP_LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {MTP_LOSS_TYPES}")
-    if loss_type != "ce" and trunk_logits is None:
-        raise ValueError(f"loss_type={loss_type!r} needs trunk_logits (the trunk's [B,T,V] logits)")
-    if len(mtp_logits) == 0:
-        raise ValueError("mtp_logits is empty: the model has no MTP layers (num_mtp_layers=0)")
-    if input_ids.shape != loss_mask.shape:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and loss_mask {tuple(loss_mask.shape)} differ in shape")
+    _check_loss_args(len(mtp_logits), input_ids, loss_mask, loss_type, trunk_logits is not None)
     b, t = input_ids.shape
-    num_depths = len(mtp_logits)
-    if num_valid is not None and len(num_valid) != num_depths:
-        raise ValueError(f"num_valid has {len(num_valid)} counts for {num_depths} depths")
-    total = mtp_logits[0].new_zeros((), dtype=torch.float32)
-    metrics: dict[str, float] = {}
+    losses, correct = [], []
     for k, logits in enumerate(mtp_logits, start=1):
         if logits.shape[:2] != (b, t):
             raise ValueError(f"mtp_logits[{k - 1}] has shape {tuple(logits.shape)}, expected [B,T,V] with B,T={b},{t}")
-        valid = _depth_valid(loss_mask, k, attention_mask)  # [B,T]
-        target = shift_left(input_ids, k + 1)  # [B,T] token i+k+1
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [B,T,V]
-        if loss_type == "ce":
-            per_pos = -logp.gather(-1, target[..., None]).squeeze(-1)
+        per_pos, hit = _depth_scores_from_logits(logits, input_ids, k, loss_type, trunk_logits)
+        losses.append(per_pos)
+        correct.append(hit)
+    return mtp_loss_from_scores(losses, correct, loss_mask, scaling_factor=scaling_factor,
+                                attention_mask=attention_mask, num_valid=num_valid)
+
+
+def _depth_scores_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, k: int, loss_type: str,
+                              trunk_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth k's per-position loss [B,T] and argmax hits [B,T] at every position, from its logits [B,T,V]."""
+    t = input_ids.shape[1]
+    target = shift_left(input_ids, k + 1)  # [B,T] token i+k+1
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B,T,V]
+    if loss_type == "ce":
+        per_pos = -logp.gather(-1, target[..., None]).squeeze(-1)
+    else:
+        ref = trunk_logits.detach().float()
+        shifted = torch.zeros_like(ref)
+        if k < t:
+            shifted[:, : t - k] = ref[:, k:]  # trunk logits at i+k predict token i+k+1
+        ref_logp = torch.log_softmax(shifted, dim=-1)
+        if loss_type == "kl":
+            per_pos = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
         else:
-            ref = trunk_logits.detach().float()
-            shifted = torch.zeros_like(ref)
-            if k < t:
-                shifted[:, : t - k] = ref[:, k:]  # trunk logits at i+k predict token i+k+1
-            ref_logp = torch.log_softmax(shifted, dim=-1)
-            if loss_type == "kl":
-                per_pos = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-            else:
-                per_pos = 0.5 * (ref_logp.exp() - logp.exp()).abs().sum(-1)
+            per_pos = 0.5 * (ref_logp.exp() - logp.exp()).abs().sum(-1)
+    return per_pos, logits.detach().argmax(-1) == target
+
+
+def reference_mtp_token_scores(mtp_hidden_states: list[torch.Tensor], head: torch.Tensor, input_ids: torch.Tensor,
+                               loss_mask: torch.Tensor, *, loss_type: str = "ce",
+                               trunk_hidden: torch.Tensor | None = None, trunk_head: torch.Tensor | None = None,
+                               attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor],
+                                                                                    list[torch.Tensor]]:
+    """mtp_token_scores from each depth's full logits F.linear(h^k, head) [B,T,V] (mtp_loss's maths): the slow
+    reference of the chunked path."""
+    trunk_logits = None if trunk_hidden is None else F.linear(trunk_hidden, trunk_head)
+    losses, correct = [], []
+    for k, hidden in enumerate(mtp_hidden_states, start=1):
+        valid = _depth_valid(loss_mask, k, attention_mask)
+        per_pos, hit = _depth_scores_from_logits(F.linear(hidden, head), input_ids, k, loss_type, trunk_logits)
+        losses.append(per_pos * valid)
+        correct.append(hit & valid)
+    return losses, correct
+
+
+def _check_loss_args(num_depths: int, input_ids: torch.Tensor, loss_mask: torch.Tensor, loss_type: str,
+                     has_trunk: bool) -> None:
+    if loss_type not in MTP_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {MTP_LOSS_TYPES}")
+    if loss_type != "ce" and not has_trunk:
+        raise ValueError(f"loss_type={loss_type!r} needs trunk_logits (the trunk's [B,T,V] logits)")
+    if num_depths == 0:
+        raise ValueError("mtp_logits is empty: the model has no MTP layers (num_mtp_layers=0)")
+    if input_ids.shape != loss_mask.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and loss_mask {tuple(loss_mask.shape)} differ in shape")
+
+
+def mtp_token_scores(mtp_hidden_states: list[torch.Tensor], head: torch.Tensor, input_ids: torch.Tensor,
+                     loss_mask: torch.Tensor, *, loss_type: str = "ce", trunk_hidden: torch.Tensor | None = None,
+                     trunk_head: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                     head_mm: torch.Tensor | None = None,
+                     chunk_size: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per depth k (mtp_hidden_states[k-1] = h^k [B,T,H]): (per-position loss [B,T] fp32, correct [B,T] bool) at
+    mtp_loss's counted positions (0 / False elsewhere), through the head [V,H] a chunk of positions at a time
+    (model.head.linear_scores): never a [B,T,V] tensor. For kl / tv the reference distribution is the trunk's at
+    i+k, from trunk_hidden h^0 [B,T,H] under trunk_head [V,H], detached (mtp_loss's trunk_logits). head_mm: the
+    head detached in the compute dtype, shared (head.head_for_matmul). Reduce with mtp_loss_from_scores; together
+    they equal mtp_loss on the logits (tested)."""
+    _check_loss_args(len(mtp_hidden_states), input_ids, loss_mask, loss_type, trunk_hidden is not None)
+    t = input_ids.shape[1]
+    losses, correct = [], []
+    for k, hidden in enumerate(mtp_hidden_states, start=1):
+        valid = _depth_valid(loss_mask, k, attention_mask)  # [B,T]; only i + k + 1 < T
+        target = shift_left(input_ids, k + 1)[valid]  # [N] token i+k+1
+        ref = None if loss_type == "ce" else trunk_hidden[:, k:][valid[:, : max(t - k, 0)]]  # [N,H] h^0 at i+k
+        score, _, hit = linear_scores(hidden[valid], head, target, mode="logprob" if loss_type == "ce" else loss_type,
+                                      ref_hidden=ref, ref_weight=trunk_head, want_correct=True, weight_mm=head_mm,
+                                      chunk_size=chunk_size)
+        losses.append(score.new_zeros(valid.shape).masked_scatter(valid, -score if loss_type == "ce" else score))
+        correct.append(torch.zeros_like(valid).masked_scatter(valid, hit))
+    return losses, correct
+
+
+def mtp_loss_from_scores(token_losses: list[torch.Tensor], token_correct: list[torch.Tensor], loss_mask: torch.Tensor,
+                         *, scaling_factor: float = 0.1, attention_mask: torch.Tensor | None = None,
+                         num_valid: list[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """mtp_loss from its per-depth, per-position losses [B,T] and argmax hits [B,T] (mtp_token_scores): the
+    masked means over the counted positions (or sums over num_valid), scaled by lambda / D, and the metrics."""
+    num_depths = len(token_losses)
+    if num_valid is not None and len(num_valid) != num_depths:
+        raise ValueError(f"num_valid has {len(num_valid)} counts for {num_depths} depths")
+    total = token_losses[0].new_zeros((), dtype=torch.float32)
+    metrics: dict[str, float] = {}
+    for k, (per_pos, hit) in enumerate(zip(token_losses, token_correct), start=1):
+        valid = _depth_valid(loss_mask, k, attention_mask)  # [B,T]
         count = None if num_valid is None else num_valid[k - 1]
         depth_loss = _masked_mean(per_pos, valid, count)
         total = total + depth_loss
         with torch.no_grad():
-            acc = _masked_mean((logits.argmax(-1) == target).float(), valid, count)
+            acc = _masked_mean(hit.float(), valid, count)
         metrics[f"mtp_losses/mtp_{k}_loss"] = float(depth_loss.detach())
         metrics[f"mtp/acc_{k}"] = float(acc)
     return total * (scaling_factor / num_depths), metrics
