@@ -90,7 +90,8 @@ def token_logprobs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor, te
                                entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
     """(token_logprobs, token_entropy) from ONE fp32 log_softmax over the vocabulary (the two functions below
     are the references). entropy: "none" (None), "detached" (a metric: no graph through it) or "grad"
-    (an entropy bonus: gradients flow)."""
+    (an entropy bonus: gradients flow). The trainer no longer runs this on a micro-batch's [B,T,V] logits: the
+    model scores the tokens a chunk of positions at a time (mtprl.model.head, tested against this maths)."""
     z = logits[:, :-1].float()
     if temperature not in (0.0, 1.0):
         z = z / temperature

@@ -19,8 +19,8 @@ from mtprl.config.schema import MtprlConfig
 from mtprl.data import PromptLoader, load_sft_records, tokenize_sft
 from mtprl.data.sft import SFT_TRUNCATION_MODES
 from mtprl.metrics import Tracker
-from mtprl.model import mtp_loss, mtp_valid_counts
-from mtprl.trainer.batching import pad_right, split_by_tokens, split_fixed, token_logprobs, trim_padding
+from mtprl.model import TokenScoring, mtp_loss_from_scores, mtp_valid_counts
+from mtprl.trainer.batching import pad_right, split_by_tokens, split_fixed, trim_padding
 from mtprl.trainer.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from mtprl.trainer.optim import build_optimizer, build_scheduler, clip_and_check
 from mtprl.trainer.policy import compute_autocast, load_policy, load_policy_tokenizer, resolve_device, set_trainable
@@ -45,20 +45,22 @@ def sft_loss(model, examples, *, pad_id: int, num_targets: int, train_trunk: boo
     attn = pad_right([[1] * len(e.input_ids) for e in examples], 0).to(device)
     if cfg.actor_rollout_ref.model.use_remove_padding:
         ids, loss_mask, attn = trim_padding(ids, loss_mask, attn, attention_mask=attn)
-    with compute_autocast(cfg.actor_rollout_ref.model, device):  # bf16: mixed precision; the losses in fp32 below
+    # the target tokens' log-probs and MTP losses, the head a chunk of positions at a time (model/head.py)
+    scoring = TokenScoring(loss_mask, mtp_loss_mask=loss_mask if train_mtp else None, mtp_loss_type=mtp_cfg.loss_type,
+                           attention_mask=attn)
+    with compute_autocast(cfg.actor_rollout_ref.model, device):  # bf16: mixed precision; the log-softmax in fp32
         out = model(ids, attention_mask=attn, compute_mtp=train_mtp,
                     mtp_detach_encoder=mtp_cfg.detach_encoder or not train_trunk,
                     mtp_detach_head=mtp_cfg.detach_lm_head or not train_trunk,
-                    mtp_recursive_steps=mtp_cfg.recursive_steps)
+                    mtp_recursive_steps=mtp_cfg.recursive_steps, scoring=scoring)
     share = float(loss_mask[:, 1:].sum()) / max(num_targets, 1)  # this micro-batch's share of the batch targets
-    lm = -(token_logprobs(out.logits, ids) * loss_mask).sum() / max(num_targets, 1)
+    lm = -out.token_logprobs.sum() / max(num_targets, 1)  # 0 off the loss mask
     loss = lm if train_trunk else lm.detach()
     metrics = {"sft/lm_loss": float(lm.detach())}
     if train_mtp:
         scale = mtp_cfg.mtp_loss_scaling_factor if train_trunk else 1.0
-        m_loss, m_metrics = mtp_loss(out.mtp_logits, ids, loss_mask, scaling_factor=scale,
-                                     loss_type=mtp_cfg.loss_type, trunk_logits=out.logits, attention_mask=attn,
-                                     num_valid=mtp_counts)
+        m_loss, m_metrics = mtp_loss_from_scores(out.mtp_token_losses, out.mtp_token_correct, loss_mask,
+                                                 scaling_factor=scale, attention_mask=attn, num_valid=mtp_counts)
         if mtp_counts is None:  # this micro-batch's own means, weighted by its share of the targets
             m_loss, m_metrics = m_loss * share, {k: v * share for k, v in m_metrics.items()}
         loss = loss + m_loss

@@ -25,9 +25,8 @@ import torch
 from mtprl.algorithms import aggregate_loss, count_normalisers, kl_loss, policy_loss
 from mtprl.config.schema import MtprlConfig
 from mtprl.distributed.balance import partition_by_tokens
-from mtprl.model import mtp_loss, mtp_valid_counts
-from mtprl.trainer.batching import (shared_prompt_tokens, split_by_tokens, split_fixed, token_logprobs_and_entropy,
-                                    trim_padding)
+from mtprl.model import TokenScoring, mtp_loss_from_scores, mtp_valid_counts
+from mtprl.trainer.batching import shared_prompt_tokens, split_by_tokens, split_fixed, trim_padding
 from mtprl.trainer.optim import clip_and_check
 from mtprl.trainer.policy import compute_autocast
 
@@ -94,17 +93,28 @@ def micro_batches(batch: TrainBatch, cfg: MtprlConfig, role: str = "actor") -> l
     return split_fixed(len(batch), micro)
 
 
-def _forward(model, mb: TrainBatch, cfg: MtprlConfig, *, compute_mtp: bool):
+def _inputs(mb: TrainBatch, cfg: MtprlConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, response_mask) of a micro-batch, [B,T'] with all-padding columns dropped
+    (``use_remove_padding``)."""
     ids, attn, resp = mb.input_ids, mb.attention_mask, mb.response_mask
     if cfg.actor_rollout_ref.model.use_remove_padding:
         ids, attn, resp = trim_padding(ids, attn, resp, attention_mask=attn)
+    return ids, attn, resp
+
+
+def _forward(model, mb: TrainBatch, cfg: MtprlConfig, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *,
+             compute_mtp: bool, scoring: TokenScoring):
+    """The model on ``inputs`` (``_inputs(mb)``), returning the token scores ``scoring`` asks for: the output head
+    runs on chunks of the scored positions inside the model's call, never on the micro-batch's [B,T,V] logits
+    (``mtprl.model.head``)."""
+    ids, attn, resp = inputs
     mtp = cfg.actor_rollout_ref.model.mtp
     shared = (shared_prompt_tokens(ids, attn, resp, mb.group_ids) if cfg.actor_rollout_ref.actor.use_prefix_grouper
               else None)  # each group's prompt through the trunk once, padding never
-    with _autocast(model, cfg, ids.device):  # bf16 mixed precision: the model under autocast, the losses outside
-        out = model(ids, attention_mask=attn, compute_mtp=compute_mtp, mtp_detach_encoder=mtp.detach_encoder,
-                    mtp_detach_head=mtp.detach_lm_head, mtp_recursive_steps=mtp.recursive_steps, unique_tokens=shared)
-    return out, ids, attn, resp
+    with _autocast(model, cfg, ids.device):  # bf16 mixed precision: the matmuls in bf16, the log-softmax in fp32
+        return model(ids, attention_mask=attn, compute_mtp=compute_mtp, mtp_detach_encoder=mtp.detach_encoder,
+                     mtp_detach_head=mtp.detach_lm_head, mtp_recursive_steps=mtp.recursive_steps, unique_tokens=shared,
+                     scoring=scoring)
 
 
 def _autocast(model, cfg: MtprlConfig, device: torch.device):
@@ -146,9 +156,11 @@ def compute_logprobs(model, batch: TrainBatch, cfg: MtprlConfig, role: str = "ro
     _, groups = _rank_micro_batches(batch, cfg, dp, role)
     for rows in groups:
         mb = batch.select(rows if rows is not None else [0])
-        res, ids, _, _ = _forward(model, mb, cfg, compute_mtp=False)
+        ids, attn, resp = _inputs(mb, cfg)
+        res = _forward(model, mb, cfg, (ids, attn, resp), compute_mtp=False,
+                       scoring=TokenScoring(attn, temperature=temperature))  # every real token
         if rows is not None:
-            out[torch.as_tensor(rows), : ids.shape[1]] = token_logprobs_and_entropy(res.logits, ids, temperature)[0]
+            out[torch.as_tensor(rows), : ids.shape[1]] = res.token_logprobs
     if dp is not None and dp.distributed:  # each row is non-zero on exactly one rank: the sum is exact
         torch.distributed.all_reduce(out)
     return out * batch.attention_mask
@@ -160,10 +172,15 @@ def _micro_loss(model, mb: TrainBatch, cfg: MtprlConfig, norms: tuple[int, int],
     train_mtp = mtp_counts is not None
     actor, mtp_cfg = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.model.mtp
     temperature = cfg.actor_rollout_ref.rollout.temperature or 1.0
-    out, ids, attn, resp = _forward(model, mb, cfg, compute_mtp=train_mtp)
+    ids, attn, resp = _inputs(mb, cfg)
+    # the response tokens' log-probs and entropies (a metric without a graph unless it is a bonus), and the MTP
+    # losses at their positions: every value the losses below read (they mask everything else out)
+    scoring = TokenScoring(resp, temperature=temperature, entropy="grad" if actor.entropy_coeff else "detached",
+                           mtp_loss_mask=resp if train_mtp else None, mtp_loss_type=mtp_cfg.loss_type,
+                           attention_mask=attn)
+    out = _forward(model, mb, cfg, (ids, attn, resp), compute_mtp=train_mtp, scoring=scoring)
     width = ids.shape[1]
-    logp, entropy = token_logprobs_and_entropy(out.logits, ids, temperature,
-                                               entropy="grad" if actor.entropy_coeff else "detached")
+    logp, entropy = out.token_logprobs, out.token_entropy
     old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs[:, :width]  # None: on-policy, see above
     adv = mb.advantages[:, :width]
     # seq-mean-token-sum-norm divides by a constant T: verl's mask width is max_response_length (responses are
@@ -183,9 +200,10 @@ def _micro_loss(model, mb: TrainBatch, cfg: MtprlConfig, norms: tuple[int, int],
         metrics["actor/kl_loss"] = float(kl.detach())
         metrics["actor/kl_coef"] = actor.kl_loss_coef * share
     if train_mtp:
-        m_loss, m_metrics = mtp_loss(out.mtp_logits, ids, resp, scaling_factor=mtp_cfg.mtp_loss_scaling_factor,
-                                     loss_type=mtp_cfg.loss_type, trunk_logits=out.logits, attention_mask=attn,
-                                     num_valid=mtp_counts)  # already this micro-batch's part of the mini-batch's
+        # num_valid: the mini-batch's counts, so this is already this micro-batch's part of the mini-batch's loss
+        m_loss, m_metrics = mtp_loss_from_scores(out.mtp_token_losses, out.mtp_token_correct, resp,
+                                                 scaling_factor=mtp_cfg.mtp_loss_scaling_factor, attention_mask=attn,
+                                                 num_valid=mtp_counts)
         loss = loss + m_loss
         metrics.update(m_metrics)
     return loss, metrics
