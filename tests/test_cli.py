@@ -36,7 +36,8 @@ def test_every_subcommand_has_help(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert ("--model" in out and "--speculative-num-steps" in out) if command == "generate" else "key=value" in out
+    own_flags = {"generate": ("--model", "--speculative-num-steps"), "check-rollout": ("--model", "--backend")}
+    assert all(flag in out for flag in own_flags.get(command, ("key=value",))), out
 
 
 def test_python_dash_m_entry_point():
