@@ -1,4 +1,4 @@
-"""The ``mtprl`` command line: ``train``, ``sft``, ``generate``, ``eval``, ``demo``, ``config show``.
+"""The ``mtprl`` command line: ``train``, ``sft``, ``generate``, ``eval``, ``demo``, ``plan``, ``config show``.
 
 Config overrides are positional ``key=value`` / ``+key=value`` arguments after the subcommand, as
 in verl; ``--config-name`` picks a preset by name (``mtprl/config/presets``) or YAML path.
@@ -82,6 +82,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from mtprl.distributed.memory_plan import plan_memory
+
+    print(plan_memory(load_config(args.preset, args.overrides), usable_gib=args.gpu_memory_gib).describe())
+    return 0
+
+
 def _cmd_check_rollout(args: argparse.Namespace) -> int:
     from mtprl.rollout.check_cli import run_check
 
@@ -103,6 +110,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
                       _cmd_check_rollout),
     "eval": ("run validation on a checkpoint (actor_rollout_ref.model.path, data.val_files)", _cmd_eval),
     "demo": ("the main job on the embedded default: data, tokenizer, SFT, DAPO+MTP, report", _cmd_demo),
+    "plan": ("per-GPU memory plan of a config (model shapes from model.path's config.json; nothing loaded)",
+             _cmd_plan),
 }
 
 
@@ -129,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--runtime-env", default=None, metavar="FILE",
                            help="Ray runtime env YAML (env_vars, working_dir, excludes) for multi-rank runs; merged "
                                 "over ray_kwargs.ray_init.runtime_env")
+        if name == "plan":
+            p.add_argument("--gpu-memory-gib", type=float, default=78.5, metavar="GIB",
+                           help="usable memory per GPU (default 78.5: an 80 GB card after CUDA context and NCCL)")
         if name == "demo":
             p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
             p.add_argument("--quick", action="store_true", help="a few steps of everything (CI-sized)")
