@@ -26,6 +26,7 @@ model's own call, so that FSDP2's hooks have gathered the head (a sharded parame
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +80,17 @@ class TokenScoring:
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The matmul dtype of F.linear(hidden, weight) here: autocast's when it is on, else the inputs' promotion."""
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # (no autocast on meta)
         return torch.get_autocast_dtype(device)
     return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _no_autocast(device: str):
+    """Autocast off inside (the chunks' casts are explicit); nothing to do where it is not on (or not available,
+    e.g. on the meta device)."""
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def head_for_matmul(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -153,7 +162,7 @@ class _ChunkedHead(torch.autograd.Function):
         correct = torch.zeros(n if want_correct else 0, dtype=torch.bool, device=h.device)
         lse = torch.zeros(n, **f32)  # logsumexp z, kept for the backward
         ref_lse = torch.zeros(n if mode != "logprob" else 0, **f32)
-        with torch.autocast(h.device.type, enabled=False):
+        with _no_autocast(h.device.type):
             for s in range(0, n, chunk):
                 e = min(s + chunk, n)
                 z = ws.logits("z", h[s:e], w_mm, temperature)  # [c,V]
@@ -197,7 +206,7 @@ class _ChunkedHead(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=ws.dtype, device=w.device) if need_w else None  # summed in fp32
         if (g_score is None and g_ent is None) or not (need_h or need_w):
             return grad_h, None if grad_w is None else grad_w.to(ctx.w_dtype), *([None] * 10)
-        with torch.autocast(h.device.type, enabled=False):
+        with _no_autocast(h.device.type):
             for s in range(0, n, chunk):
                 e = min(s + chunk, n)
                 logp = ws.logits("z", h[s:e], w, temperature).sub_(lse[s:e, None])  # [c,V]

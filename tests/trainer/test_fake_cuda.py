@@ -18,7 +18,9 @@ CPU one, as a real GPU would. On a CPU-only build three things do not work under
   ``trunk.is_right_padded`` (the padding-mask choice of every forward with an attention mask: the test passes
   position ids instead), the metrics ``update._micro_loss`` and ``mtp_loss`` read with ``float()``,
   ``optim.clip_and_check``'s ``float(norm)`` (its norm and clip run here without it), ``trim_padding`` /
-  ``split_by_tokens`` (lengths read on the host) and the rollout engine's step (``engine.py``, ``#26``).
+  ``split_by_tokens`` (lengths read on the host), the chunked head's selection of the scored rows
+  (``hidden[mask]`` in ``model.head.token_scores``: the head itself runs here on given rows) and the rollout
+  engine's step (``engine.py``, ``#26``).
 """
 
 import pytest
@@ -161,6 +163,35 @@ def test_forward_losses_optimizer_step_on_fake_cuda(fake_cuda):
     scheduler.step()
     state = optimizer.state[model.embed_tokens.weight]
     assert state["exp_avg"].device == fake_cuda and state["exp_avg_sq"].device == fake_cuda
+
+
+def _head_scores(device, mode, entropy):
+    """The chunked head (model.head.linear_scores, what CausalLM.forward(scoring=...) runs on the scored rows) in
+    chunks of 3 rows: log-probs or KL / TV to reference rows, with an entropy."""
+    from mtprl.model.head import linear_scores
+
+    weight = torch.empty(CFG.vocab_size, CFG.hidden_size, device=device, requires_grad=device != "cuda")
+    hidden = torch.empty(7, CFG.hidden_size, device=device, requires_grad=device != "cuda")
+    targets = torch.zeros(7, dtype=torch.long, device=device)
+    ref = dict(ref_hidden=torch.empty(7, CFG.hidden_size, device=device), ref_weight=weight) if mode != "logprob" else {}
+    score, ent, correct = linear_scores(hidden, weight, targets, mode=mode, temperature=0.7, entropy=entropy,
+                                        want_correct=True, chunk_size=3, **ref)
+    return hidden, weight, score, ent, correct
+
+
+@pytest.mark.parametrize("mode", ["logprob", "kl", "tv"])
+def test_chunked_head_on_fake_cuda(fake_cuda, mode):
+    with torch.no_grad():
+        _, _, score, ent, correct = _head_scores("cuda", mode, "detached")
+    assert score.device == ent.device == correct.device == fake_cuda and score.shape == (7,)
+
+
+@pytest.mark.parametrize("mode, entropy", [("logprob", "grad"), ("kl", "detached"), ("tv", "none")])
+def test_chunked_head_backward_on_the_meta_device(mode, entropy):
+    """The chunked head's own backward (each chunk's logits recomputed) makes its tensors on the input's device."""
+    hidden, weight, score, ent, _ = _head_scores("meta", mode, entropy)
+    (score.sum() + (ent.sum() if entropy == "grad" else 0)).backward()
+    assert hidden.grad.is_meta and weight.grad.is_meta and hidden.grad.shape == hidden.shape
 
 
 def test_forward_backward_and_step_on_the_meta_device():
