@@ -205,6 +205,10 @@ class RolloutConfig:
     # every update in buckets of at most this many MB of gathered tensors (verl's key and default)
     update_weights_bucket_megabytes: int = 512
     free_cache_engine: bool = False  # drop the engine's KV cache and packed weights (multi-rank: its weight copy too) during the update
+    # rollout.name=vllm with MTP speculation: probabilistic = drafts sampled from the MTP layer's distribution (as
+    # the native engine drafts; accepted far more often at T > 0, but vLLM does not seed draft sampling, so a
+    # seeded run is not reproducible) | greedy = argmax drafts (vLLM's default; reproducible). Both are exact.
+    draft_sample_method: str = "probabilistic"
 
 
 @dataclass

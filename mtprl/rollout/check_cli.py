@@ -42,6 +42,8 @@ def add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="vLLM's KV cache on the CPU (GiB)")
     p.add_argument("--no-fix", action="store_true", help="vLLM: leave its sampler as shipped (no mtprl fix)")
+    p.add_argument("--draft-sample-method", choices=("probabilistic", "greedy"), default="probabilistic",
+                   help="vLLM's drafts: sampled from the MTP layer (mtprl's default) or argmax (vLLM's default)")
     p.add_argument("--alpha", type=float, default=1e-3, help="family-wise significance level")
     p.add_argument("--seed", type=int, default=0)
 
@@ -75,8 +77,9 @@ def run_check(args: argparse.Namespace) -> int:
 
         engine = VLLMEngine(model, max_num_seqs=256, max_seq_len=max_seq_len,
                             kv_cache_bytes=int(args.kv_cache_gb * 2**30), speculative=spec, seed=args.seed,
-                            fix_sampler=not args.no_fix, allow_inexact=True)
-        note = engine.sampler_note
+                            fix_sampler=not args.no_fix, allow_inexact=True,
+                            draft_sample_method=args.draft_sample_method)
+        note = f"{args.draft_sample_method} drafts; {engine.sampler_note}"
     else:
         from mtprl.rollout.engine import Engine
 

@@ -307,6 +307,9 @@ class VLLMEngine:
     kv_cache_bytes: the KV cache (CPU; vLLM's kv_cache_memory_bytes); gpu_memory_utilization: vLLM's, on CUDA.
     speculative: vLLM's MTP drafter with num_speculative_tokens = speculative.num_steps, for every call (vLLM
         fixes it at start-up: a generate call must pass the same setting).
+    draft_sample_method: "probabilistic" (drafts sampled from the MTP layer's distribution and checked with it: what
+        the native engine does; accepted far more often at T > 0; vLLM 0.32 draws them from its global RNG, so
+        seeded calls are not reproducible) or "greedy" (argmax drafts, vLLM's default; reproducible). Both exact.
     dtype: the weights' and activations' dtype (default the model's). enable_sleep_mode: CUDA only, for
         :meth:`release` (``rollout.free_cache_engine``). keep_weight_copies: keep a copy of every weight vLLM-CPU
         packs, so :meth:`read_weights` can return it (tests and checks; costs one copy of the linear weights).
@@ -319,7 +322,8 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.5, speculative: SpeculativeConfig | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  enable_sleep_mode: bool = False, seed: int = 0, keep_weight_copies: bool = False,
-                 fix_sampler: bool = True, allow_inexact: bool = False) -> None:
+                 fix_sampler: bool = True, allow_inexact: bool = False,
+                 draft_sample_method: str = "probabilistic") -> None:
         ref = next(model.parameters())
         self.config: ModelConfig = model.config
         self.dtype = dtype or ref.dtype
@@ -339,7 +343,10 @@ class VLLMEngine:
             json.dump(vllm_hf_config(self.config, dtype=self.dtype, with_mtp=speculative is not None), f, indent=1)
         memory = (dict(kv_cache_memory_bytes=int(kv_cache_bytes)) if self.device.type == "cpu"
                   else dict(gpu_memory_utilization=gpu_memory_utilization))
-        spec = ({"method": "mtp", "num_speculative_tokens": speculative.num_steps} if speculative is not None else None)
+        spec = None
+        if speculative is not None:
+            spec = {"method": "mtp", "num_speculative_tokens": speculative.num_steps,
+                    "draft_sample_method": draft_sample_method}
         # vLLM joins a process group that exists (the trainer's) or creates a 1-process one, which close() leaves
         self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         set_num_threads = torch.set_num_threads  # vLLM-CPU's worker replaces it with a no-op: put it back after
@@ -525,6 +532,8 @@ def config_problems(cfg) -> list[str]:
         errors.append(f"{pre}.tensor_model_parallel_size={r.tensor_model_parallel_size} is not available with "
                       "rollout.name=vllm yet: each rank runs its own vLLM engine with the whole model (docs/rollout.md "
                       "says what tensor-parallel rollouts would take); scale rollouts with more ranks")
+    if r.draft_sample_method not in ("probabilistic", "greedy"):
+        errors.append(f"{pre}.draft_sample_method={r.draft_sample_method!r} is not one of probabilistic, greedy")
     if mtp.enable and mtp.enable_rollout:
         m = "actor_rollout_ref.model.mtp"
         if mtp.speculative_eagle_topk != 1:
@@ -570,7 +579,8 @@ def build_vllm_engine(cfg, model: nn.Module, *, console=None) -> VLLMEngine:
                         kv_cache_bytes=int(r.cpu_kv_cache_gb * GiB), gpu_memory_utilization=r.gpu_memory_utilization,
                         speculative=spec, enable_sleep_mode=r.free_cache_engine and device.type == "cuda",
                         dtype=compute_dtype(cfg.actor_rollout_ref.model),  # the policy's master weights stay fp32
-                        seed=cfg.trainer.seed, keep_weight_copies=device.type == "cpu")  # CPU: weights readable
+                        seed=cfg.trainer.seed, keep_weight_copies=device.type == "cpu",  # CPU: weights readable
+                        draft_sample_method=r.draft_sample_method)
     kv = (f"cpu_kv_cache_gb={r.cpu_kv_cache_gb}" if device.type == "cpu"
           else f"gpu_memory_utilization={r.gpu_memory_utilization}")
     draft = f", MTP drafter with {spec.num_steps} speculative tokens ({engine.sampler_note})" if spec else ""

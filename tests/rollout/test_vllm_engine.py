@@ -139,7 +139,7 @@ def test_n_seeds_and_truncation(engine):
     a = engine.generate([PROMPT, [5, 6]], params, SPEC, torch.Generator().manual_seed(7))
     b = engine.generate([PROMPT, [5, 6]], params, SPEC, torch.Generator().manual_seed(7))
     assert [(c.prompt_index, c.sample_index) for c in a] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
-    assert [c.token_ids for c in a] == [c.token_ids for c in b]  # same generator state, same samples
+    assert [c.token_ids[0] for c in a] == [c.token_ids[0] for c in b]  # seeded (later tokens: unseeded drafts)
     assert len({tuple(c.token_ids) for c in a[:3]}) > 1  # the n samples of a prompt differ
     assert all(torch.isnan(torch.tensor(c.trunk_logprobs)).all() for c in a)  # truncated: not the trainer's view
     assert all(lp <= 0.0 for c in a for lp in c.logprobs)
@@ -147,18 +147,30 @@ def test_n_seeds_and_truncation(engine):
         engine.generate([PROMPT], params, None)
 
 
-def test_qwen2_checkpoint_with_fresh_mtp_layers_and_a_plain_engine():
+def test_qwen2_checkpoint_with_fresh_mtp_layers_and_greedy_drafts():
     """A Qwen2 model given an MTP layer by mtprl runs as MiMo in vLLM (no hand edits), speculation on; its
-    weights land bit for bit and greedy output equals the native engine's."""
+    weights land bit for bit and greedy output equals the native engine's. With vLLM's greedy drafts sampling is
+    exact too, and seeded calls reproduce (probabilistic drafts come from vLLM's unseeded RNG)."""
     torch.manual_seed(5)
     cfg = ModelConfig.tiny(model_type="qwen2", vocab_size=16, hidden_size=64, intermediate_size=128,
                            num_attention_heads=2, num_key_value_heads=1, num_mtp_layers=1,
                            max_position_embeddings=256)
     model = CausalLM(cfg).eval().requires_grad_(False)
-    eng = VLLMEngine(model, max_num_seqs=8, max_seq_len=64, kv_cache_bytes=1 << 26, speculative=SpeculativeConfig(1),
-                     keep_weight_copies=True)
+    model.lm_head.weight.mul_(8)
+    eng = VLLMEngine(model, max_num_seqs=64, max_seq_len=64, kv_cache_bytes=1 << 26, speculative=SpeculativeConfig(1),
+                     keep_weight_copies=True, draft_sample_method="greedy")
     assert weight_mismatches(eng, model) == []
     params = SamplingParams(temperature=0.0, max_new_tokens=10)
     ours = Engine(model, max_num_seqs=2, max_seq_len=64).generate([PROMPT], params)
     assert eng.generate([PROMPT], params, SpeculativeConfig(1))[0].token_ids == ours[0].token_ids
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=3, n=3000)
+    out = eng.generate_with_metrics([PROMPT], sampled, SpeculativeConfig(1), torch.Generator().manual_seed(0))
+    joint = joint_chi_square(model, PROMPT, out.completions, sampled, depth=2)
+    assert joint.p_value > ALPHA, joint
+    assert 1.0 < out.metrics.mean_accept_length < 2.0
+    again = eng.generate([PROMPT], SamplingParams(temperature=1.0, max_new_tokens=6, n=4), SpeculativeConfig(1),
+                         torch.Generator().manual_seed(1))
+    assert [c.token_ids for c in again] == [c.token_ids for c in eng.generate(
+        [PROMPT], SamplingParams(temperature=1.0, max_new_tokens=6, n=4), SpeculativeConfig(1),
+        torch.Generator().manual_seed(1))]
     eng.close()
