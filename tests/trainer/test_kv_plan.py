@@ -28,8 +28,10 @@ MIMO_7B = ModelConfig(model_type="mimo", vocab_size=151680, hidden_size=4096, in
 def test_dapo_mimo_7b_preset_plan_fits_the_gpu_share():
     """Hand-computed: K+V of one slot = 2 x (36 + 1 MTP) layers x 8 heads x 128 x 2 bytes = 151552 B; a row is
     2048 + 8192 tokens + 3 + 4 tree nodes = 10247 slots; 0.8 of 120 GiB free -> floor(0.8 x 120 GiB / (10247 x
-    151552 B)) = 66 rows (not the 1024 of max_num_seqs, which would be 1.45 TiB)."""
-    cfg = load_config("dapo_mimo_7b", PATHS)
+    151552 B)) = 66 rows (not the 1024 of max_num_seqs, which would be 1.45 TiB). (The preset itself asks for 16
+    rows, the sequences a rank has: docs/distributed.md section 3; here the schema's 1024 shows the bound.)"""
+    assert load_config("dapo_mimo_7b", PATHS).actor_rollout_ref.rollout.max_num_seqs == 16
+    cfg = load_config("dapo_mimo_7b", PATHS + ["actor_rollout_ref.rollout.max_num_seqs=1024"])
     r = cfg.actor_rollout_ref.rollout
     assert (r.max_num_seqs, r.gpu_memory_utilization) == (1024, 0.8)
     spec = speculative_config(cfg)
