@@ -282,11 +282,14 @@ class WeightSyncStats:
 
 
 # ----- metrics ------------------------------------------------------------------------------------------------
-def _spec_counters(llm) -> tuple[float, float, float, list[float]]:
-    """(drafts, draft tokens, accepted tokens, accepted per position) from vLLM's cumulative counters."""
+def _spec_counters(llm, model_name: str) -> tuple[float, float, float, list[float]]:
+    """(drafts, draft tokens, accepted tokens, accepted per position) from vLLM's cumulative counters. They live in
+    one registry per process, labelled by model name: only this engine's (its config directory) are read."""
     drafts = draft_tokens = accepted = 0.0
     per_pos: list[float] = []
     for metric in llm.get_metrics():
+        if metric.labels.get("model_name", model_name) != model_name:
+            continue
         if metric.name == "vllm:spec_decode_num_drafts":
             drafts = float(metric.value)
         elif metric.name == "vllm:spec_decode_num_draft_tokens":
@@ -476,7 +479,7 @@ class VLLMEngine:
                     max_tokens=min(params.max_new_tokens, room), stop_token_ids=list(params.stop_token_ids),
                     ignore_eos=True, logprobs=0, seed=seeds[len(keys)], detokenize=False))
                 keys.append((i, s))
-        before = _spec_counters(self.llm) if self.speculative is not None else None
+        before = _spec_counters(self.llm, self._dir.name) if self.speculative is not None else None
         t0 = time.perf_counter()
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         elapsed = time.perf_counter() - t0
@@ -501,7 +504,7 @@ class VLLMEngine:
                            tokens_per_s=generated / max(elapsed, 1e-9))
         if before is None:
             return m
-        after = _spec_counters(self.llm)
+        after = _spec_counters(self.llm, self._dir.name)
         drafts = after[0] - before[0]
         accepted = after[2] - before[2]
         k = self.speculative.num_steps
