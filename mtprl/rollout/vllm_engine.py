@@ -282,23 +282,17 @@ class WeightSyncStats:
 
 
 # ----- metrics ------------------------------------------------------------------------------------------------
-def _spec_counters(llm, model_name: str) -> tuple[float, float, float, list[float]]:
-    """(drafts, draft tokens, accepted tokens, accepted per position) from vLLM's cumulative counters. They live in
-    one registry per process, labelled by model name: only this engine's (its config directory) are read."""
-    drafts = draft_tokens = accepted = 0.0
-    per_pos: list[float] = []
-    for metric in llm.get_metrics():
-        if metric.labels.get("model_name", model_name) != model_name:
-            continue
-        if metric.name == "vllm:spec_decode_num_drafts":
-            drafts = float(metric.value)
-        elif metric.name == "vllm:spec_decode_num_draft_tokens":
-            draft_tokens = float(metric.value)
-        elif metric.name == "vllm:spec_decode_num_accepted_tokens":
-            accepted = float(metric.value)
-        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
-            per_pos = [float(v) for v in metric.values]
-    return drafts, draft_tokens, accepted, per_pos
+def _accept_histogram(outputs, k: int) -> list[int]:
+    """Verify steps by number of drafts accepted (0..k), summed over the requests of one call, from vLLM's
+    per-request speculative metrics (``per_request_spec_decode_metrics="summary"``). Per request, so the counts are
+    this call's and this engine's (vLLM's Prometheus counters are one registry per process, in which a later engine
+    hides an earlier one's)."""
+    hist = [0] * (k + 1)
+    for out in outputs:
+        metrics = getattr(out.outputs[0], "spec_decode_metrics", None)
+        for j, count in enumerate(metrics.histogram if metrics is not None else ()):
+            hist[min(j, k)] += int(count)
+    return hist
 
 
 # ----- the engine ---------------------------------------------------------------------------------------------
@@ -358,7 +352,8 @@ class VLLMEngine:
                            dtype=str(self.dtype).removeprefix("torch."), enforce_eager=self.device.type == "cpu",
                            max_model_len=max_seq_len, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max(max_num_batched_tokens, max_seq_len), seed=seed,
-                           speculative_config=spec, disable_log_stats=False, logprobs_mode="processed_logprobs",
+                           speculative_config=spec, logprobs_mode="processed_logprobs",
+                           per_request_spec_decode_metrics="summary" if spec is not None else "none",
                            enable_prefix_caching=True, enable_sleep_mode=enable_sleep_mode, **memory)
         finally:
             torch.set_num_threads = set_num_threads
@@ -479,7 +474,6 @@ class VLLMEngine:
                     max_tokens=min(params.max_new_tokens, room), stop_token_ids=list(params.stop_token_ids),
                     ignore_eos=True, logprobs=0, seed=seeds[len(keys)], detokenize=False))
                 keys.append((i, s))
-        before = _spec_counters(self.llm, self._dir.name) if self.speculative is not None else None
         t0 = time.perf_counter()
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         elapsed = time.perf_counter() - t0
@@ -495,28 +489,25 @@ class VLLMEngine:
                 trunk_logprobs=[math.nan] * len(ids) if truncated and not params.greedy else lps,
                 finish_reason="stop" if stopped else "length", prompt_index=i, sample_index=s))
         return GenerateOutput(completions=completions,
-                              metrics=self._metrics(prompts, params, completions, elapsed, before))
+                              metrics=self._metrics(prompts, params, completions, elapsed, outputs))
 
-    def _metrics(self, prompts, params, completions, elapsed, before) -> RolloutMetrics:
+    def _metrics(self, prompts, params, completions, elapsed, outputs) -> RolloutMetrics:
         generated = sum(len(c.token_ids) for c in completions)
         m = RolloutMetrics(num_sequences=len(completions), num_prompt_tokens=sum(map(len, prompts)) * params.n,
                            num_generated_tokens=generated, elapsed_s=elapsed,
                            tokens_per_s=generated / max(elapsed, 1e-9))
-        if before is None:
+        if self.speculative is None:
             return m
-        after = _spec_counters(self.llm, self._dir.name)
-        drafts = after[0] - before[0]
-        accepted = after[2] - before[2]
         k = self.speculative.num_steps
-        per_pos = [a - (before[3][j] if j < len(before[3]) else 0.0) for j, a in enumerate(after[3][:k])]
-        per_pos += [0.0] * (k - len(per_pos))
-        reached = [drafts] + per_pos[:-1]  # draft j is looked at only when drafts 1..j-1 were accepted
-        m.num_row_steps = int(drafts)
-        m.mean_accept_length = 1.0 + accepted / drafts if drafts else 1.0
-        m.num_drafts_reached = [int(r) for r in reached]
-        m.num_drafts_accepted = [int(a) for a in per_pos]
-        m.accept_rate_per_depth = [a / r if r else 0.0 for a, r in zip(per_pos, reached)]
-        m.mean_draft_depth = float(k) if drafts else 0.0
+        hist = _accept_histogram(outputs, k)  # hist[j]: verify steps that accepted exactly j drafts
+        steps = sum(hist)
+        reached = [sum(hist[j:]) for j in range(k)]  # draft j + 1 is looked at when drafts 1..j were accepted
+        accepted = [sum(hist[j + 1:]) for j in range(k)]
+        m.num_row_steps = steps
+        m.mean_accept_length = 1.0 + sum(j * c for j, c in enumerate(hist)) / steps if steps else 1.0
+        m.num_drafts_reached, m.num_drafts_accepted = reached, accepted
+        m.accept_rate_per_depth = [a / r if r else 0.0 for a, r in zip(accepted, reached)]
+        m.mean_draft_depth = float(k) if steps else 0.0
         return m
 
 

@@ -147,7 +147,7 @@ def test_n_seeds_and_truncation(engine):
         engine.generate([PROMPT], params, None)
 
 
-def test_qwen2_checkpoint_with_fresh_mtp_layers_and_greedy_drafts():
+def test_qwen2_checkpoint_with_fresh_mtp_layers_and_greedy_drafts(engine):
     """A Qwen2 model given an MTP layer by mtprl runs as MiMo in vLLM (no hand edits), speculation on; its
     weights land bit for bit and greedy output equals the native engine's. With vLLM's greedy drafts sampling is
     exact too, and seeded calls reproduce (probabilistic drafts come from vLLM's unseeded RNG)."""
@@ -169,6 +169,9 @@ def test_qwen2_checkpoint_with_fresh_mtp_layers_and_greedy_drafts():
     assert joint.p_value > ALPHA, joint
     assert 1.0 < out.metrics.mean_accept_length < 2.0  # this engine's counters, not the module engine's
     assert out.metrics.num_drafts_reached[0] > 0
+    engine.sync_weights(make_model(3))  # the other engine, started first, still reports its own acceptance
+    first = engine.generate_with_metrics([PROMPT], SamplingParams(temperature=1.0, max_new_tokens=8, n=64), SPEC)
+    assert first.metrics.num_drafts_reached[0] > 0 and first.metrics.mean_accept_length > 1.0
     again = eng.generate([PROMPT], SamplingParams(temperature=1.0, max_new_tokens=6, n=4), SpeculativeConfig(1),
                          torch.Generator().manual_seed(1))
     assert [c.token_ids for c in again] == [c.token_ids for c in eng.generate(
