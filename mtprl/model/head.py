@@ -35,8 +35,9 @@ import torch.nn.functional as F
 MODES = ("logprob", "kl", "tv")
 ENTROPY_MODES = ("none", "detached", "grad")
 # Elements of one [rows, V] fp32 chunk: 2^26 (256 MiB) is 441 rows at V = 151,936 and the whole micro-batch at
-# the demo's V = 384. On this CPU a [rows, 896] x [896, 151936] matmul runs at the same speed per row from ~256
-# rows up (benchmarks/memory_real_shapes.py, docs/performance.md), so a larger chunk buys no speed.
+# the demo's V = 384. On the 2-core CPU the head's forward + backward at Qwen2.5's H = 896, V = 151,936 took the
+# same time per row at 441, 882 and 1323 rows (within the machine's noise; docs/performance.md), so a larger chunk
+# buys no speed for its memory.
 CHUNK_ELEMENTS = 2 ** 26
 _GRAD_BLOCK = 16384  # vocabulary rows per bf16 block of the weight gradient before its fp32 sum
 
@@ -100,8 +101,9 @@ def head_for_matmul(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class _Workspace:
     """The [rows, V] buffers of one forward or backward call, allocated once and reused by every chunk: a fresh
-    buffer per chunk (256 MiB at the chunk size) is a fresh mmap whose pages all fault on first touch, which made
-    the update 1.5x slower at Qwen2.5-0.5B's shapes on CPU."""
+    buffer per chunk (256 MiB at the chunk size) is a fresh mmap whose pages all fault on first touch (fresh
+    buffers cost 41 s of system time against 13 s reused, over benchmarks/memory_real_shapes.py's two 2-layer
+    updates on CPU)."""
 
     def __init__(self, rows: int, like: torch.Tensor, vocab: int) -> None:
         self.rows, self.vocab, self.device = rows, vocab, like.device
