@@ -148,9 +148,9 @@ class WidestVocabularyTensor(TorchDispatchMode):
         if any(r.alias_info is not None for r in func._schema.returns):  # a view or an in-place op: no new memory
             return out
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == self.vocab:
-                if t.numel() // self.vocab > self.rows:
-                    self.rows, self.op = t.numel() // self.vocab, str(func)
+            is_vocab = isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == self.vocab
+            if is_vocab and t.numel() // self.vocab > self.rows:
+                self.rows, self.op = t.numel() // self.vocab, str(func)
         return out
 
 
