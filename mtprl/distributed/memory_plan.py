@@ -103,13 +103,13 @@ def plan_memory(cfg: MtprlConfig, *, usable_gib: float = 78.5) -> MemoryPlan:
         model = CausalLM(mc)
     world, per_node = tr.nnodes * tr.n_gpus_per_node, tr.n_gpus_per_node
     dtype = compute_dtype(model_cfg)
-    db = torch.finfo(dtype).bits // 8
+    db = dtype.itemsize
     params = _numel(model)
     mtp_params = sum(_numel(m) for m in model.mtp_layers)
     train_mtp = mtp.enable and mtp.enable_train
     trainable = params if train_mtp else params - mtp_params
     h, v = mc.hidden_size, mc.vocab_size
-    kv_dim = mc.num_key_value_heads * (mc.head_dim or h // mc.num_attention_heads)
+    kv_dim = mc.num_key_value_heads * mc.resolved_head_dim
     terms: dict[str, Term] = {}
 
     def add(key: str, nbytes: float, formula: str) -> None:
@@ -152,20 +152,8 @@ def plan_memory(cfg: MtprlConfig, *, usable_gib: float = 78.5) -> MemoryPlan:
     gen = cfg.data.gen_batch_size or cfg.data.train_batch_size
     sequences = math.ceil(gen * rollout.n / world)
     notes = []
-    if rollout.name == "vllm":
-        # vLLM takes gpu_memory_utilization of the card for its weights, activations and KV cache (its sleep mode,
-        # free_cache_engine, drops the KV cache and moves its weights to the host during the update); with several
-        # ranks the trainer also keeps its own full copy beside it (the HF export's source; refreshed by the sync)
-        add("rollout weights", params * db if world > 1 else 0,
-            f"P x {db} B (the trainer's full copy beside vLLM)" if world > 1 else "one process: none beside vLLM")
-        add("packed", 0, "vLLM: no packed copy")
-        pool = rollout.gpu_memory_utilization * usable
-        add("kv cache", pool, f"vLLM's share: {rollout.gpu_memory_utilization} x {usable_gib} GiB (its bf16 weights "
-            f"{params * db / GiB:.2f} GiB, activations and KV cache)")
-        kv_rows = int((pool - params * db) // (max_seq * 2 * kv_dim * db * (mc.num_hidden_layers + 1)))
-        engine = ["rollout weights", "kv cache"]
-    else:
-        kv_rows, engine = _native_engine(add, terms, cfg, mc, model, world, dtype, db, usable, max_seq)
+    rollout_terms = _vllm_engine if rollout.name == "vllm" else _native_engine
+    kv_rows, engine = rollout_terms(add, terms, cfg, mc, model, params, world, dtype, usable, max_seq)
     phases = {"rollout": ["states", "reference", "rollout weights", "packed", "kv cache"],
               "update": ["states", "reference", "units", "activations", "head"]
               + ([] if rollout.free_cache_engine else engine)}
@@ -177,7 +165,25 @@ def plan_memory(cfg: MtprlConfig, *, usable_gib: float = 78.5) -> MemoryPlan:
                       host_bytes_per_node=int(host), kv_rows=kv_rows, sequences_per_rank=sequences, notes=notes)
 
 
-def _native_engine(add, terms, cfg, mc, model, world, dtype, db, usable, max_seq) -> tuple[int, list[str]]:
+def _vllm_engine(add, terms, cfg, mc, model, params, world, dtype, usable, max_seq) -> tuple[int, list[str]]:
+    """vLLM's terms: it takes gpu_memory_utilization of the card for its weights, activations and KV cache (its
+    sleep mode, free_cache_engine, drops the KV cache and moves its weights to the host during the update); with
+    several ranks the trainer also keeps its own full copy beside it (the HF export's source, refreshed by the
+    sync). Returns (full-length KV rows its pool holds, the engine's terms)."""
+    from mtprl.rollout.kv_cache import kv_bytes_per_slot
+
+    rollout, db = cfg.actor_rollout_ref.rollout, dtype.itemsize
+    add("rollout weights", params * db if world > 1 else 0,
+        f"P x {db} B (the trainer's full copy beside vLLM)" if world > 1 else "one process: none beside vLLM")
+    add("packed", 0, "vLLM: no packed copy")
+    pool = rollout.gpu_memory_utilization * usable
+    add("kv cache", pool, f"vLLM's share: {rollout.gpu_memory_utilization} x {usable / GiB} GiB (its bf16 weights "
+        f"{params * db / GiB:.2f} GiB, activations and KV cache)")
+    rows = int((pool - params * db) // (max_seq * kv_bytes_per_slot(mc, dtype, with_mtp=True)))
+    return rows, ["rollout weights", "kv cache"]
+
+
+def _native_engine(add, terms, cfg, mc, model, params, world, dtype, usable, max_seq) -> tuple[int, list[str]]:
     """The native engine's terms (its weight copy with several ranks - one process shares the fp32 policy - its
     packed copy and its KV cache as it plans it); returns (KV rows, the engine's terms)."""
     from mtprl.distributed.weight_sync import stepper_weights
@@ -186,11 +192,11 @@ def _native_engine(add, terms, cfg, mc, model, world, dtype, db, usable, max_seq
     from mtprl.rollout.kv_cache import plan_cache
     from mtprl.trainer.samples import speculative_config
 
-    rollout, params = cfg.actor_rollout_ref.rollout, sum(p.numel() for p in model.parameters())
+    rollout, db = cfg.actor_rollout_ref.rollout, dtype.itemsize
     copy = params * db if world > 1 else 0
     add("rollout weights", copy, f"P x {db} B (the engine's copy)" if world > 1 else "one process: the policy's own")
     packed_dtype = dtype if world > 1 else torch.float32
-    packed = sum(t.numel() for t in stepper_weights(PackedModel(model)).values()) * torch.finfo(packed_dtype).bits // 8
+    packed = sum(t.numel() for t in stepper_weights(PackedModel(model)).values()) * packed_dtype.itemsize
     add("packed", packed, f"the engine's fused weights in {str(packed_dtype).removeprefix('torch.')}")
     spec = speculative_config(cfg)
     free = usable - terms["states"].bytes - terms["reference"].bytes - copy  # what is resident at build

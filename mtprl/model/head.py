@@ -285,7 +285,7 @@ def token_scores(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Te
                  chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """hidden [B,T,H] (trunk h^0), weight [V,H], input_ids [B,T], score_mask [B,T] -> (token_logprobs [B,T],
     token_entropy [B,T] or None), out[:, t] from hidden[:, t-1] for token t, 0 where score_mask is 0 and at t = 0
-    (as trainer.batching.token_logprobs_and_entropy on the full logits)."""
+    (as logits_token_scores on the full logits)."""
     pos = score_mask[:, 1:].bool()  # [B,T-1]: position t-1 scores token t
     logp, ent, _ = linear_scores(hidden[:, :-1][pos], weight, input_ids[:, 1:][pos], temperature=temperature,
                                  entropy=entropy, weight_mm=weight_mm, chunk_size=chunk_size)
@@ -296,21 +296,30 @@ def token_scores(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Te
     return place(logp), (None if ent is None else place(ent))
 
 
-def reference_token_scores(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
-                           score_mask: torch.Tensor, *, temperature: float = 1.0,
-                           entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """token_scores from the full logits F.linear(hidden, weight) [B,T,V] (the path before the chunked head, kept
-    as its slow reference): one fp32 log-softmax over [B,T-1,V], the maths of trainer.batching's
-    token_logprobs_and_entropy, then zero where score_mask is 0."""
-    z = F.linear(hidden, weight)[:, :-1].float()  # [B,T-1,V]
+def logits_token_scores(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, *,
+                        entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(token_logprobs [B,T], token_entropy [B,T] or None) from full logits [B,T,V] with ONE fp32 log_softmax over
+    the vocabulary: the path before the chunked head, kept as its slow reference (trainer.batching's
+    token_logprobs / token_entropy are this function's references). out[:, t] scores token t from logits[:, t-1];
+    out[:, 0] = 0. entropy: "none" (None), "detached" (no graph through it) or "grad" (gradients flow)."""
+    z = logits[:, :-1].float()
     if temperature not in (0.0, 1.0):
         z = z / temperature
-    logp_all = torch.log_softmax(z, dim=-1)
-    keep = score_mask.to(torch.float32)
-    logp = F.pad(logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1), (1, 0)) * keep
+    logp_all = torch.log_softmax(z, dim=-1)  # [B,T-1,V]
+    logp = F.pad(logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1), (1, 0))
     if entropy == "none":
         return logp, None
     src = logp_all if entropy == "grad" else logp_all.detach()
     with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
-        ent = F.pad(-(src.exp() * src).sum(-1), (1, 0)) * keep
+        ent = F.pad(-(src.exp() * src).sum(-1), (1, 0))
     return logp, ent
+
+
+def reference_token_scores(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                           score_mask: torch.Tensor, *, temperature: float = 1.0,
+                           entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """token_scores from the full logits F.linear(hidden, weight) [B,T,V] (logits_token_scores), then zero where
+    score_mask is 0."""
+    logp, ent = logits_token_scores(F.linear(hidden, weight), input_ids, temperature, entropy=entropy)
+    keep = score_mask.to(torch.float32)
+    return logp * keep, (None if ent is None else ent * keep)

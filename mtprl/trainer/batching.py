@@ -86,28 +86,10 @@ def shared_prompt_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                         expand_index=expand.to(device))
 
 
-def token_logprobs_and_entropy(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0, *,
-                               entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(token_logprobs, token_entropy) from ONE fp32 log_softmax over the vocabulary (the two functions below
-    are the references). entropy: "none" (None), "detached" (a metric: no graph through it) or "grad"
-    (an entropy bonus: gradients flow). The trainer no longer runs this on a micro-batch's [B,T,V] logits: the
-    model scores the tokens a chunk of positions at a time (mtprl.model.head, tested against this maths)."""
-    z = logits[:, :-1].float()
-    if temperature not in (0.0, 1.0):
-        z = z / temperature
-    logp_all = torch.log_softmax(z, dim=-1)  # [B,T-1,V]
-    logp = F.pad(logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1), (1, 0))
-    if entropy == "none":
-        return logp, None
-    src = logp_all if entropy == "grad" else logp_all.detach()
-    with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
-        ent = F.pad(-(src.exp() * src).sum(-1), (1, 0))
-    return logp, ent
-
-
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """logits [B,T,V], input_ids [B,T] -> [B,T] with out[:, t] = log_softmax(logits[:, t-1] / T)[input_ids[:, t]]
-    and out[:, 0] = 0. Computed in fp32."""
+    and out[:, 0] = 0. Computed in fp32. (The reference of mtprl.model.head.logits_token_scores; the trainer scores
+    tokens through the chunked head.)"""
     logits = logits[:, :-1].float()
     if temperature not in (0.0, 1.0):
         logits = logits / temperature

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from mtprl.model import CausalLM, ModelConfig, TokenScoring, mtp_loss, mtp_loss_from_scores
-from mtprl.model.head import chunk_rows, linear_scores, reference_token_scores
-from mtprl.trainer.batching import shared_prompt_tokens, token_logprobs_and_entropy
+from mtprl.model.head import chunk_rows, linear_scores, logits_token_scores, reference_token_scores
+from mtprl.trainer.batching import shared_prompt_tokens
 from mtprl.trainer.policy import apply_gradient_checkpointing
 
 LN2 = math.log(2.0)
@@ -132,7 +132,7 @@ def test_reference_token_scores_equal_the_trainers_logits_path(temperature):
     hidden, w = torch.randn(2, 6, 8, generator=g), torch.randn(30, 8, generator=g)
     ids, mask = torch.randint(30, (2, 6), generator=g), torch.randint(2, (2, 6), generator=g)
     logp, ent = reference_token_scores(hidden, w, ids, mask, temperature=temperature, entropy="detached")
-    old_logp, old_ent = token_logprobs_and_entropy(F.linear(hidden, w), ids, temperature, entropy="detached")
+    old_logp, old_ent = logits_token_scores(F.linear(hidden, w), ids, temperature, entropy="detached")
     assert torch.equal(logp, old_logp * mask) and torch.equal(ent, old_ent * mask)
 
 

@@ -15,8 +15,8 @@ from torch.utils._pytree import tree_flatten
 import mtprl.model.head
 from mtprl.config import load_config
 from mtprl.model import CausalLM, ModelConfig, TokenScoring
+from mtprl.model.head import logits_token_scores
 from mtprl.trainer import sft, update
-from mtprl.trainer.batching import token_logprobs_and_entropy
 from mtprl.trainer.update import TrainBatch, actor_update, compute_logprobs
 
 V = 96  # differs from hidden (32) and intermediate (64): a [*, V] tensor is a vocabulary one
@@ -95,7 +95,7 @@ def test_compute_logprobs_equals_the_logits_path(temperature, small_chunks):
     batch = _batch(seed=1)
     cfg = _cfg(f"actor_rollout_ref.rollout.temperature={temperature}")
     with torch.no_grad():  # what compute_logprobs returned before: every real token's log-prob from full logits
-        old = token_logprobs_and_entropy(model(batch.input_ids, attention_mask=batch.attention_mask,
+        old = logits_token_scores(model(batch.input_ids, attention_mask=batch.attention_mask,
                                                compute_mtp=False).logits, batch.input_ids, temperature)[0]
     torch.testing.assert_close(compute_logprobs(model, batch, cfg), old * batch.attention_mask, rtol=1e-5,
                                atol=1e-6)

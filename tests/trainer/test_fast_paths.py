@@ -10,8 +10,9 @@ import torch
 
 from mtprl.config import load_config
 from mtprl.model import CausalLM, ModelConfig
+from mtprl.model.head import logits_token_scores
 from mtprl.trainer import loop
-from mtprl.trainer.batching import shared_prompt_tokens, token_entropy, token_logprobs, token_logprobs_and_entropy
+from mtprl.trainer.batching import shared_prompt_tokens, token_entropy, token_logprobs
 from mtprl.trainer.update import TrainBatch, actor_update, compute_logprobs, reuses_current_logprobs
 
 
@@ -160,13 +161,13 @@ def test_one_log_softmax_equals_the_reference_functions(temperature):
     ids = torch.randint(50, (3, 7), generator=g)
     ref_logp, ref_ent = token_logprobs(logits, ids, temperature), token_entropy(logits, temperature)
     for mode in ("none", "detached", "grad"):
-        logp, ent = token_logprobs_and_entropy(logits, ids, temperature, entropy=mode)
+        logp, ent = logits_token_scores(logits, ids, temperature, entropy=mode)
         assert torch.equal(logp, ref_logp)
         assert (ent is None) == (mode == "none")
         if ent is not None:
             torch.testing.assert_close(ent, ref_ent, rtol=1e-6, atol=1e-6)
             assert ent.requires_grad == (mode == "grad")
     (g_ref,) = torch.autograd.grad((ref_logp + 0.3 * ref_ent).sum(), logits)
-    logp, ent = token_logprobs_and_entropy(logits, ids, temperature, entropy="grad")
+    logp, ent = logits_token_scores(logits, ids, temperature, entropy="grad")
     (g_new,) = torch.autograd.grad((logp + 0.3 * ent).sum(), logits)
     torch.testing.assert_close(g_new, g_ref, rtol=1e-5, atol=1e-6)
