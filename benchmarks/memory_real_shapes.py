@@ -3,6 +3,7 @@ the demo-shaped update.
 
     .venv/bin/python benchmarks/memory_real_shapes.py [--layers 24] [--samples 4,12] [--prompt 22] [--response 256]
                                                       [--dtype bfloat16|float32] [--no-checkpointing] [--threads 2]
+                                                      [--json]
     .venv/bin/python benchmarks/memory_real_shapes.py --shape demo [--rounds 5] [--before DIR]
 
 Run it from outside the repository root (e.g. `cd /tmp`) with PYTHONPATH=DIR to measure another checkout's mtprl
@@ -245,6 +246,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=None, help="updates timed per process (default 1; demo 5)")
     ap.add_argument("--rounds", type=int, default=5, help="demo: rounds of after / before")
     ap.add_argument("--before", default=None, help="demo: a directory holding another mtprl package to compare")
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON object instead of a table")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     demo = args.shape == "demo"
@@ -263,6 +265,10 @@ def main() -> None:
         return
     results = run([int(s) for s in args.samples.split(",")], layers=args.layers, prompt=args.prompt,
                   response=args.response, dtype=args.dtype, checkpointing=args.checkpointing, threads=args.threads)
+    if args.json:
+        print(json.dumps({"results": results, "chunk": chunk_rows_or_none(QWEN05["vocab_size"]),
+                          "growth_per_token": growth_per_token(results) if len(results) > 1 else None}))
+        return
     gib = 2 ** 30
     row = 4 * QWEN05["vocab_size"]
     print(f"layers={args.layers} dtype={args.dtype} checkpointing={args.checkpointing} "

@@ -5,6 +5,7 @@
                                           [--steps-demo 6] [--steps-25m 3] [--skip-limits] [--limits-only]
                                           [--configs trl_fp32,off,...] [--limits-new-tokens 128] [--limits-repeats 5]
                                           [--malloc-keep]
+    .venv/bin/python benchmarks/vs_trl.py --check   # no TRL needed, seconds: the configs and the limits model
 
 Shapes (same HF checkpoint, same prompts, same settings on both sides):
   demo  the model of mtprl's first demo, fixed here (DEMO_MODEL, DEMO_DATA: short synthetic math, a 384-token BPE
@@ -39,6 +40,9 @@ of large fp32 matmuls; and (--limits, its own process) batch-1 decoding of a ~10
 the memory-bandwidth bound = copy bandwidth (2 x bytes / time of a 512 MB copy) / weight bytes per token, plain,
 speculative (3 draft steps) and adaptive (a confident random LM with a one-layer MTP draft; see confident_lm).
 The machine is shared: medians of alternating rounds, ratios of medians; torch runs --threads threads on both.
+--check runs nothing: it resolves every mtprl configuration's overrides (and the demo shape's SFT run's) through
+mtprl's config validation and builds the limits model, and prints what they set as one JSON object (the suite
+runs it, so a config key the benchmark sets cannot go stale unnoticed).
 """
 
 from __future__ import annotations
@@ -401,6 +405,46 @@ def run_limits(new_tokens: int, repeats: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- driver
+def check() -> dict:
+    """Every configuration's resolved settings and the limits model's size and confidence; nothing run."""
+    import torch
+
+    from mtprl.config import load_config
+
+    work = Path(tempfile.mkdtemp())
+    paths = {"train": str(work / "train.parquet"), "demo": str(work / "demo"), "25m": str(work / "25m")}
+    configs = {}
+    for shape, spec in SHAPES.items():
+        for config in spec["configs"]:
+            if config.startswith("trl"):
+                continue
+            cfg = load_config(None, ours_overrides(paths, shape, config))
+            actor, mtp = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.model.mtp
+            configs[f"{shape}/{config}"] = {
+                "prompts": cfg.data.train_batch_size, "n": cfg.actor_rollout_ref.rollout.n,
+                "new_tokens": cfg.data.max_response_length, "lr": actor.optim.lr,
+                "clip": [actor.clip_ratio_low, actor.clip_ratio_high], "filter_groups": cfg.algorithm.filter_groups.enable,
+                "kl_loss": actor.use_kl_loss, "dtype": cfg.actor_rollout_ref.model.dtype,
+                "mtp_rollout": mtp.enable_rollout, "mtp_train": mtp.enable_train, "adaptive": mtp.adaptive}
+    data = type("Data", (), {"sft_train": str(work / "sft_train.parquet"), "sft_val": str(work / "sft_val.parquet")})
+    sft = load_config("tiny_cpu", demo_sft_overrides(work, data, work / "init"))
+    mtp, optim = sft.actor_rollout_ref.model.mtp, sft.actor_rollout_ref.actor.optim
+    demo_sft = {"batch": sft.data.train_batch_size, "steps": sft.trainer.total_training_steps,
+                "new_tokens": sft.data.max_response_length, "lr": optim.lr, "warmup_style": optim.warmup_style,
+                "warmup_steps": optim.lr_warmup_steps, "min_lr_ratio": optim.min_lr_ratio,
+                "mtp_loss_scaling_factor": mtp.mtp_loss_scaling_factor, "recursive_steps": mtp.recursive_steps}
+    model = confident_lm()
+    with torch.no_grad():
+        ids = torch.randint(model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+        probs = model(ids, compute_mtp=False).logits.softmax(-1)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"configs": configs, "demo_sft": demo_sft,
+            "limits_model": {"trunk_params": sum(p.numel() for n, p in model.named_parameters()
+                                                 if not n.startswith("mtp_layers")),
+                             "matmul_params": matmul_params(model),
+                             "entropy": float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean())}}
+
+
 def worker(args) -> None:
     import torch
 
@@ -517,9 +561,14 @@ def main() -> None:
     ap.add_argument("--limits-repeats", type=int, default=5)
     ap.add_argument("--malloc-keep", action="store_true",
                     help="run every worker (both sides) with glibc keeping freed memory (GLIBC_KEEP_FREED)")
+    ap.add_argument("--check", action="store_true", help="resolve every configuration and build the limits model, "
+                    "print them as JSON, run nothing (no TRL needed)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.check:
+        print(json.dumps(check()))
+        return
     if args.worker:
         return worker(args)
     import torch
