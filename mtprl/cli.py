@@ -1,4 +1,5 @@
-"""The ``mtprl`` command line: ``train``, ``sft``, ``generate``, ``eval``, ``demo``, ``plan``, ``config show``.
+"""The ``mtprl`` command line: ``train``, ``sft``, ``generate``, ``eval``, ``demo``, ``plan``,
+``config show|presets|docs``.
 
 Config overrides are positional ``key=value`` / ``+key=value`` arguments after the subcommand, as
 in verl; ``--config-name`` picks a preset by name (``mtprl/config/presets``) or YAML path.
@@ -29,6 +30,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
         for p in sorted(PRESET_DIR.glob("*.yaml")):
             first = next((ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
             print(f"{p.stem:20s} {first}")
+        return 0
+    if args.config_cmd == "docs":
+        from mtprl.config.docs import render
+
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(render())
+        else:
+            print(render(), end="")
         return 0
     cfg = load_config(args.preset, args.overrides)
     print(to_yaml(cfg), end="")
@@ -154,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print the fully resolved config as YAML")
     _add_config_args(show)
     csub.add_parser("presets", help="list the bundled presets")
+    docs = csub.add_parser("docs", help="print the configuration reference (docs/config.md) from the schema's comments")
+    docs.add_argument("--out", default=None, metavar="FILE", help="write it to FILE (e.g. docs/config.md)")
     return parser
 
 

