@@ -26,7 +26,8 @@ import torch
 from mtprl.rollout.kv_cache import (DecodeRows, KVBudget, KVCachePlan, compaction_moves, move_rows, plan_cache,
                                     rows_view)
 from mtprl.rollout.sampling import processed_logprobs, sample_from_probs, temperature_logprobs
-from mtprl.rollout.speculative import (AdaptiveDepth, SpecRows, StepCounters, commit_mtp, draft_tree,
+from mtprl.rollout.adaptive import AdaptiveDepth, StepCost
+from mtprl.rollout.speculative import (SpecRows, StepCounters, commit_mtp, draft_tree,
                                        verify_and_accept)
 from mtprl.rollout.tree import build_tree
 from mtprl.rollout.types import Completion, GenerateOutput, RolloutMetrics, SamplingParams, SpeculativeConfig
@@ -141,6 +142,7 @@ class Engine:
         self._aranges = None  # see _rows_index
         self._trees: dict[tuple, list] = {}  # draft shape -> [(DraftTree, TreeTensors) per depth]
         self._adaptive: dict[tuple, AdaptiveDepth] = {}  # adaptive speculation state per setting (_adaptive_state)
+        self._adaptive_pending: dict[tuple, dict] = {}  # restored states of settings not used since (load_state_dict)
 
     # ----- public API -----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, speculative: SpeculativeConfig | None = None,
@@ -248,23 +250,37 @@ class Engine:
             run.trees = self._trees[key]
             run.reached = torch.zeros(tree.max_depth, dtype=torch.long, device=self.device)
             run.accepted = torch.zeros_like(run.reached)
-            run.adaptive = self._adaptive_state(spec, params, tree.max_depth) if spec.adaptive else None
+            run.adaptive = self._adaptive_state(spec, params, tree) if spec.adaptive else None
             run.draft_params = params
             if spec.draft_temperature is not None and not params.greedy:
                 run.draft_params = dataclasses.replace(params, temperature=spec.draft_temperature)
         return run
 
-    def _adaptive_state(self, spec: SpeculativeConfig, params: SamplingParams, max_depth: int) -> AdaptiveDepth:
-        """The AdaptiveDepth for this draft shape and sampling setting, kept across generate calls: step timings
-        and acceptance rates carry over (an RL loop calls generate every step with the same settings), so the
-        exploration (deepest steps, then a plain step, per batch-size bucket) is paid once per engine, not once
-        per call. Acceptance estimates forget old steps, so a policy that changes between calls is tracked."""
-        key = (spec.num_steps, spec.eagle_topk, spec.num_draft_tokens, spec.draft_temperature, params.greedy,
-               params.temperature, params.top_k, params.top_p)
+    def _adaptive_state(self, spec: SpeculativeConfig, params: SamplingParams, tree) -> AdaptiveDepth:
+        """The AdaptiveDepth for this draft shape and sampling setting, kept across generate calls: acceptance
+        rates carry over (an RL loop calls generate every step with the same settings) and forget old steps, so a
+        policy that changes between calls is tracked. Its costs are predicted from the model's shapes
+        (adaptive.StepCost), so its choices never depend on timings."""
+        key = _adaptive_key(spec, params)
         state = self._adaptive.get(key)
         if state is None:
-            state = self._adaptive[key] = AdaptiveDepth(max_depth)
+            cost = StepCost(self.model.config, tree, self.dtype, self.device)
+            state = self._adaptive[key] = AdaptiveDepth(tree.max_depth, cost)
+            pending = self._adaptive_pending.pop(key, None)
+            if pending is not None:
+                state.load_state_dict(pending)
         return state
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs for its rollouts to continue the uninterrupted run's: the adaptive
+        speculation state of every setting used (acceptance counts, step counts; plain numbers)."""
+        states = {**self._adaptive_pending, **{k: a.state_dict() for k, a in self._adaptive.items()}}
+        return {"adaptive": [[list(k), v] for k, v in states.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (applied when each setting is next used)."""
+        self._adaptive.clear()
+        self._adaptive_pending = {tuple(k): v for k, v in state.get("adaptive", [])}
 
     def _ensure_caches(self, num_slots: int, with_mtp: bool, with_history: bool = False) -> None:
         """Allocate (once, or re-allocate for more slots or the MTP layers' share of the bound) the trunk cache
@@ -388,27 +404,16 @@ class Engine:
                     if run.max_lag >= run.hist_len - 2:
                         depth = 1  # keep the MTP lag inside the hidden-state ring (the step catches up first)
         if depth > 0 and run.adaptive is not None:
-            # before the clock: the catch-up is paid once per switch from plain to speculative steps, not per step;
-            # its own cost per row-position is what AdaptiveDepth charges to plain steps
-            t0 = time.perf_counter()
-            row_positions = self._catch_up_mtp(run, b)
-            if row_positions:
-                if self.device.type != "cpu":
-                    torch.any(run.done[:b]).item()  # (a device sync before the clock stops)
-                run.adaptive.observe_catch_up(row_positions, time.perf_counter() - t0)
-        t0 = time.perf_counter()
+            self._catch_up_mtp(run, b)
         if depth == 0:
             self._plain_step(run, b)
-            step_reached, step_accepted = [], []
         else:
-            step_reached, step_accepted = self._spec_step(run, b, depth)
+            reached, accepted = self._spec_step(run, b, depth)
+            if run.adaptive is not None:
+                run.adaptive.observe(depth, reached, accepted)
         run.decode_steps += 1
         run.row_steps += b
         run.depth_sum += depth
-        if run.adaptive is not None:
-            if depth == 0 and self.device.type != "cpu":
-                torch.any(run.done[:b]).item()  # wait for the step (a device sync) before timing it
-            run.adaptive.observe(depth, b, time.perf_counter() - t0, step_reached, step_accepted)
 
     def _plain_step(self, run: _Run, b: int) -> None:
         r = run.rows
@@ -544,6 +549,12 @@ class Engine:
             accept_rate_per_depth=rates,
             mean_draft_depth=run.depth_sum / steps, num_row_steps=run.row_steps,
             num_drafts_reached=reached, num_drafts_accepted=accepted)
+
+
+def _adaptive_key(spec: SpeculativeConfig, params: SamplingParams) -> tuple:
+    """The settings one AdaptiveDepth serves (plain values: the key is saved in checkpoints)."""
+    return (spec.num_steps, spec.eagle_topk, spec.num_draft_tokens, spec.draft_temperature, params.greedy,
+            params.temperature, params.top_k, params.top_p)
 
 
 class _RowsView:
