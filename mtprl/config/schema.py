@@ -56,7 +56,7 @@ class MTPConfig:
     # MTP gradients do not reach the output head through the MTP logits (untied lm_head; implied for a tied
     # head by detach_encoder); the untied lm_head is trained by the MTP loss unless this is set
     detach_lm_head: bool = False
-    adaptive: bool = False  # choose the number of draft steps per decode step from measured acceptance
+    adaptive: bool = False  # draft steps per decode step from measured acceptance and predicted step costs
     # the temperature drafts are drawn at (null = the sampling temperature); exact at any value, only the
     # acceptance rate changes (SpeculativeConfig.draft_temperature)
     speculative_draft_temperature: Optional[float] = None

@@ -72,7 +72,8 @@ class SpeculativeConfig:
         token included (the tree's root), so the tree has num_draft_tokens - 1 draft nodes. None = 1 + K for a
         chain, 1 + K * eagle_topk for a tree. A chain needs exactly 1 + K.
     adaptive: pick the draft depth (0..num_steps, 0 = plain decoding) for every decode step from the running
-        per-depth acceptance and a measured cost model (see speculative.AdaptiveDepth).
+        per-depth acceptance and step costs predicted from the model's shapes (see adaptive.AdaptiveDepth: the
+        choices never read a clock, so the same seed gives the same samples on every run).
     draft_temperature [speculative_draft_temperature]: the temperature drafts are drawn at (top-k / top-p as the
         sampling's); None = the sampling temperature. Exact at any value: acceptance uses the distribution each
         draft was drawn from, so only the acceptance rate changes, never what is sampled. Below the sampling
