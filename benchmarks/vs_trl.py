@@ -410,7 +410,16 @@ def check() -> dict:
     import torch
 
     from mtprl.config import load_config
+    # the names the workers import when they run, so that a rename in mtprl fails here, not half an hour in
+    from mtprl.data import build_math_tokenizer, build_prompt_dataset, load_tokenizer, write_synthetic_math  # noqa: F401
+    from mtprl.reward.math_dapo import compute_score  # noqa: F401
+    from mtprl.trainer import loop
+    from mtprl.trainer.batching import shared_prompt_tokens  # noqa: F401
+    from mtprl.trainer.policy import init_policy_checkpoint  # noqa: F401
+    from mtprl.trainer.setup import setup  # noqa: F401
+    from mtprl.trainer.sft import run_sft  # noqa: F401
 
+    assert callable(loop.rl_step) and callable(loop.actor_update)  # run_ours times the one and wraps the other
     work = Path(tempfile.mkdtemp())
     paths = {"train": str(work / "train.parquet"), "demo": str(work / "demo"), "25m": str(work / "25m")}
     configs = {}
