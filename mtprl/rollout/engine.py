@@ -384,10 +384,21 @@ class Engine:
                 sr.hist[sl, :width] = hidden[group].to(sr.hist.dtype)
                 sr.mtp_lengths[sl] = 1
                 run.max_lag = max(run.max_lag, width)
-            else:
-                mtp = rows_view(self._mtp_cache, b0, b0 + n)
-                commit_mtp(self._stepper, mtp, torch.ones(n, dtype=torch.long, device=dev), hidden[group],
-                           r.tokens[sl, 1:width + 1], prompt_lens, _RowsView(sr, b0, b0 + n), n, run.counters)
+            else:  # the prompt's positions once per prompt, then each sample's first token on its own row
+                if width > 1:
+                    u_lens = torch.tensor([len(s.prompt) for s in unique], device=dev)
+                    commit_mtp(self._stepper, rows_view(self._mtp_cache, b0, b0 + u),
+                               torch.ones(u, dtype=torch.long, device=dev), hidden[:, :width - 1], inp[:, 1:],
+                               u_lens - 1, _RowsView(sr, b0, b0 + u), u, run.counters,
+                               may_be_empty=min(len(s.prompt) for s in unique) == 1)
+                if n > u:
+                    rows = b0 + torch.arange(n, device=dev)
+                    move_rows(self._mtp_cache, b0 + group, rows, width)
+                    sr.move(b0 + group, rows)
+                last_hidden = hidden[group[:, None], prompt_lens[:, None] - 1]  # [n,1,H] the trunk at position L-1
+                commit_mtp(self._stepper, rows_view(self._mtp_cache, b0, b0 + n), prompt_lens, last_hidden,
+                           tokens[:, None], torch.ones(n, dtype=torch.long, device=dev), _RowsView(sr, b0, b0 + n), n,
+                           run.counters)
                 sr.mtp_lengths[sl] = prompt_lens + 1
         run.live += n
 
@@ -441,22 +452,24 @@ class Engine:
             self._aranges = torch.arange(max(b, self.max_num_seqs), device=self.device)
         return self._aranges[:b]
 
-    def _catch_up_mtp(self, run: _Run, b: int) -> int:
-        """Adaptive mode: run the MTP commit over positions decoded by plain steps since the last sync. Returns the
-        row-positions computed (b x the widest lag; 0 when nothing lagged)."""
+    def _catch_up_mtp(self, run: _Run, b: int) -> None:
+        """Adaptive mode: run the MTP commit over positions decoded by plain steps since the last sync, in chunks of
+        at most max_num_batched_tokens row-positions (a long lag over a full batch would otherwise be one call
+        over b x lag positions, with masks and activations to match)."""
         sr, r = run.spec_rows, run.rows
-        lag = r.lengths[:b] - sr.mtp_lengths[:b]
+        l_start = sr.mtp_lengths[:b].clone()
+        lag = r.lengths[:b] - l_start
         width = int(lag.max())
-        if width == 0:
-            return 0
-        l_old = sr.mtp_lengths[:b].clone()
-        offsets = torch.arange(width, device=self.device)[None]
-        hidden = sr.hist[torch.arange(b, device=self.device)[:, None], (l_old[:, None] - 1 + offsets) % run.hist_len]
-        new_tokens = r.tokens[:b].gather(1, (l_old[:, None] + offsets).clamp(max=r.tokens.shape[1] - 1))
-        commit_mtp(self._stepper, rows_view(self._mtp_cache, 0, b), l_old, hidden, new_tokens, lag, sr, b, run.counters,
-                   may_be_empty=True)
+        chunk = max(1, self.max_num_batched_tokens // b)
+        rows = self._rows_index(b)[:, None]
+        for first in range(0, width, chunk):
+            t = min(chunk, width - first)
+            offsets = torch.arange(first, first + t, device=self.device)[None]
+            hidden = sr.hist[rows, (l_start[:, None] - 1 + offsets) % run.hist_len]
+            new_tokens = r.tokens[:b].gather(1, (l_start[:, None] + offsets).clamp(max=r.tokens.shape[1] - 1))
+            commit_mtp(self._stepper, rows_view(self._mtp_cache, 0, b), l_start + first, hidden, new_tokens,
+                       (lag - first).clamp(0, t), sr, b, run.counters, may_be_empty=True)
         sr.mtp_lengths[:b] = r.lengths[:b]
-        return b * width
 
     def _spec_step(self, run: _Run, b: int, depth: int) -> tuple[list[int], list[int]]:
         tree, tt = run.trees[depth]

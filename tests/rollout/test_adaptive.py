@@ -278,13 +278,17 @@ def test_engine_state_dict_resumes_adaptive_speculation(draftable_model):
     json.dumps(state)  # plain numbers
 
 
-@pytest.mark.parametrize("hist_len", [64, 8])
-def test_catch_up_after_plain_steps_restores_mtp_state(draftable_model, monkeypatch, hist_len):
+@pytest.mark.parametrize("hist_len,batched_tokens", [(64, 4096), (8, 4096), (64, 4)])
+def test_catch_up_after_plain_steps_restores_mtp_state(draftable_model, monkeypatch, hist_len, batched_tokens):
     """Force a schedule with runs of plain steps; before every draft the MTP state (q_root, stored hidden) must
     equal the full forward's, i.e. the lagging positions (the prompt too: short prompts are committed lazily)
     were committed from the trunk's hidden states. A small ring (hist_len 8) also exercises eager prompt commits
-    (prompts longer than the ring allows) and the speculative steps forced to keep the lag inside the ring."""
+    (prompts longer than the ring allows) and the speculative steps forced to keep the lag inside the ring;
+    max_num_batched_tokens 4 splits each catch-up of 2 rows into calls of 2 positions."""
     monkeypatch.setattr(engine_mod, "HIST_LEN", hist_len)
+    commits = []
+    original_commit = engine_mod.commit_mtp
+    monkeypatch.setattr(engine_mod, "commit_mtp", lambda *a, **k: commits.append(a[4].numel()) or original_commit(*a, **k))
     model = draftable_model(num_mtp_layers=2, vocab=32, noise=1.0)
     schedule = iter([3, 0, 0, 0, 2, 0, 1, 0, 0, 0, 0, 0, 3, 3, 0, 2] * 10)
     monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows: next(schedule))
@@ -310,9 +314,11 @@ def test_catch_up_after_plain_steps_restores_mtp_state(draftable_model, monkeypa
     monkeypatch.setattr(engine_mod, "draft_tree", draft)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
     params = SamplingParams(temperature=0.0, max_new_tokens=30)
-    eng = Engine(model, max_num_seqs=2, max_seq_len=64)
+    eng = Engine(model, max_num_seqs=2, max_seq_len=64, max_num_batched_tokens=batched_tokens)
     plain = eng.generate(prompts, params)
     out = eng.generate_with_metrics(prompts, params, speculative=SpeculativeConfig(num_steps=3, adaptive=True))
+    if batched_tokens == 4:
+        assert max(commits) <= 4 * 3  # catch-ups in chunks (a spec step's commit: 2 rows x at most 4 tokens)
     assert [c.token_ids for c in out.completions] == [c.token_ids for c in plain]
     assert captured["checks"] > 10
     assert 0.5 < out.metrics.mean_draft_depth < 2.5

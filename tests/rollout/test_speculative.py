@@ -267,3 +267,51 @@ def test_draft_temperature_config_key_reaches_the_engine():
     assert speculative_config(off).draft_temperature is None
     with pytest.raises(ConfigError, match="speculative_draft_temperature=0"):
         load_config(None, ["actor_rollout_ref.model.mtp.speculative_draft_temperature=0"])
+
+
+@pytest.mark.parametrize("num_mtp", [1, 2])
+def test_prefill_commits_each_prompt_once_and_every_sample_row_matches_the_full_forward(draftable_model, monkeypatch,
+                                                                                        num_mtp):
+    """Admission of n samples per prompt: the MTP commit of the prompt's positions runs once per prompt (u rows,
+    not n), each sample's first sampled token is committed on its own row, and before every draft each row's MTP
+    state (q_root, stored hidden states) equals a fresh full forward over its sequence."""
+    import mtprl.rollout.engine as engine_mod
+
+    model = draftable_model(num_mtp_layers=num_mtp, vocab=32, noise=1.0)
+    prompts = [[1, 2, 3, 4, 5, 6], [7], [8, 9, 10]]  # a 1-token prompt: nothing of it to commit before its sample
+    n = 4
+    commit_rows = []
+    original_commit = engine_mod.commit_mtp
+    monkeypatch.setattr(engine_mod, "commit_mtp", lambda model_, mtp, l_old, hidden, new_tokens, *a, **k:
+                        commit_rows.append(tuple(new_tokens.shape)) or original_commit(model_, mtp, l_old, hidden,
+                                                                                      new_tokens, *a, **k))
+    checks = {"rows": 0}
+    original_draft = engine_mod.draft_tree
+    original_spec_step = Engine._spec_step
+
+    def spec_step(self, run, b, depth):
+        checks["run"] = run
+        return original_spec_step(self, run, b, depth)
+
+    def draft(model_, tree, tt, mtp, lengths, root, spec_rows, b, *args):
+        rows = checks["run"].rows
+        for i in range(b):
+            L = int(lengths[i])
+            out = model(rows.tokens[i, :L][None])
+            torch.testing.assert_close(spec_rows.q_root_logits[i], out.mtp_logits[0][0, L - 2], atol=1e-4, rtol=1e-4)
+            for k in range(1, num_mtp + 1):
+                if L - 1 - k >= 0:
+                    torch.testing.assert_close(spec_rows.stored_h[i, k - 1], out.mtp_hidden_states[k - 1][0, L - 1 - k],
+                                               atol=1e-4, rtol=1e-4)
+            checks["rows"] += 1
+        return original_draft(model_, tree, tt, mtp, lengths, root, spec_rows, b, *args)
+
+    monkeypatch.setattr(Engine, "_spec_step", spec_step)
+    monkeypatch.setattr(engine_mod, "draft_tree", draft)
+    eng = Engine(model, max_num_seqs=12, max_seq_len=64)
+    params = SamplingParams(n=n, temperature=1.0, max_new_tokens=6)
+    out = eng.generate(prompts, params, SpeculativeConfig(num_steps=2), torch.Generator().manual_seed(0))
+    assert len(out) == 3 * n and checks["rows"] >= 3 * n
+    # admission: the prompts' positions once per prompt (3 rows, 5 = the longest prompt's positions before its
+    # last), then one position on each of the 12 sample rows
+    assert commit_rows[:2] == [(3, 5), (3 * n, 1)]
