@@ -112,9 +112,9 @@ def measure_rollout_speed(cfg, console: Console) -> tuple[dict[str, float], list
     import torch
 
     from mtprl.data import build_prompt_dataset
+    from mtprl.rollout.build import build_engine
     from mtprl.trainer.policy import load_policy, load_policy_tokenizer
     from mtprl.trainer.samples import sampling_params, speculative_config
-    from mtprl.trainer.setup import build_engine
 
     model_cfg = cfg.actor_rollout_ref.model
     tok = load_policy_tokenizer(model_cfg)

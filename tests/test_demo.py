@@ -34,7 +34,7 @@ def test_demo_measures_the_checkpoint_rl_actually_wrote(tmp_path, monkeypatch):
     import mtprl.demo as demo
     import mtprl.trainer.loop as loop
     import mtprl.trainer.sft as sft
-    from mtprl.trainer.checkpoint import save_checkpoint
+    from mtprl.trainer.checkpoint import TrainerState, save_checkpoint
 
     class Stub:
         def save_pretrained(self, path):
@@ -43,7 +43,8 @@ def test_demo_measures_the_checkpoint_rl_actually_wrote(tmp_path, monkeypatch):
             pathlib.Path(path).mkdir(parents=True)
 
     def fake_train(cfg, console=None):
-        save_checkpoint(cfg.trainer.default_local_dir, 3, Stub(), None, None, {})
+        save_checkpoint(cfg.trainer.default_local_dir, 3, Stub(), None, None,
+                        TrainerState(step=3, loader={}, rng={}, bad_steps=0, config={}))
 
     seen = {}
     monkeypatch.setattr(demo, "write_synthetic_math", lambda out, **kw: SimpleNamespace(
@@ -84,8 +85,8 @@ def test_speed_stage_measures_fixed_depth_next_to_adaptive(monkeypatch):
     from types import SimpleNamespace
 
     import mtprl.demo as demo
+    import mtprl.rollout.build as build
     import mtprl.trainer.policy as policy
-    import mtprl.trainer.setup as setup
     from mtprl.config import load_config
 
     seen = []
@@ -103,7 +104,7 @@ def test_speed_stage_measures_fixed_depth_next_to_adaptive(monkeypatch):
     monkeypatch.setattr(policy, "load_policy", lambda cfg, device: None)
     monkeypatch.setattr(data, "build_prompt_dataset", lambda *a, **kw: SimpleNamespace(
         prompts=[SimpleNamespace(prompt_ids=[1, 2, 3])] * 16))
-    monkeypatch.setattr(setup, "build_engine", lambda cfg, model: Engine())
+    monkeypatch.setattr(build, "build_engine", lambda cfg, model: Engine())
     import mtprl.trainer.samples as samples
 
     from mtprl.rollout import SamplingParams

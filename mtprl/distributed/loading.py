@@ -11,11 +11,16 @@ whole (:class:`~mtprl.model.hf_io.checkpoint.CheckpointReader`), so both loads g
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from mtprl.distributed.env import DistEnv
 from mtprl.distributed.parallelize import apply_fsdp
+
+if TYPE_CHECKING:
+    from mtprl.config.schema import MtprlConfig
 
 
 def local_rows(param: torch.Tensor) -> tuple[int, int] | None:
@@ -66,3 +71,25 @@ def load_sharded_policy(model_cfg, env: DistEnv, *, compute_dtype: torch.dtype =
     model.inv_freq = rope_inv_freq(config).to(env.device)
     model.source_dir = str(reader.path.resolve())
     return model.eval()
+
+
+def load_sharded_models(cfg: MtprlConfig, env: DistEnv, with_ref: bool
+                        ) -> tuple[nn.Module, nn.Module | None, nn.Module]:
+    """(policy, reference or None, rollout copy) of a multi-rank run. The policy and the
+    reference are built on the meta device, sharded with FSDP2 (fp32 master weights, the forward in the configured
+    dtype through FSDP's mixed precision) and each rank reads only its shard from the checkpoint; the rollout
+    engine's full copy is read in the configured dtype directly (no fp32 model on the device, no deep copies)."""
+    from mtprl.trainer.policy import compute_dtype, load_policy
+
+    model_cfg, fsdp = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor.fsdp_config
+    dtype = compute_dtype(model_cfg)
+    cuda = env.device.type == "cuda"  # CPU: nothing to offload
+    model = load_sharded_policy(model_cfg, env, compute_dtype=dtype,
+                                offload=cuda and (fsdp.param_offload or fsdp.optimizer_offload))
+    ref_model = None
+    if with_ref:
+        ref_model = load_sharded_policy(model_cfg, env, compute_dtype=dtype,
+                                        offload=cuda and cfg.actor_rollout_ref.ref.fsdp_config.param_offload)
+        ref_model.requires_grad_(False)
+    rollout_model = load_policy(model_cfg, env.device, dtype=dtype).requires_grad_(False).eval()
+    return model, ref_model, rollout_model

@@ -18,7 +18,7 @@ is counted from it, per rank of ``trainer.nnodes x trainer.n_gpus_per_node`` und
                fp32 each) + a few [chunk, V] fp32 buffers (CHUNK_BUFFERS x CHUNK_ELEMENTS x 4 B)
   rollout      the engine's full weight copy in the compute dtype (several ranks; one process shares the
                policy's weights) and its packed copy (``mtprl.model.packed``, counted on the meta device)
-  kv cache     rows x slots x bytes per slot as the engine plans it (``mtprl.trainer.setup.plan_kv_cache``):
+  kv cache     rows x slots x bytes per slot as the engine plans it (``mtprl.rollout.build.plan_kv_cache``):
                ``rollout.gpu_memory_utilization`` x the memory free when the engine is built (usable minus
                what is resident then: states, reference, rollout copy)
   (``rollout.name=vllm``: vLLM's share, ``gpu_memory_utilization`` x the card, holds its weights, activations

@@ -6,6 +6,7 @@ scorers.py    data_source -> scorer (``default_compute_score``)
 custom.py     loading a user's reward function from a file (``load_custom_reward_fn``)
 pool.py       scoring in worker processes with per-sample deadlines (``ScoringPool``)
 registry.py   reward managers ``naive`` / ``dapo`` (``build_reward_manager``)
+build.py      the run's reward manager from the config (``build_reward``; not imported here)
 """
 
 from mtprl.reward import math_dapo

@@ -8,7 +8,7 @@ Layout (verl's, so its tooling finds the latest step)::
         actor/                               # HF directory: config.json, safetensors, tokenizer files
         optimizer.pt                         # optimizer + LR scheduler state (multi-rank: the scheduler only)
         dcp/                                 # multi-rank runs: model + optimizer shards (torch.distributed.checkpoint)
-        trainer_state.pt                     # step, RNG states, data cursor, counters, the config
+        trainer_state.pt                     # TrainerState: step, RNG states, data cursor, counters, the config
         manifest.json                        # written last: {"step", "seq", "files": {relative path: bytes}}
 
 Save protocol (a kill at any point leaves a resumable folder):
@@ -29,6 +29,9 @@ write still resumes from the checkpoint just written, and a run resumed at a low
 in a folder holding later steps of an earlier run resumes from its own newest checkpoint.
 Checkpoints written before manifests existed count as complete when ``trainer_state.pt`` is there.
 
+A run (:class:`~mtprl.trainer.setup.Run`) is checkpointed and resumed by :func:`save_run` / :func:`restore_run`;
+``mtprl sft`` saves the same :class:`TrainerState` without the RL fields.
+
 Testing hook: ``MTPRL_FAULT=save:<k>`` / ``renamed:<k>`` SIGKILLs the process mid-write (after the
 actor, before the optimizer state) / between the rename and the latest-step file (see
 :mod:`mtprl.trainer.faults`).
@@ -42,14 +45,19 @@ import random
 import re
 import shutil
 import warnings
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from mtprl.config.loader import to_dict
 from mtprl.trainer.faults import fault_point
+
+if TYPE_CHECKING:
+    from mtprl.trainer.setup import Run
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
@@ -63,6 +71,38 @@ class CheckpointError(ValueError):
 
 class CheckpointWarning(UserWarning):
     """Resuming from an older checkpoint because a newer one is incomplete or corrupt."""
+
+
+@dataclass
+class TrainerState:
+    """What ``trainer_state.pt`` holds beside the weights and the optimizer: everything else a resumed run
+    continues from. Stored as a plain dict of its fields (tensors, numbers, strings, containers: loadable with
+    ``weights_only=True``, see :func:`load_state_file`); a field added later needs a default, so that
+    checkpoints written before it still load."""
+
+    step: int  # the training step the checkpoint was saved at
+    loader: dict[str, Any]  # PromptLoader.state_dict(): epoch, cursor and what must match on resume
+    rng: dict[str, Any]  # rng_state(): torch / numpy / python global RNGs and the named generators
+    bad_steps: int  # consecutive steps whose every optimizer step was skipped (non-finite)
+    config: dict[str, Any]  # the run's config (to_dict), for the record: resume takes the current command's
+    # RL runs only (None / empty in an ``mtprl sft`` checkpoint)
+    next_group_id: int | None = None  # the next prompt group's id
+    kl_coef: float | None = None  # the KL coefficient (the adaptive controller's current value)
+    metrics_row: dict[str, float] | None = None  # the step's metrics, logged on resume if a kill beat the log
+    rank_sample_rng: list[torch.Tensor] = field(default_factory=list)  # every rank's sampling generator state
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, raw: Any, path: Path) -> TrainerState:
+        """The state of a loaded ``trainer_state.pt`` (``path``, for the error); keys this version does not know
+        are ignored. A CheckpointError when it is not a dict or lacks a field that has no default."""
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in raw] if isinstance(raw, dict) else required
+        if missing:
+            raise CheckpointError(f"{path} is not an mtprl trainer state: it lacks {', '.join(missing)}")
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 def _numpy_state_globals() -> list:
@@ -174,7 +214,7 @@ def _commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _write_tmp(tmp: Path, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict[str, Any],
+def _write_tmp(tmp: Path, step: int, model: nn.Module, optimizer, scheduler, trainer_state: TrainerState,
                dist=None, export_model: nn.Module | None = None) -> None:
     """Fill ``tmp``. With more than one rank (``dist``) every rank calls this: rank 0 writes the HF
     export from ``export_model`` (a full copy of the weights), the trainer state and the manifest; every
@@ -198,7 +238,7 @@ def _write_tmp(tmp: Path, step: int, model: nn.Module, optimizer, scheduler, tra
     if sharded:
         dist.barrier()  # every rank's shards are written before the manifest lists them
     if main:
-        torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
+        torch.save(trainer_state.to_dict(), tmp / "trainer_state.pt")
         seq = 1 + max((_seq(p) for p in _step_dirs(tmp.parent)), default=0)
         _write_manifest(tmp, step, seq)
 
@@ -209,7 +249,7 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
-    trainer_state: dict[str, Any],
+    trainer_state: TrainerState,
     *,
     keep: int | None = None,
     dist=None,
@@ -219,6 +259,8 @@ def save_checkpoint(
     A failing write (full disk, ...) removes its ``.tmp`` and re-raises; earlier checkpoints are untouched.
     Multi-rank (``dist``, an FSDP-sharded ``model``): every rank calls this; see :func:`_write_tmp`; rank 0
     commits, and every rank returns once the checkpoint is in place."""
+    if trainer_state.step != step:
+        raise ValueError(f"checkpoint of step {step} given the trainer state of step {trainer_state.step}")
     root = Path(root)
     main = dist is None or dist.is_main
     if main:
@@ -303,12 +345,13 @@ def checkpoint_step(path: str | Path) -> int:
     manifest = _read_manifest(Path(path))
     if manifest is not None and isinstance(manifest.get("step"), int):
         return manifest["step"]
-    return int(load_state_file(Path(path) / "trainer_state.pt")["step"])
+    state_file = Path(path) / "trainer_state.pt"
+    return TrainerState.from_dict(load_state_file(state_file), state_file).step
 
 
 def load_checkpoint(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None
-) -> dict[str, Any]:
+) -> TrainerState:
     """Restore model weights (and optimizer / scheduler when given); returns the saved trainer state."""
     from mtprl.model import from_pretrained
 
@@ -343,7 +386,7 @@ def load_checkpoint(
                 optimizer.load_state_dict(opt["optimizer"])
     if scheduler is not None and opt is not None and opt["scheduler"] is not None:
         scheduler.load_state_dict(opt["scheduler"])
-    return load_state_file(path / "trainer_state.pt")
+    return TrainerState.from_dict(load_state_file(path / "trainer_state.pt"), path / "trainer_state.pt")
 
 
 def _check_param_groups(path: Path, optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -374,3 +417,48 @@ def resolve_resume(root: str | Path, resume_mode: str, resume_from_path: str | N
     if recover:
         finish_interrupted_saves(root)
     return find_latest_checkpoint(root)
+
+
+def _generators(run: Run) -> dict[str, torch.Generator]:
+    return {"sample": run.sample_gen, "shuffle": run.shuffle_gen}
+
+
+def save_run(run: Run, row: dict[str, float] | None = None) -> Path:
+    """Checkpoint ``run.step`` (every rank calls it). ``row``: that step's metrics so far, kept in the checkpoint
+    so that a run killed after the save but before the row was logged logs it on resume. A failed write (full
+    disk) stops the run with an OSError naming the checkpoint and the last intact one, which is untouched."""
+    state = TrainerState(step=run.step, loader=run.loader.state_dict(), rng=rng_state(_generators(run)),
+                         bad_steps=run.bad_steps, config=to_dict(run.cfg), next_group_id=run.next_group_id,
+                         kl_coef=run.kl_coef, metrics_row=dict(row) if row is not None else None,
+                         rank_sample_rng=run.dist.all_gather_object(run.sample_gen.get_state()))
+    try:
+        run.last_checkpoint = save_checkpoint(run.root, run.step, run.model, run.optimizer, run.scheduler, state,
+                                              keep=run.cfg.trainer.max_actor_ckpt_to_keep, dist=run.dist,
+                                              export_model=run.rollout_model)
+    except OSError as e:
+        message = (f"writing checkpoint {run.root / f'global_step_{run.step}'} failed ({e.strerror or e}); the last "
+                   f"intact checkpoint is {run.last_checkpoint or 'none'}: free space and rerun the same command to "
+                   "resume from it")
+        raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from e
+    return run.last_checkpoint
+
+
+def restore_run(run: Run, path: Path) -> TrainerState:
+    """Load ``path`` into the run (weights, optimizer, data cursor, RNG streams, counters); returns its state.
+    A CheckpointError when ``path`` holds no RL state (an ``mtprl sft`` checkpoint)."""
+    state = load_checkpoint(path, run.model, run.optimizer, run.scheduler)
+    if state.next_group_id is None or state.kl_coef is None:
+        raise CheckpointError(f"{path} is not an RL checkpoint (no next_group_id / kl_coef: written by mtprl sft?); "
+                              f"start an RL run from its weights with actor_rollout_ref.model.path={path / 'actor'}")
+    run.loader.load_state_dict(state.loader)
+    set_rng_state(state.rng, _generators(run))
+    if run.dist.distributed:  # rank r continues its own sampling stream (a rank new to the run: its seed)
+        if run.dist.rank < len(state.rank_sample_rng):
+            run.sample_gen.set_state(state.rank_sample_rng[run.dist.rank])
+        else:
+            run.sample_gen.manual_seed(run.cfg.trainer.seed + 1000003 * run.dist.rank)
+    run.sync_rollout()  # the engine's copy gets the restored weights
+    run.step, run.bad_steps = state.step, state.bad_steps
+    run.next_group_id, run.kl_coef = state.next_group_id, state.kl_coef
+    run.last_checkpoint = path
+    return state

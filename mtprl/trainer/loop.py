@@ -10,7 +10,8 @@ rank's engine gets them from the FSDP shards -> validation every ``test_freq`` -
 gathered so that each rank holds the global batch, and only rank 0 logs.
 As verl: ``timing_s/step`` and ``perf/throughput`` cover the whole step, validation and checkpoint
 included; ``val_before_train`` validates at the start of every run, a resumed one too (at its step).
-Set-up (model, engine, data, optimizer, resume) lives in :mod:`mtprl.trainer.setup`.
+Set-up (model, engine, data, optimizer, resume) lives in :mod:`mtprl.trainer.setup`, checkpoints in
+:mod:`mtprl.trainer.checkpoint`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from contextlib import contextmanager
 from mtprl.algorithms import adaptive_kl_coef, apply_kl_in_reward, get_adv_estimator, scores_to_token_rewards
 from mtprl.config.schema import MtprlConfig
 from mtprl.metrics.clock import device_clock
+from mtprl.trainer.checkpoint import save_run
 from mtprl.trainer.faults import fault_point
 from mtprl.trainer.samples import (SeqFinalRewards, collect_step_samples, gather_step_samples, sample_metrics,
                                    to_train_batch)
-from mtprl.trainer.setup import DataExhausted, Run, save, setup, setup_evaluation
+from mtprl.trainer.setup import DataExhausted, Run, setup, setup_evaluation
 from mtprl.trainer.update import actor_update, compute_logprobs, reuses_current_logprobs
 from mtprl.trainer.validate import validate
 
@@ -140,7 +142,7 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
                 metrics = rl_step(run)
             except DataExhausted:  # dynamic sampling used up the epochs before total_steps
                 if run.last_checkpoint is None or run.last_checkpoint.name != f"global_step_{run.step}":
-                    save(run)
+                    save_run(run)
                 break
             run.step += 1
             freq = cfg.trainer.test_freq
@@ -150,7 +152,7 @@ def train(cfg: MtprlConfig, *, console=None) -> dict[str, float]:
                                             run.tracker, run.step, run.dist))
             if run.step == run.total_steps or (cfg.trainer.save_freq > 0 and run.step % cfg.trainer.save_freq == 0):
                 with timed(metrics, "save_checkpoint", run.device):
-                    save(run, metrics)  # the row rides along: logged on resume if a kill comes before the log below
+                    save_run(run, metrics)  # the row rides along: logged on resume if a kill comes before the log below
             metrics["timing_s/step"] = device_clock(run.device) - t0  # generation to checkpoint, as verl's step timer
             # tokens / s per GPU (rank), as verl: the whole batch's tokens over the step time and the ranks
             per_rank_s = metrics["timing_s/step"] * run.dist.world_size

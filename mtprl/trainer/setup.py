@@ -1,28 +1,34 @@
-"""Everything the RL loop holds between steps (:class:`Run`), how it is built from the config, saved
-and restored; and the smaller :class:`Evaluation` that validation alone needs (no training data, no
-optimizer)."""
+"""Everything the RL loop holds between steps (:class:`Run`) and how it is built from the config; and the
+smaller :class:`Evaluation` that validation alone needs (no training data, no optimizer). The parts have
+their own homes: the rollout engine and its KV plan :mod:`mtprl.rollout.build`, the reward manager
+:mod:`mtprl.reward.build`, multi-rank loading :mod:`mtprl.distributed.loading`, saving and restoring a run
+:mod:`mtprl.trainer.checkpoint` (:func:`~mtprl.trainer.checkpoint.save_run` / ``restore_run``)."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from rich.console import Console
 
-from mtprl.config.loader import ConfigError, to_dict
+from mtprl.config.loader import ConfigError
 from mtprl.config.schema import MtprlConfig
-from mtprl.data import PromptLoader, build_prompt_dataset
+from mtprl.data import PromptLoader, TokenizedPrompt, build_prompt_dataset
 from mtprl.distributed.env import DistEnv, init_distributed
 from mtprl.metrics import Tracker
 from mtprl.metrics.prometheus import PrometheusExporter
-from mtprl.reward.registry import RewardManager, build_reward_manager
-from mtprl.trainer.checkpoint import (checkpoint_step, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
-                                     set_rng_state)
+from mtprl.reward.build import build_reward
+from mtprl.reward.registry import RewardManager
+from mtprl.rollout.build import RolloutEngine, build_engine
+from mtprl.trainer.checkpoint import checkpoint_step, load_checkpoint, resolve_resume, restore_run
 from mtprl.trainer.optim import build_optimizer, build_scheduler
-from mtprl.trainer.policy import compute_dtype, load_policy, load_policy_tokenizer, resolve_device, set_trainable
+from mtprl.trainer.policy import load_policy, load_policy_tokenizer, resolve_device, set_trainable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class DataExhausted(Exception):
@@ -33,15 +39,15 @@ class DataExhausted(Exception):
 class Run:
     cfg: MtprlConfig
     device: torch.device
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     model: torch.nn.Module  # the policy (FSDP2-sharded with more than one rank)
     ref_model: torch.nn.Module | None  # frozen initial policy, only when a KL term is on (sharded like model)
-    engine: Any
+    engine: RolloutEngine
     reward: RewardManager
     loader: PromptLoader
-    val_prompts: Any  # PromptDataset or []
+    val_prompts: list[TokenizedPrompt]  # data.val_files' prompts ([] without val files)
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     tracker: Tracker
     exporter: PrometheusExporter | None
     total_steps: int
@@ -141,11 +147,11 @@ class Evaluation:
     """What validation alone needs (``mtprl eval``, ``trainer.val_only``): no train loader, no optimizer."""
 
     cfg: MtprlConfig
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     model: torch.nn.Module
-    engine: Any
+    engine: RolloutEngine
     reward: RewardManager
-    val_prompts: Any  # PromptDataset of data.val_files
+    val_prompts: list[TokenizedPrompt]  # data.val_files' prompts
     tracker: Tracker
     step: int  # the validated checkpoint's training step (0 for actor_rollout_ref.model.path)
     checkpoint: Path | None  # the validated checkpoint, None when model.path is validated as it is
@@ -164,74 +170,6 @@ def _close_all(closers) -> None:
             error = error or e
     if error is not None:
         raise error
-
-
-def plan_kv_cache(model_config, rollout_cfg, max_seq_len: int, device, *, dtype: torch.dtype,
-                  free_bytes: int | None = None, speculative=None):
-    """The rollout engine's KV cache (rows, slots, bytes; nothing allocated) for this config: rows =
-    min(rollout.max_num_seqs, what fits the bound), the bound being rollout.gpu_memory_utilization x the free
-    memory on CUDA (free_bytes; default torch.cuda.mem_get_info, i.e. what the loaded weights left) and
-    rollout.cpu_kv_cache_gb GiB elsewhere. MTP layers are counted when speculative (a SpeculativeConfig) is
-    given. A ConfigError naming the key when not one row of max_seq_len (+ speculative slots) fits."""
-    from mtprl.rollout.engine import cache_slots
-    from mtprl.rollout.kv_cache import GiB, plan_cache
-
-    r, device = rollout_cfg, torch.device(device)
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
-        limit = int(free * r.gpu_memory_utilization)
-        key = (f"actor_rollout_ref.rollout.gpu_memory_utilization={r.gpu_memory_utilization} of {free / GiB:.2f} GiB "
-               "free")
-    else:
-        limit = int(r.cpu_kv_cache_gb * GiB)
-        key = f"actor_rollout_ref.rollout.cpu_kv_cache_gb={r.cpu_kv_cache_gb}"
-    try:
-        return plan_cache(model_config, max_num_seqs=r.max_num_seqs, num_slots=cache_slots(max_seq_len, speculative),
-                          dtype=dtype, with_mtp=speculative is not None, limit_bytes=limit, limit_name=key,
-                          with_history=speculative is not None and speculative.adaptive)
-    except ValueError as e:
-        raise ConfigError(f"{e} (max_seq_len = data.max_prompt_length + data.max_response_length = "
-                          f"{max_seq_len})") from None
-
-
-def build_engine(cfg: MtprlConfig, model, *, console=None):
-    """The rollout engine, its KV cache as plan_kv_cache gives it (one line on the run's console; stderr by
-    default, so that a command's stdout stays its output)."""
-    from rich.console import Console
-
-    from mtprl.rollout.engine import Engine
-    from mtprl.trainer.samples import speculative_config
-
-    r = cfg.actor_rollout_ref.rollout
-    if r.name == "vllm":
-        from mtprl.rollout.vllm_engine import build_vllm_engine
-
-        return build_vllm_engine(cfg, model, console=console)
-    max_seq_len = cfg.data.max_prompt_length + cfg.data.max_response_length
-    ref = next(model.parameters())
-    spec = speculative_config(cfg)
-    plan = plan_kv_cache(model.config, r, max_seq_len, ref.device, dtype=ref.dtype, speculative=spec)
-    # without chunked prefill, every admitted prompt is prefilled in one forward
-    prefill_tokens = r.max_num_batched_tokens if r.enable_chunked_prefill else plan.rows * max_seq_len
-    engine = Engine(model, max_num_seqs=r.max_num_seqs, max_num_batched_tokens=prefill_tokens, max_seq_len=max_seq_len,
-                    kv_cache_bytes=plan.limit_bytes)
-    line = f"rollout: {plan.describe()} (actor_rollout_ref.rollout.max_num_seqs={r.max_num_seqs})"
-    (console or Console(stderr=True)).print(line, highlight=False)
-    return engine
-
-
-def build_reward(cfg: MtprlConfig) -> RewardManager:
-    rm, custom = cfg.reward_model, cfg.custom_reward_function
-    kwargs = dict(custom_reward_path=custom.path, custom_reward_name=custom.name, use_math_verify=rm.use_math_verify,
-                  num_workers=rm.num_workers, timeout_s=rm.timeout_s, failure_score=rm.failure_score)
-    if rm.reward_manager == "dapo":
-        buf = rm.reward_kwargs.overlong_buffer_cfg
-        kwargs.update(max_resp_len=rm.reward_kwargs.max_resp_len,
-                      overlong_buffer_cfg=dict(enable=buf.enable, len=buf.len, penalty_factor=buf.penalty_factor, log=buf.log))
-    try:
-        return build_reward_manager(rm.reward_manager, **kwargs)
-    except (FileNotFoundError, AttributeError, ImportError, ValueError) as e:
-        raise ConfigError(f"reward set-up failed: {e}") from None
 
 
 def _prompt_dataset(cfg: MtprlConfig, tokenizer, files):
@@ -262,8 +200,8 @@ def setup(cfg: MtprlConfig, *, console=None) -> Run:
         raise
     try:
         if resume is not None:
-            state = restore(run, resume)
-            row, seen = state.get("metrics_row"), run.tracker.last_logged_step
+            state = restore_run(run, resume)
+            row, seen = state.metrics_row, run.tracker.last_logged_step
             if row and seen is not None and seen < run.step:  # killed between the save and the log of this step
                 run.tracker.log(row, run.step)
             run.tracker.log_text("trainer/resume", f"resumed from {resume} (step {run.step})", run.step)
@@ -291,7 +229,7 @@ def setup_evaluation(cfg: MtprlConfig, *, console=None, from_checkpoint: bool = 
     # read-only: a training run may be writing checkpoints into the same folder
     checkpoint = resolve_resume(root, tr.resume_mode, tr.resume_from_path, recover=False) if from_checkpoint else None
     model = load_policy(cfg.actor_rollout_ref.model, device).requires_grad_(False)
-    step = load_checkpoint(checkpoint, model)["step"] if checkpoint is not None else 0
+    step = load_checkpoint(checkpoint, model).step if checkpoint is not None else 0
     engine = build_engine(cfg, model, console=console)
     reward = build_reward(cfg)
     try:
@@ -311,7 +249,9 @@ def _build_run(cfg: MtprlConfig, dist: DistEnv, tokenizer, train_set, val_set, r
     mtp, actor, alg = cfg.actor_rollout_ref.model.mtp, cfg.actor_rollout_ref.actor, cfg.algorithm
     with_ref = actor.use_kl_loss or alg.use_kl_in_reward
     if dist.distributed:  # colocated: the engine gets a full copy, training an FSDP2 shard
-        model, ref_model, rollout_model = _load_sharded(cfg, dist, with_ref)
+        from mtprl.distributed.loading import load_sharded_models
+
+        model, ref_model, rollout_model = load_sharded_models(cfg, dist, with_ref)
     else:
         model = load_policy(cfg.actor_rollout_ref.model, device)
         ref_model = copy.deepcopy(model).requires_grad_(False).eval() if with_ref else None
@@ -348,66 +288,3 @@ def _build_run(cfg: MtprlConfig, dist: DistEnv, tokenizer, train_set, val_set, r
                shuffle_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1), kl_coef=alg.kl_ctrl.kl_coef,
                dist=dist, rollout_model=rollout_model)
     return run, resume
-
-
-def _load_sharded(cfg: MtprlConfig, dist: DistEnv, with_ref: bool):
-    """(policy, reference or None, rollout copy) of a multi-rank run. The policy and the reference are built on
-    the meta device, sharded with FSDP2 (fp32 master weights, the forward in the configured dtype through FSDP's
-    mixed precision) and each rank reads only its shard from the checkpoint; the rollout engine's full copy is
-    read in the configured dtype directly (no fp32 model on the device, no deep copies)."""
-    from mtprl.distributed.loading import load_sharded_policy
-
-    model_cfg, fsdp = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor.fsdp_config
-    dtype = compute_dtype(model_cfg)
-    cuda = dist.device.type == "cuda"  # CPU: nothing to offload
-    model = load_sharded_policy(model_cfg, dist, compute_dtype=dtype,
-                                offload=cuda and (fsdp.param_offload or fsdp.optimizer_offload))
-    ref_model = None
-    if with_ref:
-        ref_model = load_sharded_policy(model_cfg, dist, compute_dtype=dtype,
-                                        offload=cuda and cfg.actor_rollout_ref.ref.fsdp_config.param_offload)
-        ref_model.requires_grad_(False)
-    rollout_model = load_policy(model_cfg, dist.device, dtype=dtype).requires_grad_(False).eval()
-    return model, ref_model, rollout_model
-
-
-def _generators(run: Run) -> dict[str, torch.Generator]:
-    return {"sample": run.sample_gen, "shuffle": run.shuffle_gen}
-
-
-def save(run: Run, row: dict[str, float] | None = None) -> Path:
-    """Checkpoint ``run.step``. ``row``: that step's metrics so far, kept in the checkpoint so that a run
-    killed after the save but before the row was logged logs it on resume. A failed write (full disk)
-    stops the run with an OSError naming the checkpoint and the last intact one, which is untouched."""
-    state = {"loader": run.loader.state_dict(), "rng": rng_state(_generators(run)), "bad_steps": run.bad_steps,
-             "next_group_id": run.next_group_id, "kl_coef": run.kl_coef, "config": to_dict(run.cfg),
-             "metrics_row": dict(row) if row is not None else None,
-             "rank_sample_rng": run.dist.all_gather_object(run.sample_gen.get_state())}  # per-rank sampling streams
-    try:
-        run.last_checkpoint = save_checkpoint(run.root, run.step, run.model, run.optimizer, run.scheduler, state,
-                                              keep=run.cfg.trainer.max_actor_ckpt_to_keep, dist=run.dist,
-                                              export_model=run.rollout_model)
-    except OSError as e:
-        message = (f"writing checkpoint {run.root / f'global_step_{run.step}'} failed ({e.strerror or e}); the last "
-                   f"intact checkpoint is {run.last_checkpoint or 'none'}: free space and rerun the same command to "
-                   "resume from it")
-        raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from e
-    return run.last_checkpoint
-
-
-def restore(run: Run, path: Path) -> dict[str, Any]:
-    """Load ``path`` into the run; returns the saved trainer state."""
-    state = load_checkpoint(path, run.model, run.optimizer, run.scheduler)
-    run.loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"], _generators(run))
-    streams = state.get("rank_sample_rng") or []
-    if run.dist.distributed:  # rank r continues its own sampling stream (a rank new to the run: its seed)
-        if run.dist.rank < len(streams):
-            run.sample_gen.set_state(streams[run.dist.rank])
-        else:
-            run.sample_gen.manual_seed(run.cfg.trainer.seed + 1000003 * run.dist.rank)
-    run.sync_rollout()  # the engine's copy gets the restored weights
-    run.step, run.bad_steps = state["step"], state["bad_steps"]
-    run.next_group_id, run.kl_coef = state["next_group_id"], state["kl_coef"]
-    run.last_checkpoint = path
-    return state

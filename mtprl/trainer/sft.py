@@ -21,7 +21,8 @@ from mtprl.data.sft import SFT_TRUNCATION_MODES
 from mtprl.metrics import Tracker
 from mtprl.model import TokenScoring, mtp_loss_from_scores, mtp_valid_counts
 from mtprl.trainer.batching import pad_right, split_by_tokens, split_fixed, trim_padding
-from mtprl.trainer.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from mtprl.trainer.checkpoint import (TrainerState, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
+                                     set_rng_state)
 from mtprl.trainer.optim import build_optimizer, build_scheduler, clip_and_check
 from mtprl.trainer.policy import compute_autocast, load_policy, load_policy_tokenizer, resolve_device, set_trainable
 
@@ -127,9 +128,9 @@ def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
     resume = resolve_resume(root, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
     if resume is not None:
         state = load_checkpoint(resume, model, optimizer, scheduler)
-        step, bad_steps = state["step"], state["bad_steps"]
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        step, bad_steps = state.step, state.bad_steps
+        loader.load_state_dict(state.loader)
+        set_rng_state(state.rng)
     kwargs = dict(pad_id=tokenizer.pad_token_id, train_trunk=train_trunk, train_mtp=train_mtp, cfg=cfg)
     micro = cfg.sft.micro_batch_size_per_gpu
     last_saved = None
@@ -172,10 +173,10 @@ def run_sft(cfg: MtprlConfig, *, console=None) -> Path:
                 metrics.update(evaluate_sft(model, val, micro or cfg.data.train_batch_size, **kwargs))
             tracker.log(metrics, step)
             if step == total or (cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0):
-                last_saved = save_checkpoint(
-                    root, step, model, optimizer, scheduler,
-                    {"loader": loader.state_dict(), "rng": rng_state(), "bad_steps": bad_steps, "config": to_dict(cfg)},
-                    keep=cfg.trainer.max_actor_ckpt_to_keep)
+                state = TrainerState(step=step, loader=loader.state_dict(), rng=rng_state(), bad_steps=bad_steps,
+                                     config=to_dict(cfg))
+                last_saved = save_checkpoint(root, step, model, optimizer, scheduler, state,
+                                             keep=cfg.trainer.max_actor_ckpt_to_keep)
     return (last_saved or resume) / "actor"
 
 

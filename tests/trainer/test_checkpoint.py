@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mtprl.trainer.checkpoint import LATEST_FILE, find_latest_checkpoint, list_checkpoints, save_checkpoint
+from mtprl.trainer.checkpoint import LATEST_FILE, TrainerState, find_latest_checkpoint, list_checkpoints, save_checkpoint
 
 
 class _Stub(torch.nn.Module):
@@ -14,8 +14,12 @@ class _Stub(torch.nn.Module):
         (pathlib.Path(path) / "config.json").write_text("{}")
 
 
+def _state(step, **config):
+    return TrainerState(step=step, loader={}, rng={}, bad_steps=0, config=config)
+
+
 def _save(root, step, keep=None):
-    return save_checkpoint(root, step, _Stub(), None, None, {"x": step}, keep=keep)
+    return save_checkpoint(root, step, _Stub(), None, None, _state(step), keep=keep)
 
 
 def test_keep_prunes_the_oldest(tmp_path):
@@ -95,11 +99,11 @@ def test_a_kill_while_a_step_is_saved_again_never_loses_it(tmp_path, monkeypatch
 
     monkeypatch.setattr(ckpt.os, "replace", killed_at_the_second_rename)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, 3, _Stub(), None, None, {"x": "again"})
+        save_checkpoint(tmp_path, 3, _Stub(), None, None, _state(3, x="again"))
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
     found = ckpt.resolve_resume(tmp_path, "auto", None)
     assert found.name == "global_step_3" and ckpt.checkpoint_problem(found) is None
-    assert torch.load(found / "trainer_state.pt", weights_only=False)["x"] == "again"
+    assert torch.load(found / "trainer_state.pt", weights_only=False)["config"]["x"] == "again"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_3", LATEST_FILE]
 
 
@@ -182,3 +186,50 @@ def test_trainer_state_with_rng_states_loads_with_weights_only(tmp_path):
     state = load_state_file(path / "trainer_state.pt")
     assert state["step"] == 1 and torch.equal(state["rng"]["generators"]["sample"], g.get_state())
     assert state["rng"]["numpy"][0] == "MT19937" and state["config"] == {"a": [1, 2.0, "x", None]}
+
+
+def _previous_rl_state(g: torch.Generator) -> dict:
+    """trainer_state.pt as the RL trainer wrote it before TrainerState (setup.save's dict, key for key)."""
+    from mtprl.trainer.checkpoint import rng_state
+
+    return {"loader": {"epoch": 1, "cursor": 4}, "rng": rng_state({"sample": g, "shuffle": g}), "bad_steps": 1,
+            "next_group_id": 12, "kl_coef": 0.001, "config": {"a": 1}, "metrics_row": {"critic/score/mean": 0.5},
+            "rank_sample_rng": [g.get_state()], "step": 3}
+
+
+def test_trainer_state_reads_checkpoints_the_previous_code_wrote(tmp_path):
+    from mtprl.trainer.checkpoint import load_state_file
+
+    g = torch.Generator().manual_seed(3)
+    old = _previous_rl_state(g)
+    path = _save(tmp_path, 3) / "trainer_state.pt"
+    torch.save(old, path)
+    state = TrainerState.from_dict(load_state_file(path), path)
+    assert (state.step, state.bad_steps, state.next_group_id, state.kl_coef) == (3, 1, 12, 0.001)
+    assert state.loader == {"epoch": 1, "cursor": 4} and state.metrics_row == {"critic/score/mean": 0.5}
+    assert torch.equal(state.rank_sample_rng[0], g.get_state())
+    assert state.to_dict().keys() == old.keys()  # the file keeps its keys: the previous code reads it too
+    # older still: written before the per-rank streams and the metrics row were saved
+    older = TrainerState.from_dict({k: v for k, v in old.items() if k not in ("rank_sample_rng", "metrics_row")}, path)
+    assert older.rank_sample_rng == [] and older.metrics_row is None
+    # an SFT checkpoint: no RL fields
+    sft = TrainerState.from_dict({k: old[k] for k in ("step", "loader", "rng", "bad_steps", "config")}, path)
+    assert sft.next_group_id is None and sft.kl_coef is None
+
+
+def test_a_trainer_state_missing_a_field_is_a_clear_error(tmp_path):
+    from mtprl.trainer.checkpoint import CheckpointError
+
+    state = _previous_rl_state(torch.Generator())
+    del state["loader"], state["bad_steps"]
+    with pytest.raises(CheckpointError, match="trainer_state.pt is not an mtprl trainer state: it lacks loader, "
+                                              "bad_steps"):
+        TrainerState.from_dict(state, tmp_path / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match="it lacks step, loader"):
+        TrainerState.from_dict([1, 2], tmp_path / "trainer_state.pt")
+
+
+def test_a_state_of_another_step_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint of step 3 given the trainer state of step 2"):
+        save_checkpoint(tmp_path, 3, _Stub(), None, None, _state(2))
+    assert not any(tmp_path.iterdir())

@@ -11,8 +11,8 @@ from rich.console import Console
 from mtprl.config import ConfigError, load_config
 from mtprl.model import CausalLM, ModelConfig, tiny_config
 from mtprl.rollout import Engine, SamplingParams
+from mtprl.rollout.build import build_engine, plan_kv_cache
 from mtprl.trainer.samples import speculative_config
-from mtprl.trainer.setup import build_engine, plan_kv_cache
 
 GiB = 2 ** 30
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

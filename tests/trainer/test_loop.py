@@ -301,7 +301,7 @@ def test_step_time_and_throughput_include_validation_and_checkpoint(tiny_world, 
 
     import mtprl.trainer.loop as loop
 
-    real_validate, real_save = loop.validate, loop.save
+    real_validate, real_save = loop.validate, loop.save_run
 
     def slow_validate(*args, **kwargs):
         time.sleep(0.3)
@@ -313,7 +313,7 @@ def test_step_time_and_throughput_include_validation_and_checkpoint(tiny_world, 
 
     monkeypatch.setattr(loop, "actor_update", _fast_update)
     monkeypatch.setattr(loop, "validate", slow_validate)
-    monkeypatch.setattr(loop, "save", slow_save)
+    monkeypatch.setattr(loop, "save_run", slow_save)
     out = tmp_path / "timing"
     train(_cfg(tiny_world, out, "trainer.total_training_steps=1", "trainer.val_before_train=False", "trainer.test_freq=1"))
     row = _rows(out)[-1]

@@ -106,7 +106,7 @@ def test_killed_five_times_then_resumed_equals_an_uninterrupted_run(tiny_world, 
     model = from_pretrained(str(tiny_world.model))
     for k in (1, 2, 3, 4):
         assert checkpoint_problem(out / f"global_step_{k}") is None
-        assert load_checkpoint(out / f"global_step_{k}", model)["step"] == k
+        assert load_checkpoint(out / f"global_step_{k}", model).step == k
 
 
 @pytest.mark.parametrize("damaged", ["actor/model.safetensors", "optimizer.pt"])
@@ -131,6 +131,19 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_previous_one(tiny_world,
         train(cfg)  # step 2 again, as it was
     _assert_same_steps(_rows(out), reference)
     assert checkpoint_problem(out / "global_step_2") is None
+
+
+def test_an_rl_run_refuses_to_resume_from_an_sft_checkpoint(tiny_world, tmp_path, reward_file):
+    # mtprl sft's trainer state has no next_group_id / kl_coef: resuming RL from it is a clear error naming the
+    # way to start from its weights, not a KeyError
+    from mtprl.trainer.checkpoint import CheckpointError, TrainerState, save_checkpoint
+
+    out = tmp_path / "run"
+    sft_state = TrainerState(step=2, loader={}, rng={}, bad_steps=0, config={})
+    save_checkpoint(out, 2, from_pretrained(str(tiny_world.model)), None, None, sft_state)
+    with pytest.raises(CheckpointError, match=r"global_step_2 is not an RL checkpoint .* start an RL run from its "
+                                              r"weights with actor_rollout_ref.model.path=\S*global_step_2/actor"):
+        train(load_config(None, _overrides(tiny_world, out, reward_file, "trainer.total_training_steps=3")))
 
 
 def test_a_full_disk_during_a_save_stops_with_the_last_intact_checkpoint(tiny_world, tmp_path, reward_file,
@@ -188,14 +201,15 @@ def test_resume_cuts_the_logs_back_to_the_resumed_step(tmp_path):
 
 def _perturbed_checkpoint(world, root, step):
     """A checkpoint at ``step`` whose weights differ from ``model.path``'s (as training would leave them)."""
-    from mtprl.trainer.checkpoint import save_checkpoint
+    from mtprl.trainer.checkpoint import TrainerState, save_checkpoint
 
     model = from_pretrained(str(world.model))
     torch.manual_seed(5)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5 * torch.randn_like(p))
-    return save_checkpoint(root, step, model, None, None, {})
+    return save_checkpoint(root, step, model, None, None,
+                           TrainerState(step=step, loader={}, rng={}, bad_steps=0, config={}))
 
 
 def _eval_overrides(world, out, *extra):
