@@ -99,7 +99,7 @@ def tree_accept(tree: TreeTensors, target_probs: torch.Tensor, draft_probs: torc
     tokens [B,D+1] (accepted tokens then the final sample at index num_accepted), D = max depth.
     """
     b, n, v = target_probs.shape
-    depth = int(tree.depths.max())
+    depth = tree.max_depth
     rows = torch.arange(b, device=target_probs.device)
     cur = torch.zeros(b, dtype=torch.long, device=rows.device)
     done = torch.zeros(b, dtype=torch.bool, device=rows.device)
@@ -143,7 +143,7 @@ def greedy_tree_accept(tree: TreeTensors, target_tokens: torch.Tensor, node_toke
     """Greedy tree walk: target_tokens [B,N] (argmax of p at each node), node_tokens [B,N] (siblings distinct).
     Descend into the child equal to the target token while one exists. Returns as tree_accept."""
     b = target_tokens.shape[0]
-    depth = int(tree.depths.max())
+    depth = tree.max_depth
     rows = torch.arange(b, device=target_tokens.device)
     cur = torch.zeros(b, dtype=torch.long, device=rows.device)
     alive = torch.ones(b, dtype=torch.bool, device=rows.device)

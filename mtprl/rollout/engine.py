@@ -90,8 +90,12 @@ class _Run:
     trees: list = field(default_factory=list)  # trees[d] = (DraftTree, TreeTensors) truncated to depth d
     adaptive: AdaptiveDepth | None = None
     draft_params: SamplingParams | None = None  # what drafts are drawn with (params at the draft temperature)
-    max_lag: int = 0  # adaptive mode: an upper bound of lengths - mtp_lengths over the live rows
     hist_len: int = 1  # adaptive mode: W, slots of the hidden-state history per row (HIST_LEN)
+    # host-side shadows of rows.lengths and spec_rows.mtp_lengths for the live rows: kv_len, slot ranges and
+    # compaction read these, never the device (the one device read of a decode step is its done/emitted copy)
+    host_lengths: list = field(default_factory=list)
+    host_mtp_lengths: list = field(default_factory=list)
+    host_seq_ids: list = field(default_factory=list)  # rows.seq_ids
 
 
 class Engine:
@@ -160,11 +164,10 @@ class Engine:
             run = self._start(prompts, params, speculative, generator)
             self._stepper = self._packed_model() if self.packed else self.model
             while run.waiting or run.live:
-                self._admit(run)
-                self._retire(run)
+                if self._admit(run):  # a first sampled token may already end a row
+                    self._retire(run, run.done[:run.live].tolist())
                 if run.live:
-                    self._decode_step(run)
-                    self._retire(run)
+                    self._retire(run, self._decode_step(run))
         return GenerateOutput(completions=run.results, metrics=self._metrics(run, time.perf_counter() - start))
 
     def cache_plan(self, speculative: SpeculativeConfig | None = None) -> KVCachePlan:
@@ -337,10 +340,11 @@ class Engine:
             max_len = width
         return taken
 
-    def _admit(self, run: _Run) -> None:
+    def _admit(self, run: _Run) -> bool:
+        """Prefill the sequences that fit; whether any was admitted."""
         taken = self._take_waiting(run)
         if not taken:
-            return
+            return False
         seqs = [run.seqs[i] for i in taken]
         groups, unique = [], []  # samples of one prompt are adjacent: prefill each prompt once
         for s in seqs:
@@ -375,6 +379,9 @@ class Engine:
         r.limits[sl] = torch.tensor([s.limit for s in seqs], device=dev)
         r.seq_ids[sl] = torch.tensor(taken, device=dev)
         run.done[sl] = self._is_stop(tokens, run) | (prompt_lens + 1 >= r.limits[sl])
+        run.host_lengths[b0:] = [len(s.prompt) + 1 for s in seqs]
+        run.host_seq_ids[b0:] = taken
+        run.host_mtp_lengths[b0:] = [len(s.prompt) + 1 for s in seqs]
         if run.spec_rows is not None:  # MTP prefill = a commit of the prompt from committed length 1
             sr = run.spec_rows
             sr.stored_h[sl] = 0
@@ -383,14 +390,14 @@ class Engine:
                 # speculative step commits them (if adaptive keeps choosing plain steps, the MTP work never runs)
                 sr.hist[sl, :width] = hidden[group].to(sr.hist.dtype)
                 sr.mtp_lengths[sl] = 1
-                run.max_lag = max(run.max_lag, width)
+                run.host_mtp_lengths[b0:] = [1] * n
             else:  # the prompt's positions once per prompt, then each sample's first token on its own row
                 if width > 1:
                     u_lens = torch.tensor([len(s.prompt) for s in unique], device=dev)
                     commit_mtp(self._stepper, rows_view(self._mtp_cache, b0, b0 + u),
                                torch.ones(u, dtype=torch.long, device=dev), hidden[:, :width - 1], inp[:, 1:],
                                u_lens - 1, _RowsView(sr, b0, b0 + u), u, run.counters,
-                               may_be_empty=min(len(s.prompt) for s in unique) == 1)
+                               may_be_empty=min(len(s.prompt) for s in unique) == 1, l_range=(1, 1))
                 if n > u:
                     rows = b0 + torch.arange(n, device=dev)
                     move_rows(self._mtp_cache, b0 + group, rows, width)
@@ -398,41 +405,45 @@ class Engine:
                 last_hidden = hidden[group[:, None], prompt_lens[:, None] - 1]  # [n,1,H] the trunk at position L-1
                 commit_mtp(self._stepper, rows_view(self._mtp_cache, b0, b0 + n), prompt_lens, last_hidden,
                            tokens[:, None], torch.ones(n, dtype=torch.long, device=dev), _RowsView(sr, b0, b0 + n), n,
-                           run.counters)
+                           run.counters, l_range=(min(len(s.prompt) for s in seqs), width))
                 sr.mtp_lengths[sl] = prompt_lens + 1
         run.live += n
+        return True
 
     # ----- decode steps ---------------------------------------------------------------------------------------
-    def _decode_step(self, run: _Run) -> None:
+    def _decode_step(self, run: _Run) -> list[bool]:
+        """One decode step over the live rows; returns which rows are done (read from the device once)."""
         b = run.live
         depth = 0
         if run.spec is not None:
             depth = run.trees[-1][0].max_depth
             if run.adaptive is not None:
                 depth = run.adaptive.choose(b)
-                if depth == 0 and run.max_lag >= run.hist_len - 2:  # (a bound: refresh it from the live rows)
-                    run.max_lag = int((run.rows.lengths[:b] - run.spec_rows.mtp_lengths[:b]).max())
-                    if run.max_lag >= run.hist_len - 2:
-                        depth = 1  # keep the MTP lag inside the hidden-state ring (the step catches up first)
+                if depth == 0 and self._mtp_lag(run, b) >= run.hist_len - 2:
+                    depth = 1  # keep the MTP lag inside the hidden-state ring (the step catches up first)
         if depth > 0 and run.adaptive is not None:
             self._catch_up_mtp(run, b)
         if depth == 0:
-            self._plain_step(run, b)
+            done = self._plain_step(run, b)
         else:
-            reached, accepted = self._spec_step(run, b, depth)
-            if run.adaptive is not None:
-                run.adaptive.observe(depth, reached, accepted)
+            done = self._spec_step(run, b, depth)
         run.decode_steps += 1
         run.row_steps += b
         run.depth_sum += depth
+        return done
 
-    def _plain_step(self, run: _Run, b: int) -> None:
+    @staticmethod
+    def _mtp_lag(run: _Run, b: int) -> int:
+        """The widest MTP lag (committed length - MTP-synced length) over the live rows, from the host shadows."""
+        return max(h - m for h, m in zip(run.host_lengths[:b], run.host_mtp_lengths[:b]))
+
+    def _plain_step(self, run: _Run, b: int) -> list[bool]:
         r = run.rows
         lengths = r.lengths[:b].clone()
         pos = (lengths - 1)[:, None]
         last = r.tokens[:b].gather(1, pos)
         logits, hidden = self._stepper.forward_step(last, pos, pos, rows_view(self._trunk_cache, 0, b),
-                                                 kv_len=int(lengths.max()))
+                                                 kv_len=max(run.host_lengths[:b]))
         run.counters.trunk_forwards += 1
         tokens, lp, tlp = self._sample(logits[:, 0], run)
         r.tokens[:b].scatter_(1, lengths[:, None], tokens[:, None])
@@ -441,10 +452,11 @@ class Engine:
         if run.adaptive is not None:  # remember h^0 for the MTP catch-up
             sr = run.spec_rows
             sr.hist.index_put_((self._rows_index(b), pos[:, 0] % run.hist_len), hidden[:, 0].to(sr.hist.dtype))
-            run.max_lag += 1
         r.lengths[:b] = lengths + 1
         run.done[:b] = self._is_stop(tokens, run) | (lengths + 1 >= r.limits[:b])
         run.tokens_emitted += b
+        run.host_lengths[:b] = [n + 1 for n in run.host_lengths[:b]]
+        return run.done[:b].tolist()  # the step's one device read
 
     def _rows_index(self, b: int) -> torch.Tensor:
         """arange(b) on the engine's device, kept (one op fewer per use on the decode path)."""
@@ -457,9 +469,12 @@ class Engine:
         at most max_num_batched_tokens row-positions (a long lag over a full batch would otherwise be one call
         over b x lag positions, with masks and activations to match)."""
         sr, r = run.spec_rows, run.rows
+        width = self._mtp_lag(run, b)
+        if width == 0:
+            return
         l_start = sr.mtp_lengths[:b].clone()
         lag = r.lengths[:b] - l_start
-        width = int(lag.max())
+        low, high = min(run.host_mtp_lengths[:b]), max(run.host_mtp_lengths[:b])
         chunk = max(1, self.max_num_batched_tokens // b)
         rows = self._rows_index(b)[:, None]
         for first in range(0, width, chunk):
@@ -468,22 +483,25 @@ class Engine:
             hidden = sr.hist[rows, (l_start[:, None] - 1 + offsets) % run.hist_len]
             new_tokens = r.tokens[:b].gather(1, (l_start[:, None] + offsets).clamp(max=r.tokens.shape[1] - 1))
             commit_mtp(self._stepper, rows_view(self._mtp_cache, 0, b), l_start + first, hidden, new_tokens,
-                       (lag - first).clamp(0, t), sr, b, run.counters, may_be_empty=True)
+                       (lag - first).clamp(0, t), sr, b, run.counters, may_be_empty=True,
+                       l_range=(low + first, high + first))
         sr.mtp_lengths[:b] = r.lengths[:b]
+        run.host_mtp_lengths[:b] = run.host_lengths[:b]
 
-    def _spec_step(self, run: _Run, b: int, depth: int) -> tuple[list[int], list[int]]:
+    def _spec_step(self, run: _Run, b: int, depth: int) -> list[bool]:
         tree, tt = run.trees[depth]
         r, sr = run.rows, run.spec_rows
-        run.max_lag = 0  # (every live row is caught up, and the step commits what it emits)
         lengths = r.lengths[:b].clone()
+        len_range = (min(run.host_lengths[:b]), max(run.host_lengths[:b]))
         trunk, mtp = rows_view(self._trunk_cache, 0, b), rows_view(self._mtp_cache, 0, b)
         root = r.tokens[:b].gather(1, (lengths - 1)[:, None]).squeeze(1)
         draft = draft_tree(self._stepper, tree, tt, mtp, lengths, root, sr, b, run.draft_params, run.generator,
-                           run.counters)
+                           run.counters, len_range)
         out, path, hidden = verify_and_accept(self._stepper, tree, tt, trunk, lengths, draft, run.params, run.generator,
-                                              run.counters)
+                                              run.counters, len_range[1])
         path_hidden = hidden[self._rows_index(b)[:, None], path]  # [b,M+1,H] trunk hidden along the accepted path
-        commit_mtp(self._stepper, mtp, lengths, path_hidden, out.tokens, out.num_new, sr, b, run.counters)
+        commit_mtp(self._stepper, mtp, lengths, path_hidden, out.tokens, out.num_new, sr, b, run.counters,
+                   l_range=len_range)
         # emit: truncate at the first stop token and at the length limit. Every value is written; those past the
         # new length are garbage that is never read (buffers are read below `lengths` only).
         m1 = out.tokens.shape[1]
@@ -505,44 +523,60 @@ class Engine:
         reached, accepted = out.reached, out.accepted
         run.reached[:reached.shape[0]] += reached
         run.accepted[:accepted.shape[0]] += accepted
-        if run.adaptive is None:
-            return [], []
-        return reached.tolist(), accepted.tolist()
+        # the step's one device read: done flags, tokens emitted per row, and the adaptive rule's acceptance counts
+        parts = [run.done[:b].long(), emit] + ([reached, accepted] if run.adaptive is not None else [])
+        host = torch.cat(parts).tolist()
+        done, emitted = [bool(x) for x in host[:b]], host[b:2 * b]
+        run.host_lengths[:b] = [n + e for n, e in zip(run.host_lengths[:b], emitted)]
+        run.host_mtp_lengths[:b] = run.host_lengths[:b]
+        if run.adaptive is not None:
+            m = reached.shape[0]
+            run.adaptive.observe(depth, host[2 * b:2 * b + m], host[2 * b + m:])
+        return done
 
     # ----- retirement -----------------------------------------------------------------------------------------
-    def _retire(self, run: _Run) -> None:
+    def _retire(self, run: _Run, finished: list[bool]) -> None:
+        """Hand finished rows (finished[i] for live row i, read on the host by the caller) to the results and
+        compact the live rows to a prefix."""
         b = run.live
-        if b == 0:
-            return
-        finished = run.done[:b].tolist()
         if not any(finished):
             return
         r = run.rows
         fin = [i for i in range(b) if finished[i]]
+        lens = [run.host_lengths[i] for i in fin]
+        sids = [run.host_seq_ids[i] for i in fin]
         fin_t = torch.tensor(fin, device=self.device)
-        lens, plens, sids = (x[fin_t].tolist() for x in (r.lengths, r.prompt_lens, r.seq_ids))
-        toks, lps, tlps = (x[fin_t, :max(lens)].tolist() for x in (r.tokens, r.logprobs, r.trunk_logprobs))
+        width = max(lens)
+        # one read: token ids (exact in float64) and both logprob rows of the finished rows
+        rows = torch.stack([r.tokens[fin_t, :width].double(), r.logprobs[fin_t, :width].double(),
+                            r.trunk_logprobs[fin_t, :width].double()]).tolist()
         stops = set(run.params.stop_token_ids)
         for j in range(len(fin)):
             seq = run.seqs[sids[j]]
-            gen = toks[j][plens[j]:lens[j]]
+            start, end = len(seq.prompt), lens[j]
+            gen = [int(t) for t in rows[0][j][start:end]]
             run.results[sids[j]] = Completion(
-                token_ids=gen, logprobs=lps[j][plens[j]:lens[j]], trunk_logprobs=tlps[j][plens[j]:lens[j]],
+                token_ids=gen, logprobs=rows[1][j][start:end], trunk_logprobs=rows[2][j][start:end],
                 finish_reason="stop" if gen and gen[-1] in stops else "length",
                 prompt_index=seq.prompt_index, sample_index=seq.sample_index)
             run.budget.release(seq.limit)
         src, dst, new_b = compaction_moves(finished)
         if src:
             src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
-            move_rows(self._trunk_cache, src_t, dst_t, int(r.lengths[src_t].max()))
+            move_rows(self._trunk_cache, src_t, dst_t, max(run.host_lengths[i] for i in src))
             if run.spec is not None:  # MTP layer k holds slots < mtp_length - k (none yet for a lazy prompt)
-                mtp_slots = int(run.spec_rows.mtp_lengths[src_t].max()) - 1
+                mtp_slots = max(run.host_mtp_lengths[i] for i in src) - 1
                 if mtp_slots > 0:
                     move_rows(self._mtp_cache, src_t, dst_t, mtp_slots)
             r.move(src_t, dst_t)
             if run.spec_rows is not None:
                 run.spec_rows.move(src_t, dst_t)
             run.done[dst_t] = run.done[src_t]
+            for shadow in (run.host_lengths, run.host_mtp_lengths, run.host_seq_ids):
+                for i, j in zip(src, dst):
+                    shadow[j] = shadow[i]
+        for shadow in (run.host_lengths, run.host_mtp_lengths, run.host_seq_ids):
+            del shadow[new_b:]
         run.live = new_b
 
     # ----- metrics --------------------------------------------------------------------------------------------

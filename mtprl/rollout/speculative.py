@@ -100,15 +100,23 @@ class SpecStepOutput:
     accepted: torch.Tensor
 
 
-def _place(positions: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int | None]:
+def length_range(lengths: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of `lengths` on the host: a device sync. The engine passes its host-side shadow instead."""
+    low, high = torch.aminmax(lengths)
+    return int(low), int(high)
+
+
+def _place(positions: torch.Tensor, slots: torch.Tensor, slot_range: tuple[int, int]
+           ) -> tuple[torch.Tensor, torch.Tensor, int, int | None]:
     """Map negative MTP input positions (before the sequence start) to a scratch slot one past the largest real
-    slot of the call. Returns positions clamped at 0, slots, kv_len and the scratch slot (None if unused).
+    slot of the call. slot_range: (min, max) of `slots`, known on the host (no device sync). Returns positions
+    clamped at 0, slots, kv_len and the scratch slot (None if unused).
 
     The scratch slot holds no true K/V of any row: a row's true slots in layer k lie below every slot the call
     writes for it. When EVERY slot is negative (prompts shorter than the layer's depth,
     e.g. a 1-token prompt's prefill commit with D >= 2) the layer holds no true K/V in any row, so the scratch
     slot is 0 (kv_len 1) rather than max_slot + 1 < 1."""
-    min_slot, max_slot = (int(x) for x in torch.aminmax(slots))  # one host sync
+    min_slot, max_slot = slot_range
     if min_slot >= 0:  # (a tree node's position may still be < 0 when the row is that short: clamp)
         return positions.clamp(min=0), slots, max_slot + 1, None
     scratch = max(max_slot, -1) + 1
@@ -150,6 +158,7 @@ class _DraftCtx:
     tt: TreeTensors
     mtp: KVCache
     lengths: torch.Tensor  # [b]
+    len_range: tuple[int, int]  # (min, max) of lengths, on the host
     node_tokens: torch.Tensor  # [b,N]
     counters: StepCounters
     hbuf: dict[int, torch.Tensor] = field(default_factory=dict)  # layer k -> [b,N,H] outputs per node
@@ -162,7 +171,8 @@ def _mtp_on_nodes(ctx: _DraftCtx, k: int, nodes: range, hidden_src: torch.Tensor
     base = ctx.lengths[:, None] - k
     positions = base - 1 + ctx.tt.depths[None, start:stop]
     slots = base + (ctx.tt.node_ids[None, start:stop] - 1)
-    positions, slots, kv_len, scratch = _place(positions, slots)
+    low, high = ctx.len_range
+    positions, slots, kv_len, scratch = _place(positions, slots, (low - k + start - 1, high - k + stop - 2))
     mask = None
     if not ctx.tree.is_chain:
         mask = tree_attn_mask(ctx.lengths - k, ctx.tt.ancestors[start:stop, 1:], kv_len, scratch)
@@ -198,8 +208,10 @@ def _sample_children(ctx: _DraftCtx, level: int, q_logits: torch.Tensor, draft: 
 
 def draft_tree(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, mtp: KVCache, lengths: torch.Tensor,
                root_tokens: torch.Tensor, spec_rows: SpecRows, b: int, params: SamplingParams,
-               generator: torch.Generator | None, counters: StepCounters) -> Draft:
-    """Step 1 (module docstring) for live rows [0, b)."""
+               generator: torch.Generator | None, counters: StepCounters,
+               len_range: tuple[int, int] | None = None) -> Draft:
+    """Step 1 (module docstring) for live rows [0, b). len_range: (min, max) of lengths if known on the host
+    (None: read from the device, a sync)."""
     n, num_mtp = tree.num_nodes, model.config.num_mtp_layers
     device = lengths.device
     node_tokens = torch.zeros(b, n, dtype=torch.long, device=device)
@@ -208,7 +220,8 @@ def draft_tree(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, mtp: KV
     draft = Draft(node_tokens=node_tokens, node_valid=torch.ones(b, n, dtype=torch.bool, device=device),
                   logits=q_root.new_zeros(b, n, q_root.shape[1]),
                   probs=None if params.greedy else torch.zeros(b, n, q_root.shape[1], device=device))
-    ctx = _DraftCtx(model, tree, tt, mtp, lengths, node_tokens, counters)
+    ctx = _DraftCtx(model, tree, tt, mtp, lengths, length_range(lengths) if len_range is None else len_range,
+                    node_tokens, counters)
     stored = spec_rows.stored_h[:b]
     for k in range(1, num_mtp + 1):
         buf = torch.zeros(b, n, stored.shape[-1], dtype=stored.dtype, device=device)
@@ -249,7 +262,7 @@ def _draft_chain_tail(ctx: _DraftCtx, first: int, q: torch.Tensor, draft: Draft,
     step = None
     if nodes.numel():
         positions = lengths[:, None] - num_mtp - 1 + nodes[None]  # >= L-1 >= 0: no scratch slot needed
-        kv_len = int(lengths.max()) - num_mtp + last - 1  # one past the largest slot
+        kv_len = ctx.len_range[1] - num_mtp + last - 1  # one past the largest slot
         step = model.mtp_chain(num_mtp - 1, positions, positions, ctx.mtp, kv_len=kv_len)
     uniforms = None if params.greedy else uniform_noise((tokens.shape[0], last - first), generator, lengths.device)
     hidden = ctx.hbuf[num_mtp][:, first:first + 1]
@@ -270,16 +283,18 @@ def _draft_chain_tail(ctx: _DraftCtx, first: int, q: torch.Tensor, draft: Draft,
 
 def verify_and_accept(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, trunk: KVCache,
                       lengths: torch.Tensor, draft: Draft, params: SamplingParams, generator: torch.Generator | None,
-                      counters: StepCounters) -> tuple[SpecStepOutput, torch.Tensor, torch.Tensor]:
+                      counters: StepCounters, max_length: int | None = None
+                      ) -> tuple[SpecStepOutput, torch.Tensor, torch.Tensor]:
     """Steps 2-4a: trunk forward over the tree, exact acceptance, tree K/V compaction of the trunk cache.
-    Returns the step output, the path with the root [b,M+1] (node ids) and the trunk hidden [b,N,H]."""
+    Returns the step output, the path with the root [b,M+1] (node ids) and the trunk hidden [b,N,H].
+    max_length: max of lengths if known on the host (None: read from the device, a sync)."""
     node_tokens, node_valid, draft_probs = draft.node_tokens, draft.node_valid, draft.probs
     b, n = node_tokens.shape
     m = tree.max_depth
     node_ids = torch.arange(n, device=lengths.device)
     positions = lengths[:, None] - 1 + tt.depths[None]
     slots = lengths[:, None] - 1 + node_ids[None]
-    kv_len = int(lengths.max()) - 1 + n
+    kv_len = (length_range(lengths)[1] if max_length is None else max_length) - 1 + n
     mask = None if tree.is_chain else tree_attn_mask(lengths - 1, tt.ancestors, kv_len, None)
     logits, hidden = model.forward_step(node_tokens, positions, slots, trunk, attn_mask=mask, kv_len=kv_len)
     counters.trunk_forwards += 1
@@ -324,13 +339,13 @@ def verify_and_accept(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, 
 
 def commit_mtp(model: torch.nn.Module, mtp: KVCache, l_old: torch.Tensor, hidden: torch.Tensor, new_tokens: torch.Tensor,
                num_new: torch.Tensor, spec_rows: SpecRows, b: int, counters: StepCounters, *,
-               may_be_empty: bool = False) -> None:
+               may_be_empty: bool = False, l_range: tuple[int, int] | None = None) -> None:
     """Step 4b for rows [0, b): run MTP layers 1..D on the num_new [b] newly committed positions of each row.
 
     l_old [b]: committed length before; hidden [b,T,H]: true trunk hidden at positions l_old-1 .. l_old-2+T;
     new_tokens [b,T]: t_{l_old} .. t_{l_old+T-1}. Entries past num_new are padding (garbage written past the
     valid end). With may_be_empty, rows with num_new == 0 keep their state. Updates spec_rows.q_root_logits /
-    stored_h in place.
+    stored_h in place. l_range: (min, max) of l_old if known on the host (None: read from the device, a sync).
     """
     t = hidden.shape[1]
     rows = torch.arange(b, device=l_old.device)
@@ -340,9 +355,10 @@ def commit_mtp(model: torch.nn.Module, mtp: KVCache, l_old: torch.Tensor, hidden
     old_h = spec_rows.stored_h[:b].clone() if (num_mtp > 1 or may_be_empty) else None
     prev = hidden
     offsets = torch.arange(t, device=l_old.device)[None]
+    low, high = length_range(l_old) if l_range is None else l_range
     for k in range(1, num_mtp + 1):
         positions = l_old[:, None] - k + offsets
-        positions, slots, kv_len, _ = _place(positions, positions)
+        positions, slots, kv_len, _ = _place(positions, positions, (low - k, high - k + t - 1))
         hidden_in = prev if k == 1 else torch.cat([old_h[:, k - 2, None], prev[:, :t - 1]], dim=1)
         # the head only at each row's last new position (layer 1's: the next step's q_root; deeper layers' logits
         # are not read): a catch-up after plain steps commits tens of positions per row

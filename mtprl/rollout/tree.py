@@ -90,6 +90,7 @@ class DraftTree:
             children=torch.tensor(self.children, device=device),
             ancestors=self.ancestors.to(device),
             level_children=tuple(levels),
+            max_depth=self.max_depth,
         )
 
 
@@ -107,7 +108,8 @@ class LevelChildren:
 @dataclass(frozen=True)
 class TreeTensors:
     """The tree on a device: node_ids [N] = arange, parents [N] (root -> 0), depths [N], children [N,topk]
-    (-1 = none), ancestors [N,N] bool, level_children[e] = the children of level e (None for a level of leaves)."""
+    (-1 = none), ancestors [N,N] bool, level_children[e] = the children of level e (None for a level of leaves);
+    max_depth on the host."""
 
     node_ids: torch.Tensor
     parents: torch.Tensor
@@ -115,6 +117,7 @@ class TreeTensors:
     children: torch.Tensor
     ancestors: torch.Tensor
     level_children: tuple = ()
+    max_depth: int = 0
 
 
 def chain_tree(num_steps: int) -> DraftTree:
