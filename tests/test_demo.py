@@ -9,20 +9,49 @@ from mtprl.cli import main
 def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
-    for key in ("val_acc_before", "val_acc_after", "val_acc_greedy_before", "val_acc_greedy_after",
-                "min_accept_length", "mean_accept_length", "mean_draft_depth", "response_length_mean", "wall_seconds",
-                "rollout_tokens_per_s_plain_batch", "rollout_tokens_per_s_speculative_batch",
-                "rollout_tokens_per_s_plain_b1", "rollout_speedup_b1", "rollout_tokens_per_s_adaptive_batch",
-                "rollout_speedup_adaptive_batch", "rollout_speedup_adaptive_b1", "response_length_quantiles"):
-        assert summary[key] is not None, key
-    assert summary["num_steps"] == 2 and summary["num_mtp_layers"] == 1
     rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert "val-core/synthetic_arith/acc/mean@2" in rows[0]  # the preset's sampled validation (n=2 in --quick)
-    assert "mtp_losses/mtp_3_loss" in rows[1]  # the one MTP layer trained at its recursive depths 2 and 3
+    sft_rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    # QUICK: 6 SFT steps validated every max(6 // 4, 1) = 1 step, checkpoint at the last; 2 RL steps after a
+    # validation at step 0 (val_before_train); 2 trunk layers and 1 MTP layer
+    assert [(r["step"], "val/sft/lm_loss" in r) for r in sft_rows] == [(k, True) for k in range(1, 7)]
+    assert (tmp_path / "sft" / "global_step_6" / "actor" / "model.safetensors").is_file()
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert (summary["num_steps"], summary["num_trunk_layers"], summary["num_mtp_layers"]) == (2, 2, 1)
+    val, train = rows[0], rows[1:]
+    # validation: 16 prompts x val_kwargs.n = 2 samples; a step: train_batch_size 8 x rollout.n 4 = 32 responses,
+    # whose tokens are 32 x their mean length; a response of L <= 32 tokens scores +-1 minus the overlong penalty
+    # max(0, L - (32 - 8)) / 8 <= 1 (buffer len 8, factor 1), so every score lies in [-1 - 1, 1] = [-2, 1]
+    assert val["val/rollout/num_sequences"] == 16 * 2
+    for r in train:
+        assert r["rollout/num_sequences"] == 8 * 4
+        assert r["rollout/num_generated_tokens"] == pytest.approx(32 * r["response_length/mean"], rel=1e-9)
+        assert -2.0 <= r["critic/score/min"] <= r["critic/score/mean"] <= r["critic/score/max"] <= 1.0
+    # the summary is the logs' figures: validation accuracy (val_kwargs n = 2: mean@2) before and after, the steps'
+    # rewards, their means and the per-depth acceptance of the preset's 3 draft steps
+    key = "val-core/synthetic_arith/acc/mean@2"
+    assert (summary["val_acc_before"], summary["val_acc_after"]) == (val[key], rows[2][key])
+    assert (summary["reward_first"], summary["reward_last"]) == (train[0]["critic/score/mean"],
+                                                                 train[1]["critic/score/mean"])
+    accept = [r["rollout/spec_accept_length"] for r in train]
+    assert summary["mean_accept_length"] == pytest.approx((accept[0] + accept[1]) / 2)
+    assert summary["min_accept_length"] == min(accept)
+    assert summary["response_length_mean"] == pytest.approx(sum(r["response_length/mean"] for r in train) / 2)
+    assert summary["accept_rate_per_depth_mean"] == pytest.approx(
+        {str(k): sum(r[f"rollout/spec_accept_rate_{k}"] for r in train) / 2 for k in (1, 2, 3)})
+    # a decode step with 3 draft steps emits 1 to 3 + 1 = 4 tokens per row
+    for name in ("accept_length_speculative_batch", "accept_length_speculative_b1"):
+        assert 1.0 <= summary[name] <= 4.0, name
+    for shape in ("batch", "b1"):
+        for mode in ("plain", "speculative", "adaptive"):
+            assert summary[f"rollout_tokens_per_s_{mode}_{shape}"] > 0
+        assert summary[f"rollout_speedup_{shape}"] > 0 and summary[f"rollout_speedup_adaptive_{shape}"] > 0
+    q = summary["response_length_quantiles"]  # of the plain RL-batch samples, at most max_response_length = 32
+    assert 1 <= q["p10"] <= q["p50"] <= q["p90"] <= q["p99"] <= q["max"] <= 32
+    # the one MTP layer trained at depth 1 and, recursive_steps = 3, reused at depths 2 and 3
+    assert {k for k in rows[1] if k.startswith("mtp_losses/")} == {f"mtp_losses/mtp_{k}_loss" for k in (1, 2, 3)}
     for name in ("reward_and_val_acc", "accept_length", "draft_depth", "response_length", "time_per_phase"):
         assert (tmp_path / "rl" / "plots" / f"{name}.png").is_file()
     assert any((tmp_path / "rl" / "tensorboard").iterdir())
-    assert (tmp_path / "sft" / "global_step_6" / "actor" / "model.safetensors").is_file()
     assert "report:" in capsys.readouterr().out
 
 

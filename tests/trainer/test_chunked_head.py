@@ -13,34 +13,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import mtprl.model.head
-from mtprl.config import load_config
 from mtprl.model import CausalLM, ModelConfig, TokenScoring
 from mtprl.model.head import logits_token_scores
 from mtprl.trainer import sft, update
-from mtprl.trainer.update import TrainBatch, actor_update, compute_logprobs
+from mtprl.trainer.update import TrainBatch, compute_logprobs
+
+from tests.trainer.updates import sgd_delta, train_batch, update_cfg
 
 V = 96  # differs from hidden (32) and intermediate (64): a [*, V] tensor is a vocabulary one
 
 
-def _batch(n=6, prompt=3, seed=0) -> TrainBatch:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 8, (n,), generator=g)
-    width = prompt + int(lengths.max())
-    prompts = torch.randint(1, V, (n // 2, prompt), generator=g).repeat_interleave(2, 0)
-    ids = torch.cat([prompts, torch.randint(1, V, (n, width - prompt), generator=g)], 1)
-    attn = (torch.arange(width)[None] < (prompt + lengths)[:, None]).long()
-    resp = attn.clone()
-    resp[:, :prompt] = 0
-    scores = torch.randn(n, generator=g)
-    return TrainBatch(ids * attn, attn, resp, torch.arange(n) // 2, scores, torch.zeros(n, width),
-                      advantages=(scores[:, None] * resp).float())
+def _batch(seed=0) -> TrainBatch:
+    """6 samples in groups of 2 sharing a 3-token prompt; responses of 2..7 tokens, right-padded."""
+    return train_batch(vocab=V, seed=seed, min_len=2, max_len=7, shared_prompts=True)
 
 
 def _cfg(*extra):
-    return load_config(None, ["actor_rollout_ref.rollout.n=2", "data.train_batch_size=3",
-                              "actor_rollout_ref.actor.ppo_mini_batch_size=3", "actor_rollout_ref.model.mtp.enable=True",
-                              "actor_rollout_ref.model.mtp.enable_train=True", "actor_rollout_ref.actor.optim.clip_grad=1e9",
-                              "data.max_prompt_length=4", "data.max_response_length=8", *extra])
+    return update_cfg("data.max_response_length=8", *extra)
 
 
 def _model(**overrides):
@@ -52,15 +41,6 @@ def _model(**overrides):
 def small_chunks(monkeypatch):
     """Chunks of 5 rows at V (the micro-batches here have 20-40 scored rows: several chunks, a partial last)."""
     monkeypatch.setattr(mtprl.model.head, "CHUNK_ELEMENTS", 5 * V)
-
-
-def _update(model, batch, cfg):
-    """(minus the gradient of one update: the change after SGD(lr=1), metrics)."""
-    model = copy.deepcopy(model)
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    metrics, _ = actor_update(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, cfg,
-                              torch.Generator().manual_seed(0))
-    return {k: before[k] - v.detach() for k, v in model.named_parameters()}, metrics
 
 
 @pytest.mark.parametrize("extra", [
@@ -78,10 +58,10 @@ def test_update_equals_the_full_logits_update(extra, tied, small_chunks, monkeyp
     cfg = _cfg(*extra)
     batch.old_logprobs = compute_logprobs(model, batch, cfg) + 0.05 * batch.response_mask  # ratios != 1
     batch.ref_logprobs = compute_logprobs(model, batch, cfg, role="ref") - 0.1 * batch.response_mask
-    chunked, m_chunked = _update(model, batch, cfg)
+    chunked, m_chunked, _ = sgd_delta(model, batch, cfg)
     with monkeypatch.context() as m:
         m.setattr(update, "TokenScoring", functools.partial(TokenScoring, reference=True))
-        full, m_full = _update(model, batch, cfg)
+        full, m_full, _ = sgd_delta(model, batch, cfg)
     for k in full:
         torch.testing.assert_close(chunked[k], full[k], rtol=1e-4, atol=1e-6, msg=k)
     assert m_chunked.keys() == m_full.keys()

@@ -8,45 +8,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mtprl.config import load_config
 from mtprl.model import CausalLM, ModelConfig
 from mtprl.model.head import logits_token_scores
 from mtprl.trainer import loop
 from mtprl.trainer.batching import shared_prompt_tokens, token_entropy, token_logprobs
-from mtprl.trainer.update import TrainBatch, actor_update, compute_logprobs, reuses_current_logprobs
+from mtprl.trainer.update import TrainBatch, compute_logprobs, reuses_current_logprobs
+
+from tests.trainer.updates import sgd_delta, train_batch, update_cfg
 
 
-def _batch(n=6, prompt=3, vocab=64, seed=0) -> TrainBatch:
+def _batch(n=6, prompt=3, seed=0) -> TrainBatch:
     """n samples in groups of 2 sharing a prompt of ``prompt`` tokens; responses of 1..6 tokens, right-padded."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 7, (n,), generator=g)
-    width = prompt + int(lengths.max())
-    prompts = torch.randint(1, vocab, (n // 2, prompt), generator=g).repeat_interleave(2, 0)
-    ids = torch.cat([prompts, torch.randint(1, vocab, (n, width - prompt), generator=g)], 1)
-    attn = torch.zeros(n, width, dtype=torch.long)
-    resp = torch.zeros(n, width, dtype=torch.long)
-    for i, r in enumerate(lengths.tolist()):
-        attn[i, : prompt + r] = 1
-        resp[i, prompt: prompt + r] = 1
-    scores = torch.randn(n, generator=g)
-    return TrainBatch(ids * attn, attn, resp, torch.arange(n) // 2, scores, torch.zeros(n, width),
-                      advantages=(scores[:, None] * resp).float())
+    return train_batch(n, prompt, seed=seed, shared_prompts=True)
 
 
 def _cfg(*extra):
-    return load_config(None, ["actor_rollout_ref.actor.use_prefix_grouper=False", "actor_rollout_ref.rollout.n=2", "data.train_batch_size=3",
-                              "actor_rollout_ref.actor.ppo_mini_batch_size=3", "actor_rollout_ref.model.mtp.enable=True",
-                              "actor_rollout_ref.model.mtp.enable_train=True", "actor_rollout_ref.actor.optim.clip_grad=1e9",
-                              "data.max_prompt_length=4", "data.max_response_length=6", *extra])
-
-
-def _update(model, batch, cfg):
-    """(parameter change after one SGD(lr=1) update = minus the gradient, metrics)."""
-    model = copy.deepcopy(model)
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    metrics, _ = actor_update(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, cfg,
-                              torch.Generator().manual_seed(0))
-    return {k: before[k] - v.detach() for k, v in model.named_parameters()}, metrics
+    return update_cfg("actor_rollout_ref.actor.use_prefix_grouper=False", *extra)
 
 
 @pytest.mark.parametrize("extra", [[], ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"],
@@ -61,8 +38,8 @@ def test_on_policy_reuse_equals_recompute_bit_for_bit(extra):
     recomputed = copy.copy(batch)
     recomputed.old_logprobs = compute_logprobs(model, batch, cfg)  # the same micro-batches as the update's
     reused = copy.copy(batch)  # old_logprobs None: the update's own, detached
-    d_ref, m_ref = _update(model, recomputed, cfg)
-    d_new, m_new = _update(model, reused, cfg)
+    d_ref, m_ref, _ = sgd_delta(model, recomputed, cfg)
+    d_new, m_new, _ = sgd_delta(model, reused, cfg)
     for k in d_ref:
         assert torch.equal(d_new[k], d_ref[k]), k
     assert m_new == m_ref
@@ -146,8 +123,8 @@ def test_prefix_grouper_update_equals_the_row_update(extra):
     on = _cfg("actor_rollout_ref.actor.use_prefix_grouper=True", *extra)
     torch.testing.assert_close(compute_logprobs(model, batch, on), compute_logprobs(model, batch, _cfg()),
                                rtol=1e-5, atol=1e-6)
-    d_ref, m_ref = _update(model, batch, _cfg(*extra))
-    d_new, m_new = _update(model, batch, on)
+    d_ref, m_ref, _ = sgd_delta(model, batch, _cfg(*extra))
+    d_new, m_new, _ = sgd_delta(model, batch, on)
     for k in d_ref:
         torch.testing.assert_close(d_new[k], d_ref[k], rtol=1e-4, atol=1e-6, msg=k)
     for k in m_ref:

@@ -21,7 +21,7 @@ from mtprl.trainer.optim import build_optimizer
 from mtprl.trainer.policy import check_precision, load_policy
 from mtprl.trainer.update import actor_update, compute_logprobs
 
-from tests.trainer.test_update import _batch, _cfg, _grads_after_update
+from tests.trainer.updates import sgd_delta, train_batch, update_cfg
 
 U = 2.0 ** -8  # bf16 unit roundoff
 BF16 = "actor_rollout_ref.model.dtype=bfloat16"
@@ -37,10 +37,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_bf16_update_is_close_to_fp32_and_really_runs_in_bf16():
-    model, batch = _model(), _batch()
-    batch.old_logprobs = compute_logprobs(model, batch, _cfg()) + 0.05 * batch.response_mask  # ratios != 1
-    g32, m32, _ = _grads_after_update(model, batch, _cfg())
-    g16, m16, _ = _grads_after_update(model, batch, _cfg(BF16))
+    model, batch = _model(), train_batch()
+    batch.old_logprobs = compute_logprobs(model, batch, update_cfg()) + 0.05 * batch.response_mask  # ratios != 1
+    g32, m32, _ = sgd_delta(model, batch, update_cfg())
+    g16, m16, _ = sgd_delta(model, batch, update_cfg(BF16))
     flat32 = torch.cat([g.flatten() for g in g32.values()])
     flat16 = torch.cat([g16[k].flatten() for k in g32])
     assert _rel(flat16, flat32) < 2 * U
@@ -55,9 +55,9 @@ def test_bf16_update_is_close_to_fp32_and_really_runs_in_bf16():
 
 
 def test_bf16_logprobs_are_fp32_and_close():
-    model, batch = _model(), _batch()
-    lp32 = compute_logprobs(model, batch, _cfg())
-    lp16 = compute_logprobs(model, batch, _cfg(BF16))
+    model, batch = _model(), train_batch()
+    lp32 = compute_logprobs(model, batch, update_cfg())
+    lp16 = compute_logprobs(model, batch, update_cfg(BF16))
     assert lp16.dtype == torch.float32
     torch.testing.assert_close(lp16, lp32, rtol=0, atol=0.01)
     assert not torch.equal(lp16, lp32)
@@ -67,8 +67,8 @@ def test_bf16_logits_inside_fp32_outside():
     """Under the update's context the head's matmul runs in bf16, while the weights stay fp32."""
     from mtprl.trainer.policy import compute_autocast
 
-    model, batch = _model(), _batch()
-    cfg = _cfg(BF16)
+    model, batch = _model(), train_batch()
+    cfg = update_cfg(BF16)
     with compute_autocast(cfg.actor_rollout_ref.model, torch.device("cpu")):
         out = model(batch.input_ids, attention_mask=batch.attention_mask)
     assert out.logits.dtype == torch.bfloat16
@@ -78,8 +78,8 @@ def test_bf16_logits_inside_fp32_outside():
 def test_master_weights_and_optimizer_state_stay_fp32_and_small_steps_are_kept():
     """AdamW on fp32 master weights: its state is fp32 and a step far below bf16's resolution of a weight still
     changes that weight (bf16 weights would round it away)."""
-    model, batch = _model(), _batch()
-    cfg = _cfg(BF16, "actor_rollout_ref.actor.optim.lr=1e-5")
+    model, batch = _model(), train_batch()
+    cfg = update_cfg(BF16, "actor_rollout_ref.actor.optim.lr=1e-5")
     opt = build_optimizer(model, cfg.actor_rollout_ref.actor.optim)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     metrics, skipped = actor_update(model, opt, batch, cfg, torch.Generator().manual_seed(0))
