@@ -139,7 +139,7 @@ def measure_rollout_speed(cfg, console: Console) -> tuple[dict[str, float], list
         for shape, (params, batches) in shapes.items():
             for label in (list(modes) if rep % 2 == 0 else list(modes)[::-1]):
                 mode = modes[label]
-                gen = torch.Generator().manual_seed(max(rep, 0))
+                gen = torch.Generator(device=engine.device).manual_seed(max(rep, 0))
                 tokens = seconds = emitted = row_steps = 0.0
                 for batch in batches:
                     res = engine.generate_with_metrics(batch, params, speculative=mode, generator=gen)

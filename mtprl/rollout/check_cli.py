@@ -84,7 +84,7 @@ def run_check(args: argparse.Namespace) -> int:
         from mtprl.rollout.engine import Engine
 
         engine, note = Engine(model, max_num_seqs=256, max_seq_len=max_seq_len), "native engine"
-    out = engine.generate_with_metrics([prompt], params, spec, torch.Generator().manual_seed(args.seed))
+    out = engine.generate_with_metrics([prompt], params, spec, torch.Generator(device=engine.device).manual_seed(args.seed))
     ref = model.float()
     tests = pit_chi_square(ref, prompt, out.completions, params, positions=args.max_new_tokens, seed=args.seed)
     if model.config.vocab_size <= 64:

@@ -433,6 +433,13 @@ class VLLMEngine:
             self.llm.wake_up()
             self._sleeping = False
 
+    def state_dict(self) -> dict:
+        """Nothing a resumed run needs (the native engine keeps its adaptive speculation state here)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     # ----- generation -----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, speculative: SpeculativeConfig | None = None,
                  generator: torch.Generator | None = None) -> list[Completion]:
@@ -461,8 +468,9 @@ class VLLMEngine:
         self._check_call(params, speculative)
         self._wake()
         requests, sampling, keys = [], [], []
-        seeds = (torch.randint(0, 2 ** 62, (len(prompts) * params.n,), generator=generator).tolist()
-                 if generator is not None else [None] * (len(prompts) * params.n))
+        count = len(prompts) * params.n
+        seeds = (torch.randint(0, 2 ** 62, (count,), generator=generator, device=generator.device).tolist()
+                 if generator is not None else [None] * count)
         for i, prompt in enumerate(prompts):
             room = self.max_seq_len - len(prompt)
             if room < 1:

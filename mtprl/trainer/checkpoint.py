@@ -90,6 +90,8 @@ class TrainerState:
     kl_coef: float | None = None  # the KL coefficient (the adaptive controller's current value)
     metrics_row: dict[str, float] | None = None  # the step's metrics, logged on resume if a kill beat the log
     rank_sample_rng: list[torch.Tensor] = field(default_factory=list)  # every rank's sampling generator state
+    # every rank's rollout engine state (Engine.state_dict: adaptive speculation's acceptance counts and steps)
+    rank_rollout_state: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -430,7 +432,8 @@ def save_run(run: Run, row: dict[str, float] | None = None) -> Path:
     state = TrainerState(step=run.step, loader=run.loader.state_dict(), rng=rng_state(_generators(run)),
                          bad_steps=run.bad_steps, config=to_dict(run.cfg), next_group_id=run.next_group_id,
                          kl_coef=run.kl_coef, metrics_row=dict(row) if row is not None else None,
-                         rank_sample_rng=run.dist.all_gather_object(run.sample_gen.get_state()))
+                         rank_sample_rng=run.dist.all_gather_object(run.sample_gen.get_state()),
+                         rank_rollout_state=run.dist.all_gather_object(run.engine.state_dict()))
     try:
         run.last_checkpoint = save_checkpoint(run.root, run.step, run.model, run.optimizer, run.scheduler, state,
                                               keep=run.cfg.trainer.max_actor_ckpt_to_keep, dist=run.dist,
@@ -457,6 +460,8 @@ def restore_run(run: Run, path: Path) -> TrainerState:
             run.sample_gen.set_state(state.rank_sample_rng[run.dist.rank])
         else:
             run.sample_gen.manual_seed(run.cfg.trainer.seed + 1000003 * run.dist.rank)
+    if run.dist.rank < len(state.rank_rollout_state):  # (a rank new to the run, or an older checkpoint: fresh)
+        run.engine.load_state_dict(state.rank_rollout_state[run.dist.rank])
     run.sync_rollout()  # the engine's copy gets the restored weights
     run.step, run.bad_steps = state.step, state.bad_steps
     run.next_group_id, run.kl_coef = state.next_group_id, state.kl_coef

@@ -280,11 +280,13 @@ def _build_run(cfg: MtprlConfig, dist: DistEnv, tokenizer, train_set, val_set, r
         if exporter is not None:  # its server thread holds the port
             exporter.close()
         raise
+    # the rollout draws where the engine samples (a CPU generator on a GPU engine copies every draw to the device)
+    sample_gen = torch.Generator(device=engine.device).manual_seed(cfg.trainer.seed + 1000003 * dist.rank)
     run = Run(cfg=cfg, device=device, tokenizer=tokenizer, model=model, ref_model=ref_model,
                engine=engine, reward=reward, loader=loader,
                val_prompts=val_set.prompts if val_set else [], optimizer=optimizer, scheduler=scheduler,
                tracker=tracker, exporter=exporter, total_steps=total,
-               root=root, sample_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1000003 * dist.rank),
+               root=root, sample_gen=sample_gen,
                shuffle_gen=torch.Generator().manual_seed(cfg.trainer.seed + 1), kl_coef=alg.kl_ctrl.kl_coef,
                dist=dist, rollout_model=rollout_model)
     return run, resume

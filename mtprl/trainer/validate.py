@@ -5,8 +5,9 @@ Metrics (verl's names): ``val-core/{data_source}/acc/mean@{n}``, ``val-aux/{data
 With ``trainer.val_greedy`` (ours) a second, greedy pass adds ``val-aux/{data_source}/acc/greedy@1``,
 ``val-aux/{data_source}/score/greedy@1`` and ``val/greedy/response_length/mean`` (skipped when
 ``val_kwargs`` is greedy already: the first pass is that one).
-Validation draws from its own generator seeded from ``trainer.seed``, so it never shifts the
-training samples (a resumed run validates and trains exactly like an uninterrupted one).
+Validation draws from its own generator seeded from ``trainer.seed`` and leaves the engine's state as it found
+it, so it never shifts the training samples (a resumed run validates and trains exactly like an uninterrupted
+one).
 """
 
 from __future__ import annotations
@@ -58,7 +59,19 @@ def validate(cfg: MtprlConfig, engine, manager, val_prompts, tokenizer, tracker,
     the whole set."""
     params = sampling_params(cfg, tokenizer, validation=True)
     rank = dist.rank if dist is not None and dist.distributed else 0
-    generator = torch.Generator().manual_seed(cfg.trainer.seed + 7919 + 1000003 * rank)
+    # drawn where the engine samples (a CPU generator on a GPU engine copies every draw to the device)
+    generator = torch.Generator(device=engine.device).manual_seed(cfg.trainer.seed + 7919 + 1000003 * rank)
+    # validation leaves the engine's state (adaptive speculation) as it found it: it starts from the training's
+    # state at this step whatever was validated before, so a resumed run (which validates again at the step it
+    # resumes from) validates and trains like the uninterrupted one
+    before = engine.state_dict()
+    try:
+        return _validate(cfg, engine, manager, val_prompts, tokenizer, tracker, step, dist, params, generator)
+    finally:
+        engine.load_state_dict(before)
+
+
+def _validate(cfg, engine, manager, val_prompts, tokenizer, tracker, step, dist, params, generator) -> dict[str, float]:
     samples, merged = _generate_and_score(cfg, engine, manager, val_prompts, tokenizer, params, generator, dist)
     n = params.n
     metrics = {}

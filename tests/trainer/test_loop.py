@@ -82,6 +82,45 @@ def test_three_dapo_steps_with_mtp_then_resume_exactly(tiny_world, tmp_path, par
 
 
 @pytest.mark.slow
+def test_the_default_preset_twice_gives_the_same_run(tiny_world, tmp_path, parity_reward, monkeypatch):
+    """The tiny_cpu preset (adaptive speculation, cold drafts, dynamic sampling, validation with greedy) run twice
+    with one command: the same metrics at every step, validation included - the second time under a clock that
+    jumps at random, so nothing the rollout chooses may depend on timings; and a run stopped and resumed gives
+    the uninterrupted run's steps."""
+    import random
+    import time
+
+    overrides = [f"data.train_files={tiny_world.data.train}", f"data.val_files={tiny_world.data.val}",
+                 f"actor_rollout_ref.model.path={tiny_world.model}", f"custom_reward_function.path={parity_reward}",
+                 "data.max_prompt_length=64", "data.max_response_length=24", "data.train_batch_size=4",
+                 "data.gen_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.rollout.n=4",
+                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8", "actor_rollout_ref.actor.optim.lr=1e-3",
+                 "reward_model.reward_kwargs.overlong_buffer_cfg.len=8",
+                 "trainer.total_training_steps=3", "trainer.test_freq=2", "trainer.logger=[jsonl]",
+                 "data.val_batch_size=8"]
+    cfg = load_config("tiny_cpu", overrides + [f"trainer.default_local_dir={tmp_path / 'first'}"])
+    assert cfg.actor_rollout_ref.model.mtp.adaptive and cfg.trainer.val_greedy
+    train(cfg)
+    jitter = random.Random(0)
+    real = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + jitter.random())
+    train(load_config("tiny_cpu", overrides + [f"trainer.default_local_dir={tmp_path / 'second'}"]))
+    first, second = _rows(tmp_path / "first"), _rows(tmp_path / "second")
+    assert [r["step"] for r in first] == [r["step"] for r in second] == [0, 1, 2, 3]
+    assert [_comparable(r) for r in second] == [_comparable(r) for r in first]
+    depths = [r["rollout/mean_draft_depth"] for r in first[1:]]
+    assert max(depths) > 0 and min(depths) < 3, depths  # the rule chose: not all plain, not all the deepest
+    # stopped after step 1 and resumed: it validates again at step 1 (val_before_train), which must leave the
+    # engine's adaptive state (restored from the checkpoint) as the uninterrupted run had it
+    part = [f"trainer.default_local_dir={tmp_path / 'part'}"]
+    train(load_config("tiny_cpu", overrides + part + ["trainer.total_training_steps=1"]))
+    train(load_config("tiny_cpu", overrides + part))
+    resumed = _rows(tmp_path / "part")
+    assert [r["step"] for r in resumed] == [0, 1, 1, 2, 3]
+    assert [_comparable(r) for r in resumed[3:]] == [_comparable(r) for r in first[2:]]
+
+
+@pytest.mark.slow
 def test_frozen_mtp_layers_never_change(tiny_world, tmp_path):
     out = tmp_path / "frozen"
     train(_cfg(tiny_world, out, "trainer.total_training_steps=1", "trainer.val_before_train=False",

@@ -78,8 +78,10 @@ def _cli(overrides, fault=None, timeout=120):
 @pytest.mark.slow
 def test_killed_five_times_then_resumed_equals_an_uninterrupted_run(tiny_world, tmp_path, reward_file):
     # the same command, SIGKILLed at a different point each time (MTPRL_FAULT=<phase>:<step>, see
-    # mtprl.trainer.faults), then run to the end
-    steps = ["trainer.total_training_steps=4"]
+    # mtprl.trainer.faults), then run to the end; with the tiny_cpu preset's adaptive speculation (its state is in
+    # the checkpoint) and its cold drafts
+    steps = ["trainer.total_training_steps=4", "actor_rollout_ref.model.mtp.adaptive=True",
+             "actor_rollout_ref.model.mtp.speculative_draft_temperature=0.4", "data.max_response_length=16"]
     reference = _cli(_overrides(tiny_world, tmp_path / "ref", reward_file, *steps))
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "killed"
