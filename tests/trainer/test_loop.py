@@ -152,6 +152,27 @@ def test_rollout_logprobs_match_recomputed_old_logprobs(tiny_world):
         run.close()
 
 
+def test_rollout_generators_are_made_on_the_engines_device(tiny_world, monkeypatch):
+    """The training rollout's and the validation's generators are created on the engine's device (a CPU generator
+    feeding a GPU engine copies every draw - [b, P, V] exponential noise for tree drafts - to the device)."""
+    from mtprl.trainer.setup import setup
+    from mtprl.trainer.validate import validate
+
+    made = []
+    real = torch.Generator
+    # records the device each generator is asked for (None: not given, i.e. the CPU)
+    monkeypatch.setattr(torch, "Generator", lambda device=None: made.append(device) or real(device=device or "cpu"))
+    cfg = _cfg(tiny_world, tiny_world.root / "unused", "trainer.resume_mode=disable")
+    run = setup(cfg)
+    try:
+        assert run.engine.device in made and run.sample_gen.device == run.engine.device
+        made.clear()
+        validate(cfg, run.engine, run.reward, run.val_prompts, run.tokenizer, run.tracker, 0)
+        assert made == [run.engine.device]
+    finally:
+        run.close()
+
+
 def test_free_cache_engine_releases_the_engine_on_one_process(tiny_world):
     """rollout.free_cache_engine on one process: the engine's KV cache and packed weights go during the update
     (it was honoured only with a separate multi-rank rollout copy), and the next generation rebuilds them."""
