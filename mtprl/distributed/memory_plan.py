@@ -16,11 +16,13 @@ is counted from it, per rank of ``trainer.nnodes x trainer.n_gpus_per_node`` und
                block's saved tensors, (6H + 2 n_kv d_h + 4I) elements per token per block
   head         the chunked head (``mtprl.model.head``): the final hidden states of every scored depth (N x H
                fp32 each) + a few [chunk, V] fp32 buffers (CHUNK_BUFFERS x CHUNK_ELEMENTS x 4 B)
-  rollout      the engine's full weight copy in the compute dtype (several ranks; one process shares the
-               policy's weights) and its packed copy (``mtprl.model.packed``, counted on the meta device)
-  kv cache     rows x slots x bytes per slot as the engine plans it (``mtprl.rollout.build.plan_kv_cache``):
-               ``rollout.gpu_memory_utilization`` x the memory free when the engine is built (usable minus
-               what is resident then: states, reference, rollout copy)
+  rollout      the engine's full weight copy in the compute dtype (several ranks; one process decodes from the
+               policy's weights) and its packed copy in the compute dtype (``mtprl.model.packed``, counted on the
+               meta device)
+  kv cache     rows x (slots x bytes per slot + the row's other bytes) as the engine plans it at its first
+               allocation (``mtprl.rollout.build.plan_kv_cache``): ``rollout.gpu_memory_utilization`` x the memory
+               free then (usable minus the master weights, reference and rollout copy: no gradients or moments
+               yet), less the packed copy and AdamW's moments still to come
   (``rollout.name=vllm``: vLLM's share, ``gpu_memory_utilization`` x the card, holds its weights, activations
   and KV cache; no packed copy; with several ranks the trainer's full bf16 copy stays beside it)
 
@@ -184,27 +186,34 @@ def _vllm_engine(add, terms, cfg, mc, model, params, world, dtype, usable, max_s
 
 
 def _native_engine(add, terms, cfg, mc, model, params, world, dtype, usable, max_seq) -> tuple[int, list[str]]:
-    """The native engine's terms (its weight copy with several ranks - one process shares the fp32 policy - its
-    packed copy and its KV cache as it plans it); returns (KV rows, the engine's terms)."""
-    from mtprl.distributed.weight_sync import stepper_weights
-    from mtprl.model.packed import PackedModel
-    from mtprl.rollout.engine import cache_slots
+    """The native engine's terms (its weight copy with several ranks - one process decodes from the fp32 policy -
+    its packed copy in the compute dtype and its KV cache as it plans it at its first allocation, see
+    ``mtprl.rollout.build``); returns (KV rows, the engine's terms)."""
+    from mtprl.rollout.build import packed_copy_bytes
+    from mtprl.rollout.engine import cache_slots, draft_nodes
     from mtprl.rollout.kv_cache import plan_cache
     from mtprl.trainer.samples import speculative_config
 
-    rollout, db = cfg.actor_rollout_ref.rollout, dtype.itemsize
+    ar = cfg.actor_rollout_ref
+    rollout, db = ar.rollout, dtype.itemsize
     copy = params * db if world > 1 else 0
     add("rollout weights", copy, f"P x {db} B (the engine's copy)" if world > 1 else "one process: the policy's own")
-    packed_dtype = dtype if world > 1 else torch.float32
-    packed = sum(t.numel() for t in stepper_weights(PackedModel(model)).values()) * packed_dtype.itemsize
-    add("packed", packed, f"the engine's fused weights in {str(packed_dtype).removeprefix('torch.')}")
+    packed = packed_copy_bytes(mc, dtype)
+    add("packed", packed, f"the engine's fused weights in {str(dtype).removeprefix('torch.')}")
     spec = speculative_config(cfg)
-    free = usable - terms["states"].bytes - terms["reference"].bytes - copy  # what is resident at build
-    kv = plan_cache(mc, max_num_seqs=rollout.max_num_seqs, num_slots=cache_slots(max_seq, spec),
-                    dtype=dtype if world > 1 else torch.float32, with_mtp=spec is not None,
-                    limit_bytes=int(free * rollout.gpu_memory_utilization), limit_name="rollout.gpu_memory_utilization",
-                    with_history=spec is not None and spec.adaptive)
-    add("kv cache", kv.rows * kv.slots * kv.bytes_per_slot,
-        f"{kv.rows} rows x {kv.slots:,} slots x {kv.bytes_per_slot:,} B "
-        f"({rollout.gpu_memory_utilization} x {free / GiB:.2f} GiB free at build)")
+    # at the first allocation (the first generate call, before the first optimizer step) the fp32 master weights
+    # are resident, gradients and AdamW's moments are not: the engine reserves the moments and its packed copy
+    offload = ar.actor.fsdp_config.param_offload or ar.actor.fsdp_config.optimizer_offload
+    trainable = params if ar.model.mtp.enable and ar.model.mtp.enable_train else params - sum(
+        _numel(m) for m in model.mtp_layers)
+    master, pending = (0, 0) if offload else (4 * params / world, 8 * trainable / world)
+    free = usable - master - terms["reference"].bytes - copy
+    limit = int(free * rollout.gpu_memory_utilization - packed - pending)
+    kv = plan_cache(mc, max_num_seqs=rollout.max_num_seqs, num_slots=cache_slots(max_seq, spec), dtype=dtype,
+                    with_mtp=spec is not None, limit_bytes=limit, limit_name="rollout.gpu_memory_utilization",
+                    with_history=spec is not None and spec.adaptive, scored=draft_nodes(spec))
+    add("kv cache", kv.bytes,
+        f"{kv.rows} rows x ({kv.slots:,} slots x {kv.bytes_per_slot:,} B + {kv.row_bytes:,} B) "
+        f"({rollout.gpu_memory_utilization} x {free / GiB:.2f} GiB free at the first allocation, less packed and "
+        f"{pending / GiB:.2f} GiB of moments to come)")
     return kv.rows, ["packed", "kv cache"] + (["rollout weights"] if world > 1 else [])

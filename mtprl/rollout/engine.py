@@ -20,6 +20,7 @@ import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -53,6 +54,11 @@ def cache_slots(max_seq_len: int, spec: SpeculativeConfig | None) -> int:
     if spec is None:
         return max_seq_len + 2
     return max_seq_len + 3 + build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens).num_nodes
+
+
+def draft_nodes(spec: SpeculativeConfig | None) -> int:
+    """Positions a decode step scores per row: the draft tree's nodes when speculating, else 1."""
+    return 1 if spec is None else build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens).num_nodes
 
 
 def _weights_signature(params: list[torch.Tensor]) -> tuple:
@@ -109,7 +115,10 @@ class Engine:
     kv_token_budget: sum over live sequences of (prompt_len + max_new_tokens, capped at max_seq_len);
         default max_num_seqs * max_seq_len (no extra limit).
     max_num_batched_tokens: padded prompt tokens per prefill forward (a longer single prompt still runs alone).
-    dtype / device: of the caches; default the model's.
+    dtype / device: of the caches and, on the packed path, of its weight copy and compute; default the model's
+        (build_engine gives a CUDA engine the compute dtype, bf16, for an fp32 policy).
+    kv_budget: called for the bound (kv_cache_bytes) whenever the caches are allocated from nothing - the first
+        generate call and the first after release() - instead of the figure given at construction.
     packed: run the trunk and MTP steps through mtprl.model.packed.PackedModel (fused weights, fewer ops per
         layer; the same maths and cache layout), re-packed at the start of a generate call whenever a parameter
         changed (version counter or storage), so in-place weight updates are always seen. Costs one copy of the
@@ -120,7 +129,8 @@ class Engine:
     def __init__(self, model: torch.nn.Module, *, max_num_seqs: int = 64, max_seq_len: int = 2048,
                  kv_token_budget: int | None = None, max_num_batched_tokens: int = 8192,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 packed: bool = True, kv_cache_bytes: int | None = None) -> None:
+                 packed: bool = True, kv_cache_bytes: int | None = None,
+                 kv_budget: Callable[[], int] | None = None) -> None:
         if max_num_seqs < 1 or max_seq_len < 2 or max_num_batched_tokens < 1:
             raise ValueError(f"need max_num_seqs >= 1, max_seq_len >= 2, max_num_batched_tokens >= 1; got "
                              f"{max_num_seqs}, {max_seq_len}, {max_num_batched_tokens}")
@@ -133,11 +143,16 @@ class Engine:
         self.kv_token_budget = kv_token_budget or max_num_seqs * max_seq_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv_cache_bytes = kv_cache_bytes
+        self.kv_budget = kv_budget
         self.dtype = dtype or ref.dtype
+        if self.dtype != ref.dtype and not packed:
+            raise ValueError(f"an engine dtype ({self.dtype}) other than the model's ({ref.dtype}) needs the packed "
+                             "path (packed=True), which keeps its weight copy in that dtype")
         self.device = torch.device(device) if device is not None else ref.device
         self._trunk_cache = None
         self._mtp_cache = None
         self._with_history = False  # the cache plan counts adaptive speculation's hidden-state history (_ensure_caches)
+        self._scored = 1  # positions a step scores per row, for the plan's per-row temporaries (_ensure_caches)
         self.packed = packed
         self._stepper = None  # what runs forward_step / mtp_step: the model or its PackedModel
         self._packed_signature = None  # _weights_signature of the model when last packed
@@ -173,7 +188,7 @@ class Engine:
     def cache_plan(self, speculative: SpeculativeConfig | None = None) -> KVCachePlan:
         """The cache a generate call with this speculative setting allocates (computed, nothing allocated)."""
         return self._plan(cache_slots(self.max_seq_len, speculative), speculative is not None,
-                          speculative is not None and speculative.adaptive)
+                          speculative is not None and speculative.adaptive, draft_nodes(speculative))
 
     def release(self) -> None:
         """Free the KV caches and the packed weight copy (``rollout.free_cache_engine`` during the update); the
@@ -182,6 +197,7 @@ class Engine:
         self._stepper = self._packed_signature = None
         self._spec_rows = None
         self._with_history = False
+        self._scored = 1
 
     def current_stepper(self):
         """What the next generate call decodes with (the model, or its PackedModel re-packed to the model's
@@ -191,9 +207,10 @@ class Engine:
         return self._stepper
 
     # ----- setup ----------------------------------------------------------------------------------------------
-    def _plan(self, num_slots: int, with_mtp: bool, with_history: bool = False) -> KVCachePlan:
+    def _plan(self, num_slots: int, with_mtp: bool, with_history: bool = False, scored: int = 1) -> KVCachePlan:
         return plan_cache(self.model.config, max_num_seqs=self.max_num_seqs, num_slots=num_slots, dtype=self.dtype,
-                          with_mtp=with_mtp, limit_bytes=self.kv_cache_bytes, with_history=with_history)
+                          with_mtp=with_mtp, limit_bytes=self.kv_cache_bytes, with_history=with_history,
+                          scored=scored)
 
     def _packed_model(self):
         from mtprl.model.packed import PackedModel
@@ -229,7 +246,7 @@ class Engine:
             raise ValueError("speculative decoding needs MTP layers; this model has num_mtp_layers=0")
         tree = None if spec is None else build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
         self._ensure_caches(cache_slots(self.max_seq_len, spec), with_mtp=spec is not None,
-                            with_history=spec is not None and spec.adaptive)
+                            with_history=spec is not None and spec.adaptive, scored=draft_nodes(spec))
         num_rows, num_slots = self._trunk_cache.num_rows, self._trunk_cache.max_seq_len
         rows = DecodeRows.empty(num_rows, num_slots, self.device)
         spec_rows = None
@@ -285,13 +302,18 @@ class Engine:
         self._adaptive.clear()
         self._adaptive_pending = {tuple(k): v for k, v in state.get("adaptive", [])}
 
-    def _ensure_caches(self, num_slots: int, with_mtp: bool, with_history: bool = False) -> None:
+    def _ensure_caches(self, num_slots: int, with_mtp: bool, with_history: bool = False, scored: int = 1) -> None:
         """Allocate (once, or re-allocate for more slots or the MTP layers' share of the bound) the trunk cache
-        and, when speculating, the MTP cache, with the rows the plan gives (kept once there is an MTP cache)."""
+        and, when speculating, the MTP cache, with the rows the plan gives (kept once there is an MTP cache).
+        With a kv_budget, the bound is measured again whenever the caches are allocated from nothing (the first
+        call, and the first after release(): what the update left free, not what was free at construction)."""
         cache = self._trunk_cache
+        if cache is None and self.kv_budget is not None:
+            self.kv_cache_bytes = self.kv_budget()
         with_mtp = with_mtp or self._mtp_cache is not None
         self._with_history = with_history = with_history or self._with_history  # (kept, as the MTP cache's share)
-        plan = self._plan(max(num_slots, 0 if cache is None else cache.max_seq_len), with_mtp, with_history)
+        self._scored = scored = max(scored, self._scored)
+        plan = self._plan(max(num_slots, 0 if cache is None else cache.max_seq_len), with_mtp, with_history, scored)
         if cache is None or cache.max_seq_len < plan.slots or cache.num_rows != plan.rows:
             self._trunk_cache = self._mtp_cache = cache = None  # (freed before the new ones are allocated)
             self._trunk_cache = self.model.new_kv_cache(plan.rows, plan.slots, self.dtype, self.device)

@@ -144,6 +144,7 @@ class KVCachePlan:
     slots: int
     bytes_per_slot: int
     limit_bytes: int | None
+    row_bytes: int = 0  # what each row costs beyond its slots (engine_row_bytes)
 
     @property
     def tokens(self) -> int:
@@ -151,7 +152,8 @@ class KVCachePlan:
 
     @property
     def bytes(self) -> int:
-        return self.tokens * self.bytes_per_slot
+        """The KV cache and its per-row companions (what the bound counts)."""
+        return self.tokens * self.bytes_per_slot + self.rows * self.row_bytes
 
     def describe(self) -> str:
         """One line: rows, tokens, size (and the bound)."""
@@ -175,17 +177,31 @@ def kv_bytes_per_slot(config: ModelConfig, dtype: torch.dtype, with_mtp: bool, w
     return (2 * layers * config.num_key_value_heads * config.resolved_head_dim + history) * dtype.itemsize
 
 
+def engine_row_bytes(config: ModelConfig, dtype: torch.dtype, num_slots: int, with_mtp: bool, scored: int = 1) -> int:
+    """What one cache row costs the engine beyond its K/V slots: DecodeRows (token ids and two fp32 logprob rows,
+    16 B a slot); with MTP layers SpecRows' draft logits [V] and stored hidden states [D, H] in dtype; and the
+    decode step's temporaries for the row's `scored` positions (1 plain, the draft tree's nodes when
+    speculating): their logits in dtype and three fp32 [V] rows each (log-probs, probabilities, the drafts')."""
+    v = config.vocab_size
+    spec_rows = (v + config.num_mtp_layers * config.hidden_size) * dtype.itemsize if with_mtp else 0
+    return 16 * num_slots + spec_rows + scored * v * (dtype.itemsize + 12)
+
+
 def plan_cache(config: ModelConfig, *, max_num_seqs: int, num_slots: int, dtype: torch.dtype, with_mtp: bool,
-               limit_bytes: int | None, limit_name: str = "kv_cache_bytes", with_history: bool = False) -> KVCachePlan:
-    """rows = min(max_num_seqs, floor(limit_bytes / (num_slots x bytes per slot))); a ValueError naming
-    limit_name when not even one row of num_slots slots fits. with_history: adaptive speculation's hidden-state
-    history is part of the bound (kv_bytes_per_slot)."""
+               limit_bytes: int | None, limit_name: str = "kv_cache_bytes", with_history: bool = False,
+               scored: int = 1) -> KVCachePlan:
+    """rows = min(max_num_seqs, floor(limit_bytes / (num_slots x bytes per slot + the row's other bytes))); a
+    ValueError naming limit_name when not even one row fits. with_history: adaptive speculation's hidden-state
+    history is part of the bound (kv_bytes_per_slot); scored: positions a decode step scores per row
+    (engine_row_bytes)."""
     per_slot = kv_bytes_per_slot(config, dtype, with_mtp, with_history)
+    row_bytes = engine_row_bytes(config, dtype, num_slots, with_mtp, scored)
     rows = max_num_seqs
     if limit_bytes is not None:
-        rows = min(max_num_seqs, limit_bytes // (num_slots * per_slot))
+        rows = min(max_num_seqs, limit_bytes // (num_slots * per_slot + row_bytes))
         if rows < 1:
             raise ValueError(
-                f"{limit_name}: one KV cache row of {num_slots} slots ({num_slots * per_slot / GiB:.3f} GiB) does not "
-                f"fit the {limit_bytes / GiB:.3f} GiB allowed; allow more memory or lower max_seq_len")
-    return KVCachePlan(rows=rows, slots=num_slots, bytes_per_slot=per_slot, limit_bytes=limit_bytes)
+                f"{limit_name}: one KV cache row of {num_slots} slots "
+                f"({(num_slots * per_slot + row_bytes) / GiB:.3f} GiB) does not fit the {limit_bytes / GiB:.3f} GiB "
+                "allowed; allow more memory or lower max_seq_len")
+    return KVCachePlan(rows=rows, slots=num_slots, bytes_per_slot=per_slot, limit_bytes=limit_bytes, row_bytes=row_bytes)

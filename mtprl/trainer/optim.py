@@ -85,3 +85,16 @@ def clip_and_check(model: nn.Module, max_norm: float) -> tuple[float, bool]:
     if math.isfinite(norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
     return norm, math.isfinite(norm)
+
+
+def pending_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes AdamW's state will take on the parameters' device and has not taken yet (its two fp32 moments per
+    parameter are allocated at the first step, beside the parameter): what the rollout engine's cache plan leaves
+    room for before it. A DTensor shard counts its local part; parameters on the host (FSDP2's CPU offload) none."""
+    total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if p not in optimizer.state and local.device.type != "cpu":
+                total += 2 * local.numel() * 4
+    return total

@@ -24,7 +24,7 @@ from mtprl.reward.build import build_reward
 from mtprl.reward.registry import RewardManager
 from mtprl.rollout.build import RolloutEngine, build_engine
 from mtprl.trainer.checkpoint import checkpoint_step, load_checkpoint, resolve_resume, restore_run
-from mtprl.trainer.optim import build_optimizer, build_scheduler
+from mtprl.trainer.optim import build_optimizer, build_scheduler, pending_state_bytes
 from mtprl.trainer.policy import load_policy, load_policy_tokenizer, resolve_device, set_trainable
 
 if TYPE_CHECKING:
@@ -267,7 +267,8 @@ def _build_run(cfg: MtprlConfig, dist: DistEnv, tokenizer, train_set, val_set, r
     root = Path(cfg.trainer.default_local_dir)
     prom = cfg.actor_rollout_ref.rollout.prometheus
     engine = build_engine(cfg, rollout_model if rollout_model is not None else model,
-                          console=console if dist.is_main else Console(quiet=True))
+                          console=console if dist.is_main else Console(quiet=True),
+                          pending_bytes=lambda: pending_state_bytes(optimizer))
     # rank 0 picks the checkpoint (finishing an interrupted rename) and tells the others
     resume = dist.broadcast_object(resolve_resume(root, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
                                    if dist.is_main else None)

@@ -24,6 +24,9 @@ P = 7_833_409_536  # docs/distributed.md section 1: 36 blocks of 177,223,680 + e
 ROOT_UNIT, MTP_LAYER = 1_242_566_656, 210_790_400
 KV_PER_SLOT = 2 * 37 * 8 * 128 * 2  # K and V x (36 + 1 MTP) layers x 8 kv heads x 128 x bf16
 SLOTS = 2048 + 8192 + 3 + 4  # max_seq_len + 3 + the tree's 4 draft nodes (rollout.engine.cache_slots)
+# a row beside its slots: token ids and logprobs (16 B a slot), the draft logits and MTP hidden state in bf16, and
+# the step's temporaries for 4 scored nodes (bf16 logits + three fp32 rows each): rollout.kv_cache.engine_row_bytes
+ROW = 16 * SLOTS + (151680 + 4096) * 2 + 4 * 151680 * (2 + 12)
 
 
 def test_the_seed_layout_by_hand():
@@ -35,7 +38,7 @@ def test_the_seed_layout_by_hand():
     assert t["units"] == (ROOT_UNIT + 2 * MTP_LAYER) * 2
     assert t["activations"] == 20480 * (37 * 4096 * 2 + (6 * 4096 + 2 * 1024 + 4 * 11008) * 2)
     assert t["rollout weights"] == 2 * P
-    assert t["kv cache"] == 16 * SLOTS * KV_PER_SLOT  # max_num_seqs=16 (the preset) = 16 sequences per rank
+    assert t["kv cache"] == 16 * (SLOTS * KV_PER_SLOT + ROW)  # max_num_seqs=16 (the preset) = 16 sequences per rank
     assert plan.sequences_per_rank == 16 and plan.kv_rows == 16
     assert plan.phases["update"] == ["states", "reference", "units", "activations", "head"]  # free_cache_engine
     assert plan.total("rollout") < plan.usable_bytes and plan.total("update") < plan.usable_bytes
@@ -68,13 +71,16 @@ def test_without_offload_states_are_on_the_gpu():
 
 
 def test_the_presets_old_settings_do_not_fit():
-    """What the review found: checkpointing off and a resident engine are ~184 GiB at the update; a 35-row cache
-    (planned before the packed copy exists) takes the rollout past the card."""
+    """What the review found: checkpointing off and a resident engine are ~170 GiB at the update. The 1024-row
+    request is bounded by what is free at the first allocation less the 14.6 GiB packed copy the engine is about
+    to build (a plan that left the packed copy out gave 35 rows and a rollout past the card): 25 rows, and the
+    rollout fits."""
     plan = plan_memory(load_config("dapo_mimo_7b", SEED + [
         "actor_rollout_ref.model.enable_gradient_checkpointing=False", "actor_rollout_ref.rollout.max_num_seqs=1024",
         "actor_rollout_ref.rollout.free_cache_engine=False"]))
     assert plan.terms["activations"].bytes == 20480 * 37 * 141_312
-    assert plan.kv_rows == 35 and plan.total("rollout") > plan.usable_bytes
+    assert plan.kv_rows == 25 and plan.total("rollout") < plan.usable_bytes
+    assert plan.terms["packed"].gib == pytest.approx(14.59, abs=0.01)  # bf16: 7.83e9 parameters + the fused pairs
     assert plan.total("update") / GiB > 150
 
 

@@ -144,18 +144,21 @@ def test_bad_inputs(model):
 def test_kv_cache_bytes_bounds_the_rows_not_the_results(draftable_model):
     """kv_cache_bytes for 3 plain rows of max_num_seqs 8: K+V per slot = 2 x 2 layers x 2 heads x 8 x 4 bytes = 256 B
     (2 x (2 + 2 MTP) layers x 2 x 8 x 4 = 512 B when speculating), 32 + 2 slots a plain row, 32 + 3 + 3 a chain-of-2
-    row. All
+    row; beside its slots a row costs 16 B a slot (token ids, logprobs) and 16 B per vocabulary entry of each
+    scored position (its logits and three fp32 rows): 34 x 16 + 32 x 16 = 1056 B plain, and speculating 38 x 16 +
+    the draft logits and 2 MTP hidden states (32 + 2 x 32) x 4 + 3 nodes x 32 x 16 = 2528 B. All
     5 prompts x 2 samples come out as with an unbounded engine; a speculative call re-plans to the 1 row that
     fits with the MTP cache, and keeps it for later plain calls."""
     from mtprl.rollout import SpeculativeConfig
 
     model = draftable_model(num_mtp_layers=2, vocab=32)
-    bound = 3 * 34 * 256 + 100
+    bound = 3 * (34 * 256 + 1056) + 100
     eng = Engine(model, max_num_seqs=8, max_seq_len=32, kv_cache_bytes=bound)
     spec = SpeculativeConfig(num_steps=2)
     plain_plan, spec_plan = eng.cache_plan(), eng.cache_plan(spec)
     assert (plain_plan.rows, plain_plan.slots, plain_plan.bytes_per_slot) == (3, 34, 256)
-    assert (spec_plan.rows, spec_plan.slots, spec_plan.bytes_per_slot) == (1, 38, 512)  # 26212 // 19456
+    assert (spec_plan.rows, spec_plan.slots, spec_plan.bytes_per_slot) == (1, 38, 512)  # 29380 // (19456 + 2528)
+    assert (plain_plan.row_bytes, spec_plan.row_bytes) == (1056, 2528)
     params = SamplingParams(temperature=0.0, max_new_tokens=8, n=2)
     want = Engine(model, max_num_seqs=8, max_seq_len=32).generate(PROMPTS, params)
     got = eng.generate_with_metrics(PROMPTS, params)
@@ -165,6 +168,26 @@ def test_kv_cache_bytes_bounds_the_rows_not_the_results(draftable_model):
     assert eng._trunk_cache.num_rows == eng._mtp_cache.num_rows == 1
     assert _same_tokens(eng.generate(PROMPTS, params), want) and eng._trunk_cache.num_rows == 1
     with pytest.raises(ValueError, match=r"kv_cache_bytes: one KV cache row of 34 slots"):
-        Engine(model, max_num_seqs=8, max_seq_len=32, kv_cache_bytes=34 * 256 - 1).generate(PROMPTS, params)
+        Engine(model, max_num_seqs=8, max_seq_len=32, kv_cache_bytes=34 * 256 + 1056 - 1).generate(PROMPTS, params)
     with pytest.raises(ValueError, match="kv_cache_bytes must be > 0"):
         Engine(model, kv_cache_bytes=0)
+
+
+def test_kv_budget_is_measured_again_when_the_cache_is_allocated_from_nothing(model):
+    """An engine with kv_budget (build_engine's on CUDA) asks it for the bound at its first allocation and at the
+    first after release(): 3 rows fit, then - with more memory free after the update - 5."""
+    from mtprl.rollout.kv_cache import engine_row_bytes, kv_bytes_per_slot
+
+    slots = 24 + 2
+    row = slots * kv_bytes_per_slot(model.config, torch.float32, False) + engine_row_bytes(model.config, torch.float32,
+                                                                                          slots, False)
+    budgets = iter([3 * row + 1, 5 * row + 1])
+    eng = Engine(model, max_num_seqs=8, max_seq_len=24, kv_budget=lambda: next(budgets))
+    params = SamplingParams(temperature=0.0, max_new_tokens=4)
+    eng.generate([[1, 2, 3]], params)
+    assert eng._trunk_cache.num_rows == 3
+    eng.generate([[1, 2, 3]], params)  # the cache is kept: no new measurement
+    assert eng._trunk_cache.num_rows == 3
+    eng.release()
+    eng.generate([[1, 2, 3]], params)
+    assert eng._trunk_cache.num_rows == 5

@@ -84,3 +84,16 @@ def test_one_adam_step_moves_the_mtp_layers_by_their_own_lr():
     moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
     assert moved["mtp_layers.0.input_proj.weight"] == pytest.approx(1e-3, rel=1e-3)
     assert moved["layers.0.mlp.up_proj.weight"] == pytest.approx(1e-5, rel=1e-3)
+
+
+def test_pending_state_bytes_counts_the_moments_not_yet_allocated():
+    """AdamW's two fp32 moments per parameter, allocated at its first step: 8 B x numel for each parameter without
+    state on a device, nothing for one that has state or lives on the host (CPU offload)."""
+    from mtprl.trainer.optim import pending_state_bytes
+
+    device_params = [torch.nn.Parameter(torch.empty(3, 5, device="meta")), torch.nn.Parameter(torch.empty(7, device="meta"))]
+    host = torch.nn.Parameter(torch.zeros(11))
+    optimizer = torch.optim.AdamW(device_params + [host])
+    assert pending_state_bytes(optimizer) == 8 * (15 + 7)
+    optimizer.state[device_params[0]] = {"step": torch.tensor(1.0)}
+    assert pending_state_bytes(optimizer) == 8 * 7
