@@ -19,7 +19,7 @@ from mtprl.model.head import TokenScoring, head_for_matmul, reference_token_scor
 from mtprl.model.kv_cache import KVCache
 from mtprl.model.mtp import MTPLayer, Recursion, mtp_token_scores, reference_mtp_token_scores, shift_left
 from mtprl.model.trunk import (AttnInputs, DecoderBlock, RMSNorm, UniqueTokens, full_attn_inputs, is_right_padded,
-                               rope_cos_sin, rope_inv_freq, step_attn_inputs)
+                               is_prefill, rope_cos_sin, rope_inv_freq, step_attn_inputs)
 
 
 @dataclass
@@ -257,6 +257,7 @@ class CausalLM(nn.Module):
         *,
         kv_len: int | None = None,
         logit_index: torch.Tensor | None = None,
+        prefill: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Trunk on new tokens with a static cache.
 
@@ -264,10 +265,14 @@ class CausalLM(nn.Module):
         cache_rows: [B] cache row per input row (default arange(B)); attn_mask: [B,T,S] bool, True = query may
         attend key slot s (default: slot <= the query's slot; the query's own slot is always admitted);
         kv_len: read only the first kv_len slots (then attn_mask is [B,T,kv_len]; all slots must be < kv_len);
-        logit_index: [B,P] positions along T to compute logits at (default all: a prefill needs only the last).
+        logit_index: [B,P] positions along T to compute logits at (default all: a prefill needs only the last);
+        prefill: the caller's word that cache_slots are 0..T-1 in every row, kv_len = T and attn_mask None (a
+        prompt from slot 0): the packed path then attends with SDPA's is_causal, no mask (trunk.is_prefill; checked
+        here, computed with the mask as any step).
         Returns logits [B,T,V] (or [B,P,V]) and final-normed hidden [B,T,H].
         """
         _check_step_shapes(input_ids, position_ids, cache_slots, kv_cache, self.config.num_hidden_layers, "kv_cache")
+        _check_prefill(cache_slots, kv_cache, attn_mask, kv_len, prefill)
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope(position_ids, x.dtype)
         attn = step_attn_inputs(cos, sin, kv_cache, cache_slots, cache_rows, attn_mask, kv_len)
@@ -289,6 +294,7 @@ class CausalLM(nn.Module):
         *,
         kv_len: int | None = None,
         logit_index: torch.Tensor | None = None,
+        prefill: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP layer (depth 0-based) on new positions with its own cache layer (mtp_kv_cache layer `depth`).
 
@@ -301,6 +307,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"depth={depth} out of range: this model has {self.config.num_mtp_layers} MTP layers")
         _check_step_shapes(input_ids, position_ids, cache_slots, mtp_kv_cache, self.config.num_mtp_layers,
                            "mtp_kv_cache")
+        _check_prefill(cache_slots, mtp_kv_cache, attn_mask, kv_len, prefill)
         if prev_hidden.shape[:2] != input_ids.shape:
             raise ValueError(f"prev_hidden {tuple(prev_hidden.shape)} must be [B,T,H] with B,T of input_ids "
                              f"{tuple(input_ids.shape)}")
@@ -329,6 +336,12 @@ class CausalLM(nn.Module):
         from mtprl.model.hf_io.checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+
+def _check_prefill(cache_slots: torch.Tensor, cache: KVCache, attn_mask: torch.Tensor | None, kv_len: int | None,
+                   prefill: bool) -> None:
+    if prefill:  # (raises when the step is not one)
+        is_prefill(cache_slots, attn_mask, cache.max_seq_len if kv_len is None else kv_len, True)
 
 
 def at_positions(hidden: torch.Tensor, logit_index: torch.Tensor | None) -> torch.Tensor:

@@ -12,11 +12,15 @@ small batches on a GPU, a decode step costs per op, not per flop:
     Models wider than SIGNED_MAX_HIDDEN keep a plain residual stream: there the doubled o/down matmuls cost more
     than the ops saved;
   * RoPE: cos/sin rows looked up from a table built once (same fp32 formula as `rope_cos_sin`), applied to q
-    and k together (roll by Dh/2 with a signed sin table = rotate_half);
+    and k together (roll by Dh/2 with a signed sin table = rotate_half); the table covers the cache's slots, so
+    a step reads no position back to the host (#26 B6);
   * the attention mask built ONCE per step as an additive float mask (folded for GQA), shared by all layers,
+    allocated with the slot count rounded up to 8 (MASK_ALIGN: SDPA on CUDA would pad it again in every layer),
     with `F.scaled_dot_product_attention`, or on the CPU for small head dims and few query rows with
-    cpu_attention.py's kernel (SDPA's per-(row, head) GEMM set-up dominates there); per-layer cache views built once
-    per step (the flat write views kept per cache);
+    cpu_attention.py's kernel (SDPA's per-(row, head) GEMM set-up dominates there); a prefill (slots 0..T-1, see
+    trunk.is_prefill) takes no mask at all: SDPA's is_causal (the flash kernel on CUDA; on this CPU 0.66-0.94x
+    the time of the masked call at 1-64 prompts of 32 tokens); per-layer cache views built once per step (the
+    flat write views kept per cache);
   * K/V written with one `index_put_` each into the flattened cache layer (flat indices computed once a step);
   * matmuls of up to 16 rows against weights of 1 MB or more (batch-1 decode and verification steps of a model
     that does not fit in cache) through cpu_attention.small_mm: such a step streams every weight once, and the
@@ -44,7 +48,7 @@ import torch.nn.functional as F
 
 from mtprl.model import cpu_attention
 from mtprl.model.kv_cache import KVCache
-from mtprl.model.trunk import DecoderBlock, rope_cos_sin, rope_inv_freq, step_mask
+from mtprl.model.trunk import DecoderBlock, check_step, is_prefill, rope_cos_sin, rope_inv_freq, slot_mask
 
 
 @dataclass
@@ -78,6 +82,12 @@ class _MTP:
 # 768-wide model (which reads 1/3 more weight bytes a token signed); at 64-128 wide the two were within noise
 # (0.9-1.3x over repeats), and the signed form is what the rollout benchmark was measured with (docs/performance.md).
 SIGNED_MAX_HIDDEN = 128
+
+# SDPA's memory-efficient CUDA kernel reads an additive mask whose strides (all but the last) are multiples of 8
+# elements; any other mask it pads (a copy) on EVERY call - once per layer. The packed path allocates each step's
+# mask with the slot count rounded up to this (the extra columns masked out) and passes a view of the first S
+# columns: aligned strides, one mask per step, the same key count.
+MASK_ALIGN = 8
 
 
 def _signed(weight: torch.Tensor, signed: bool = True) -> torch.Tensor:
@@ -153,6 +163,11 @@ def _pair(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, -x], -1)
 
 
+def _aligned(slots: int) -> int:
+    """slots rounded up to a multiple of MASK_ALIGN: the width a step's mask is allocated with."""
+    return -(-slots // MASK_ALIGN) * MASK_ALIGN
+
+
 ChainStep = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -162,11 +177,14 @@ class _Step:
 
     cos: torch.Tensor  # [B,T,1,Dh]
     sin: torch.Tensor  # signed: [-sin, sin] halves (see _rope_rows)
-    mask: torch.Tensor  # [B,1,rep*T,S] additive (0 / -inf), GQA-folded; [B,1,T,S] when gqa
+    # [B,1,rep*T,S] additive (0 / -inf), GQA-folded ([B,1,T,S] when gqa): a view of the first S columns of a mask
+    # allocated S rounded up to MASK_ALIGN wide (see _make_step); None when causal
+    mask: torch.Tensor | None
     flat_index: torch.Tensor  # [B,T,Hkv] index into a cache layer viewed as [R*Hkv*S, Dh]
     kv_len: int
     batch: int  # B
     tokens: int  # T
+    causal: bool  # a prefill: plain causal attention over the step's own T = S tokens (SDPA is_causal, no mask)
     gqa: bool  # attention through SDPA's enable_gqa instead of folding (see _make_step)
     kernel: bool  # attention through cpu_attention.decode_attention (GQA folded)
 
@@ -216,9 +234,16 @@ class PackedModel:
         self._scalars: dict = {}  # (dtype, device) -> (0, -inf) 0-dim tensors for the additive mask
         self._flat_views: dict = {}  # cache storage + rows -> per-layer flat K / V write views (see _layers)
 
-    def _rope_rows(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B,T,1,Dh] for position_ids [B,T], from a table grown on demand (values as rope_cos_sin)."""
-        need = int(position_ids.max()) + 1  # a host sync; the engine syncs every step anyway
+    def _rope_rows(self, position_ids: torch.Tensor, max_len: int, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B,T,1,Dh] for position_ids [B,T], looked up in a table (values as rope_cos_sin) of at least
+        max_len positions: the cache's max_seq_len, a bound the caller knows (the engine never puts a token at a
+        position past its slot). The table is not sized from the positions themselves: reading their maximum
+        would be a host-device sync every step (#26 B6). On the CPU, where that read is free, it also grows to
+        any larger position; elsewhere a position >= the table's length is an index out of range."""
+        need = max_len
+        if position_ids.device.type == "cpu":
+            need = max(need, int(position_ids.max()) + 1)
         cos = self._cos
         if cos is None or need > cos.shape[0] or cos.dtype != dtype or cos.device != position_ids.device:
             length = max(need, 0 if cos is None else 2 * cos.shape[0], 256)
@@ -230,10 +255,20 @@ class PackedModel:
 
     # ----- shared per-step inputs ------------------------------------------------------------------------------
     def _step_inputs(self, position_ids: torch.Tensor, cache_slots: torch.Tensor, cache: KVCache,
-                     attn_mask: torch.Tensor | None, kv_len: int | None, dtype: torch.dtype) -> _Step:
-        mask = step_mask(cache, cache_slots, None, attn_mask, kv_len)  # [B,1,T,S], checked as the module path
-        cos, sin = self._rope_rows(position_ids, dtype)
-        return self._make_step(cos, sin, mask, self._flat_index(cache_slots, cache), dtype)
+                     attn_mask: torch.Tensor | None, kv_len: int | None, dtype: torch.dtype, prefill: bool) -> _Step:
+        s = check_step(cache, cache_slots, None, attn_mask, kv_len)  # checked as the module path
+        cos, sin = self._rope_rows(position_ids, cache.max_seq_len, dtype)
+        flat = self._flat_index(cache_slots, cache)
+        b, t = cache_slots.shape
+        if is_prefill(cache_slots, attn_mask, s, prefill) and not self._kernel(t, dtype, cache_slots.device):
+            return _Step(cos=cos, sin=sin, mask=None, flat_index=flat, kv_len=s, batch=b, tokens=t, causal=True,
+                         gqa=False, kernel=False)
+        mask = slot_mask(cache_slots, attn_mask, s, _aligned(s))  # [B,1,T,S rounded up], bool
+        return self._make_step(cos, sin, mask, flat, dtype, s)
+
+    def _kernel(self, t: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether a step of t query rows per row attends through cpu_attention.decode_attention (GQA folded)."""
+        return cpu_attention.usable(self.num_heads // self.num_kv_heads * t, self.head_dim, dtype, device)
 
     def _flat_index(self, cache_slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """[B,T,Hkv]: index of each (row, slot, kv head) in a cache layer viewed as [R*Hkv*S, Dh]."""
@@ -247,24 +282,28 @@ class PackedModel:
         return base + cache_slots[:, :, None]
 
     def _make_step(self, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, flat: torch.Tensor,
-                   dtype: torch.dtype) -> _Step:
-        """_Step from RoPE rows, the mask [B,1,T,S] (boolean, or already additive) and flat cache indices [B,T,Hkv]."""
-        b, _, t, s = mask.shape
+                   dtype: torch.dtype, kv_len: int) -> _Step:
+        """_Step from RoPE rows, the mask [B,1,T,W] (boolean, or already additive; W = kv_len rounded up to
+        MASK_ALIGN, the columns from kv_len on masked out) and flat cache indices [B,T,Hkv]."""
+        b, _, t, w = mask.shape
         rep = self.num_heads // self.num_kv_heads
         # GQA: either SDPA repeats the kv heads itself (enable_gqa; q and the output stay views of [B,T,H,Dh]), or
         # the rep query heads sharing a kv head are folded into the query axis (mask [B,1,rep*T,S]; q and the
         # output are copied when T > 1). Measured on a CPU: folding is faster from ~16 query rows on, SDPA's own
         # GQA below that (benchmarks/rollout.py's model: 0.7x the attention time at batch 16, 0.9x at batch 1).
-        kernel = cpu_attention.usable(rep * t, self.head_dim, dtype, mask.device)
-        gqa = rep > 1 and b * t < 16 and not kernel
+        # On CUDA always folded: SDPA's memory-efficient kernel (the one that takes a mask) has no GQA.
+        kernel = self._kernel(t, dtype, mask.device)
+        gqa = rep > 1 and b * t < 16 and not kernel and mask.device.type == "cpu"
         if rep > 1 and not gqa:
-            mask = mask[:, :, None].expand(b, 1, rep, t, s).reshape(b, 1, rep * t, s)
+            mask = mask[:, :, None].expand(b, 1, rep, t, w).reshape(b, 1, rep * t, w)
         additive = mask
         if mask.dtype == torch.bool:
             zero, neg_inf = self._mask_values(dtype, mask.device)
             additive = torch.where(mask, zero, neg_inf)
-        return _Step(cos=cos, sin=sin, mask=additive, flat_index=flat, kv_len=s, batch=b, tokens=t, gqa=gqa,
-                     kernel=kernel)
+        if w != kv_len:  # a view: the rows keep the aligned stride W (see MASK_ALIGN)
+            additive = additive[..., :kv_len]
+        return _Step(cos=cos, sin=sin, mask=additive, flat_index=flat, kv_len=kv_len, batch=b, tokens=t, causal=False,
+                     gqa=gqa, kernel=kernel)
 
     def _mask_values(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (dtype, device)
@@ -305,7 +344,9 @@ class PackedModel:
         if keys.dtype != xx.dtype:
             keys, values = keys.to(xx.dtype), values.to(xx.dtype)
         q = q.transpose(1, 2)  # [B,Hq,T,Dh]
-        if step.gqa:
+        if step.causal:  # a prefill (see trunk.is_prefill): keys are the step's own T tokens, causal, no mask
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=hq > hkv)
+        elif step.gqa:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=True)
         else:  # the rep query heads of a kv head folded into its query rows (a view when T = 1 or rep = 1)
             qf = q.reshape(b, hkv, (hq // hkv) * t, dh)
@@ -339,9 +380,11 @@ class PackedModel:
     @torch.no_grad()
     def forward_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_slots: torch.Tensor,
                      kv_cache: KVCache, cache_rows: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                     *, kv_len: int | None = None, logit_index: torch.Tensor | None = None
+                     *, kv_len: int | None = None, logit_index: torch.Tensor | None = None, prefill: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As CausalLM.forward_step."""
+        """As CausalLM.forward_step. A prefill (cache_slots 0..T-1 in every row, kv_len = T, no attn_mask) attends
+        through SDPA's is_causal without a mask; on the CPU it is recognised from the slots, elsewhere only with
+        prefill=True (recognising it there would be a host-device sync)."""
         from mtprl.model.causal_lm import _check_step_shapes, at_positions
 
         if cache_rows is not None:
@@ -349,7 +392,7 @@ class PackedModel:
         _check_step_shapes(input_ids, position_ids, cache_slots, kv_cache, self.config.num_hidden_layers, "kv_cache")
         b, t = input_ids.shape
         xx = self._stream(F.embedding(input_ids, self.embed).view(b * t, -1))
-        step = self._step_inputs(position_ids, cache_slots, kv_cache, attn_mask, kv_len, xx.dtype)
+        step = self._step_inputs(position_ids, cache_slots, kv_cache, attn_mask, kv_len, xx.dtype, prefill)
         for w, views in zip(self.blocks, self._layers(kv_cache, b, step.kv_len)):
             xx = self._block(w, xx, step, *views)
         hidden = self._rms(xx, self.norm).reshape(b, t, -1)
@@ -359,8 +402,8 @@ class PackedModel:
     def mtp_step(self, depth: int, prev_hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  cache_slots: torch.Tensor, mtp_kv_cache: KVCache, cache_rows: torch.Tensor | None = None,
                  attn_mask: torch.Tensor | None = None, *, kv_len: int | None = None,
-                 logit_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """As CausalLM.mtp_step."""
+                 logit_index: torch.Tensor | None = None, prefill: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """As CausalLM.mtp_step (prefill: as forward_step)."""
         from mtprl.model.causal_lm import _check_step_shapes
 
         self._check_depth(depth)
@@ -371,7 +414,8 @@ class PackedModel:
             raise ValueError(f"prev_hidden {tuple(prev_hidden.shape)} must be [B,T,H] with B,T of input_ids "
                              f"{tuple(input_ids.shape)}")
         w = self.mtp[depth]
-        step = self._step_inputs(position_ids, cache_slots, mtp_kv_cache, attn_mask, kv_len, w.input_proj.dtype)
+        step = self._step_inputs(position_ids, cache_slots, mtp_kv_cache, attn_mask, kv_len, w.input_proj.dtype,
+                                 prefill)
         (views,) = self._layers(mtp_kv_cache, input_ids.shape[0], step.kv_len, depth)
         return self._mtp_forward(w, prev_hidden, input_ids, step, views, logit_index)
 
@@ -389,15 +433,16 @@ class PackedModel:
         _check_step_shapes(position_ids, position_ids, cache_slots, mtp_kv_cache, len(self.mtp), "mtp_kv_cache")
         w = self.mtp[depth]
         dtype = w.input_proj.dtype
-        mask = step_mask(mtp_kv_cache, cache_slots, None, None, kv_len)  # [B,1,n,S]
+        s = check_step(mtp_kv_cache, cache_slots, None, None, kv_len)
+        mask = slot_mask(cache_slots, None, s, _aligned(s))  # [B,1,n,S rounded up]
         zero, neg_inf = self._mask_values(dtype, mask.device)
-        cos, sin = self._rope_rows(position_ids, dtype)
+        cos, sin = self._rope_rows(position_ids, mtp_kv_cache.max_seq_len, dtype)
         ones = [1] * cache_slots.shape[1]  # (split_with_sizes: Tensor.split is a slow Python wrapper)
-        steps = [self._make_step(*parts, dtype) for parts in zip(
+        steps = [self._make_step(*parts, dtype, s) for parts in zip(
             cos.split_with_sizes(ones, 1), sin.split_with_sizes(ones, 1),
             torch.where(mask, zero, neg_inf).split_with_sizes(ones, 2),
             self._flat_index(cache_slots, mtp_kv_cache).split_with_sizes(ones, 1))]
-        (views,) = self._layers(mtp_kv_cache, cache_slots.shape[0], mask.shape[-1], depth)
+        (views,) = self._layers(mtp_kv_cache, cache_slots.shape[0], s, depth)
 
         def step(i: int, prev_hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():

@@ -232,11 +232,9 @@ def full_attn_inputs(cos: torch.Tensor, sin: torch.Tensor, attention_mask: torch
     return AttnInputs(cos=cos, sin=sin, mask=mask[:, None])
 
 
-def step_mask(cache: KVCache, cache_slots: torch.Tensor, cache_rows: torch.Tensor | None,
-              attn_mask: torch.Tensor | None, kv_len: int | None) -> torch.Tensor:
-    """Validated boolean mask [B,1,T,S] for the incremental path (True = query may attend key slot).
-    Default: key slot <= query slot. The query's own slot is always admitted (a token attends to itself;
-    avoids empty softmax rows)."""
+def check_step(cache: KVCache, cache_slots: torch.Tensor, cache_rows: torch.Tensor | None,
+               attn_mask: torch.Tensor | None, kv_len: int | None) -> int:
+    """Validate an incremental step's cache arguments; returns S, the slots it reads (kv_len or max_seq_len)."""
     b, t = cache_slots.shape
     s = cache.max_seq_len if kv_len is None else kv_len
     if not 0 < s <= cache.max_seq_len:
@@ -250,13 +248,49 @@ def step_mask(cache: KVCache, cache_slots: torch.Tensor, cache_rows: torch.Tenso
         low, high = (int(x) for x in torch.aminmax(cache_slots))
         if low < 0 or high >= s:
             raise ValueError(f"cache_slots must lie in [0, {s}), got range [{low}, {high}]")
-    key = torch.arange(s, device=cache_slots.device)
-    if attn_mask is None:
-        mask = key[None, None, :] <= cache_slots[:, :, None]  # [B,T,S]
+    if attn_mask is not None and attn_mask.shape != (b, t, s):
+        raise ValueError(f"attn_mask must have shape [B,T,S]={(b, t, s)}, got {tuple(attn_mask.shape)}")
+    return s
+
+
+def is_prefill(cache_slots: torch.Tensor, attn_mask: torch.Tensor | None, kv_len: int, prefill: bool) -> bool:
+    """Whether an incremental step is a prefill: every row's slots are 0..T-1 and it reads those T slots under the
+    default mask - plain causal attention over its own tokens, what SDPA's is_causal computes with no mask (on
+    CUDA the flash kernel, which takes none). On the CPU the slots are compared on the host; elsewhere that would
+    be a host-device sync, and the caller's `prefill` (its promise) says it. prefill=True on a step that is not
+    one raises ValueError (the slots checked on the CPU only)."""
+    t = cache_slots.shape[1]
+    if attn_mask is not None or kv_len != t:
+        if prefill:
+            raise ValueError(f"prefill=True needs kv_len = T = {t} and no attn_mask (kv_len={kv_len})")
+        return False
+    if cache_slots.device.type != "cpu":
+        return prefill
+    first_slots = bool((cache_slots == torch.arange(t)).all())
+    if prefill and not first_slots:
+        raise ValueError("prefill=True needs cache_slots 0..T-1 in every row")
+    return first_slots
+
+
+def step_mask(cache: KVCache, cache_slots: torch.Tensor, cache_rows: torch.Tensor | None,
+              attn_mask: torch.Tensor | None, kv_len: int | None) -> torch.Tensor:
+    """Validated boolean mask [B,1,T,S] for the incremental path (True = query may attend key slot).
+    Default: key slot <= query slot. The query's own slot is always admitted (a token attends to itself;
+    avoids empty softmax rows)."""
+    return slot_mask(cache_slots, attn_mask, check_step(cache, cache_slots, cache_rows, attn_mask, kv_len))
+
+
+def slot_mask(cache_slots: torch.Tensor, attn_mask: torch.Tensor | None, kv_len: int,
+              width: int | None = None) -> torch.Tensor:
+    """step_mask's mask [B,1,T,width] from arguments check_step validated; width >= kv_len (default kv_len): the
+    columns from kv_len on (slots past the ones read) are False."""
+    width = kv_len if width is None else width
+    key = torch.arange(width, device=cache_slots.device)
+    if attn_mask is None:  # (every slot is < kv_len: the columns from kv_len on come out False)
+        mask = key[None, None, :] <= cache_slots[:, :, None]  # [B,T,width]
     else:
-        if attn_mask.shape != (b, t, s):
-            raise ValueError(f"attn_mask must have shape [B,T,S]={(b, t, s)}, got {tuple(attn_mask.shape)}")
-        mask = attn_mask.bool() | (key[None, None, :] == cache_slots[:, :, None])  # own slot always admitted
+        mask = key[None, None, :] == cache_slots[:, :, None]  # own slot always admitted
+        (mask if width == kv_len else mask[..., :kv_len]).logical_or_(attn_mask)
     return mask[:, None]
 
 
