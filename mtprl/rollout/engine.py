@@ -382,7 +382,7 @@ class Engine:
         pos = torch.arange(width, device=dev)[None].expand(u, width)
         last_pos = torch.tensor([[len(s.prompt) - 1] for s in unique], device=dev)  # logits only where sampled
         logits, hidden = self._stepper.forward_step(inp, pos, pos, rows_view(self._trunk_cache, b0, b0 + u),
-                                                    kv_len=width, logit_index=last_pos)
+                                                    kv_len=width, logit_index=last_pos, prefill=True)
         run.counters.trunk_forwards += 1
         group = torch.tensor(groups, device=dev)
         if n > u:
@@ -419,7 +419,7 @@ class Engine:
                     commit_mtp(self._stepper, rows_view(self._mtp_cache, b0, b0 + u),
                                torch.ones(u, dtype=torch.long, device=dev), hidden[:, :width - 1], inp[:, 1:],
                                u_lens - 1, _RowsView(sr, b0, b0 + u), u, run.counters,
-                               may_be_empty=min(len(s.prompt) for s in unique) == 1, l_range=(1, 1))
+                               may_be_empty=min(len(s.prompt) for s in unique) == 1, l_range=(1, 1), prefill=True)
                 if n > u:
                     rows = b0 + torch.arange(n, device=dev)
                     move_rows(self._mtp_cache, b0 + group, rows, width)

@@ -339,13 +339,15 @@ def verify_and_accept(model: torch.nn.Module, tree: DraftTree, tt: TreeTensors, 
 
 def commit_mtp(model: torch.nn.Module, mtp: KVCache, l_old: torch.Tensor, hidden: torch.Tensor, new_tokens: torch.Tensor,
                num_new: torch.Tensor, spec_rows: SpecRows, b: int, counters: StepCounters, *,
-               may_be_empty: bool = False, l_range: tuple[int, int] | None = None) -> None:
+               may_be_empty: bool = False, l_range: tuple[int, int] | None = None, prefill: bool = False) -> None:
     """Step 4b for rows [0, b): run MTP layers 1..D on the num_new [b] newly committed positions of each row.
 
     l_old [b]: committed length before; hidden [b,T,H]: true trunk hidden at positions l_old-1 .. l_old-2+T;
     new_tokens [b,T]: t_{l_old} .. t_{l_old+T-1}. Entries past num_new are padding (garbage written past the
     valid end). With may_be_empty, rows with num_new == 0 keep their state. Updates spec_rows.q_root_logits /
     stored_h in place. l_range: (min, max) of l_old if known on the host (None: read from the device, a sync).
+    prefill: every l_old is 1 (a prompt committed from its start): layer 1's step is a prefill, plain causal
+    attention over its own positions (forward_step's prefill; deeper layers start at the scratch slot).
     """
     t = hidden.shape[1]
     rows = torch.arange(b, device=l_old.device)
@@ -363,7 +365,7 @@ def commit_mtp(model: torch.nn.Module, mtp: KVCache, l_old: torch.Tensor, hidden
         # the head only at each row's last new position (layer 1's: the next step's q_root; deeper layers' logits
         # are not read): a catch-up after plain steps commits tens of positions per row
         logits, prev = model.mtp_step(k - 1, hidden_in, new_tokens, positions, slots, mtp, kv_len=kv_len,
-                                      logit_index=last[:, None])
+                                      logit_index=last[:, None], prefill=prefill and k == 1)
         counters.mtp_forwards += 1
         new_h = prev[rows, last]
         if keep is not None:

@@ -191,3 +191,26 @@ def test_kv_budget_is_measured_again_when_the_cache_is_allocated_from_nothing(mo
     eng.release()
     eng.generate([[1, 2, 3]], params)
     assert eng._trunk_cache.num_rows == 5
+
+
+def test_admission_tells_the_step_it_is_a_prefill(draftable_model, monkeypatch):
+    """The prompt's trunk forward and its first MTP commit say prefill=True (on CUDA the step cannot check its slots
+    without a host sync, and only then takes SDPA's maskless causal path); on the CPU the step checks the claim."""
+    from mtprl.model.packed import PackedModel
+    from mtprl.rollout import SpeculativeConfig
+
+    seen = []
+    for name in ("forward_step", "mtp_step"):
+        original = getattr(PackedModel, name)
+
+        def record(self, *args, _name=name, _original=original, **kwargs):
+            seen.append((_name, kwargs.get("prefill", False)))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(PackedModel, name, record)
+    eng = Engine(draftable_model(num_mtp_layers=2, vocab=32), max_num_seqs=4, max_seq_len=32)
+    eng.generate([[1, 2, 3, 4], [5, 6]], SamplingParams(temperature=0.0, max_new_tokens=3, n=2),
+                 speculative=SpeculativeConfig(num_steps=2))
+    # the prompts' forward, then the commit of their positions (layer 1 a prefill, layer 2 from the scratch slot)
+    assert seen[:3] == [("forward_step", True), ("mtp_step", True), ("mtp_step", False)]
+    assert not any(p for _, p in seen[3:])

@@ -2,8 +2,10 @@
 .item, int(), bool(), float(), index use) made while a decode step and its retirement run. On CUDA each is a
 stall of the whole pipeline; the engine keeps host-side shadows of row lengths so that a step makes ONE read
 (its done flags, tokens emitted per row and the adaptive rule's acceptance counts, together), plus the finished
-rows' tokens when some finish. Checks that exist only for CPU tensors (trunk.check_step's slot bounds,
-trunk.is_prefill's slot comparison: skipped on CUDA, where they would sync) are not counted."""
+rows' tokens when some finish. Reads that happen only for CPU tensors (trunk.check_step's slot bounds,
+trunk.is_prefill's slot comparison, the packed RoPE table's growth past the cache: skipped on CUDA, where they
+would sync; tests/model/test_packed_attention.py runs the packed steps on a fake CUDA device, where any read
+fails) are not counted."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from mtprl.model import CausalLM, ModelConfig
 from mtprl.rollout import Engine, SamplingParams, SpeculativeConfig
 
-CPU_ONLY_CHECKS = {"check_step", "is_prefill"}
+CPU_ONLY_CHECKS = {"check_step", "is_prefill", "_rope_rows"}
 READS = ("tolist", "item", "__int__", "__bool__", "__index__", "__float__")
 
 
