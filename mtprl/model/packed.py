@@ -122,23 +122,26 @@ def _pack_block(block: DecoderBlock, signed: bool = True) -> _Block:
         down=_signed(m.down_proj.weight, signed))
 
 
-def _take(old: torch.Tensor | None, new: torch.Tensor, param_storages: set[int]) -> torch.Tensor:
-    """``new``'s values in ``old``'s storage (a packed copy), or ``new`` itself when it aliases a parameter."""
-    if old is None or new.untyped_storage().data_ptr() in param_storages or old.shape != new.shape:
-        return new
+def _take(old: torch.Tensor | None, new: torch.Tensor, param_storages: set[int], dtype: torch.dtype) -> torch.Tensor:
+    """``new``'s values in ``dtype``: copied (and cast) into ``old``'s storage (a packed copy of the same shape), or
+    ``new`` itself when it aliases a parameter already in ``dtype``, or a new tensor (the first pack)."""
+    aliases = new.untyped_storage().data_ptr() in param_storages and new.dtype == dtype
+    if old is None or aliases or old.shape != new.shape or old.dtype != dtype:
+        return new if new.dtype == dtype else new.to(dtype)
     return old.copy_(new)
 
 
-def _refill(old, new, param_storages: set[int]):
-    """``old`` (a _Block / _MTP of the previous pack) with the values of ``new`` (the same layer packed again):
-    each packed tensor copied into the old one's storage, each tensor that aliases a parameter taken as is."""
-    for f in fields(old):
+def _refill(old, new, param_storages: set[int], dtype: torch.dtype):
+    """``new`` (a _Block / _MTP packed from the model) in ``dtype``: each packed tensor copied into the same field
+    of ``old`` (the previous pack's, or None the first time), each tensor that aliases a parameter taken as is."""
+    for f in fields(new):
         src = getattr(new, f.name)
+        prev = None if old is None else getattr(old, f.name)
         if is_dataclass(src):
-            _refill(getattr(old, f.name), src, param_storages)
+            setattr(new, f.name, _refill(prev, src, param_storages, dtype))
         elif isinstance(src, torch.Tensor):
-            setattr(old, f.name, _take(getattr(old, f.name), src, param_storages))
-    return old
+            setattr(new, f.name, _take(prev, src, param_storages, dtype))
+    return new
 
 
 def _norm(signed: torch.Tensor, weight2: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -194,13 +197,15 @@ class PackedModel:
 
     `config` is the model's config, so code written against CausalLM's incremental API (the engine,
     speculative.py) takes either object. signed: carry the residual stream as signed pairs (see _norm); None =
-    for models up to SIGNED_MAX_HIDDEN wide.
+    for models up to SIGNED_MAX_HIDDEN wide. dtype: of the packed weights (and so of the compute); None = the
+    model's. An fp32 policy decoded in bf16 on a GPU keeps this one bf16 copy (its embedding and head included).
     """
 
-    def __init__(self, model: torch.nn.Module, signed: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, signed: bool | None = None, dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.config = model.config
         self.signed = model.config.hidden_size <= SIGNED_MAX_HIDDEN if signed is None else signed
+        self.dtype = dtype or next(model.parameters()).dtype
         self.pack()
 
     @torch.no_grad()
@@ -208,24 +213,25 @@ class PackedModel:
         """(Re)build the packed copies from the model's current weights. A re-pack (the policy changed) writes
         into the previous pack's tensors one block at a time, so at most one block's packed copy is ever extra
         (building a whole new pack while the old one was still referenced took a second packed copy at the
-        peak: +14.6 GiB for MiMo-7B in bf16). Tensors that alias a parameter (the embedding, an unsigned norm)
-        are taken again, not copied."""
-        model, cfg, signed = self.model, self.config, self.signed
+        peak: +14.6 GiB for MiMo-7B in bf16), cast to the pack's dtype by the copy. Tensors that alias a parameter
+        of the pack's dtype (the embedding, an unsigned norm) are taken again, not copied."""
+        model, cfg, signed, dtype = self.model, self.config, self.signed, self.dtype
         blocks = (_pack_block(layer, signed) for layer in model.layers)
         mtp = (_MTP(hidden_norm=_norm_weight(m.hidden_layernorm, signed),
                     token_norm=_norm_weight(m.token_layernorm, signed),
                     input_proj=_signed(m.input_proj.weight, signed), block=_pack_block(m.block, signed),
                     final_norm=_norm_weight(m.final_layernorm, signed)) for m in model.mtp_layers)
-        if getattr(self, "blocks", None) is None:
-            self.blocks, self.mtp = list(blocks), list(mtp)
-            self.norm = _norm_weight(model.norm, signed)
-        else:
-            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-            self.blocks = [_refill(old, new, params) for old, new in zip(self.blocks, blocks)]
-            self.mtp = [_refill(old, new, params) for old, new in zip(self.mtp, mtp)]
-            self.norm = _take(self.norm, _norm_weight(model.norm, signed), params)
-        self.embed = model.embed_tokens.weight.detach()
-        self.head = model.head_weight().detach()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        first = getattr(self, "blocks", None) is None
+        old_blocks = [None] * len(model.layers) if first else self.blocks
+        old_mtp = [None] * len(model.mtp_layers) if first else self.mtp
+        self.blocks = [_refill(old, new, params, dtype) for old, new in zip(old_blocks, blocks)]
+        self.mtp = [_refill(old, new, params, dtype) for old, new in zip(old_mtp, mtp)]
+        self.norm = _take(None if first else self.norm, _norm_weight(model.norm, signed), params, dtype)
+        tied = model.head_weight() is model.embed_tokens.weight
+        self.embed = _take(None if first else self.embed, model.embed_tokens.weight.detach(), params, dtype)
+        self.head = self.embed if tied else _take(None if first else self.head, model.head_weight().detach(), params,
+                                                  dtype)
         self.eps = cfg.rms_norm_eps
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.resolved_head_dim

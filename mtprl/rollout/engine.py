@@ -217,7 +217,7 @@ class Engine:
 
         signature = _weights_signature(self._params)
         if self._stepper is None or self._stepper is self.model:
-            stepper = PackedModel(self.model)
+            stepper = PackedModel(self.model, dtype=self.dtype)
         else:
             stepper = self._stepper
             if signature != self._packed_signature:  # the policy changed since the last call (optimizer step, load)

@@ -178,6 +178,38 @@ def test_repack_writes_into_the_previous_pack(name, signed):
         assert not torch.equal(t, before[k][1]), k  # and the update reached it
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_an_fp32_model_packed_in_bf16_is_the_bf16_models_pack(name):
+    """PackedModel(dtype=bf16) of fp32 weights (the engine of an fp32 policy on one GPU, #26 B2): every packed
+    tensor is bf16 and equal to the pack of a bf16 copy of the model (cast then packed = packed then cast), the
+    tied head is the embedding, and a re-pack after an update casts into the same storages."""
+    from mtprl.distributed.weight_sync import stepper_weights
+
+    model = _model(name)
+    packed = PackedModel(model, dtype=torch.bfloat16)
+    reference = stepper_weights(PackedModel(_model(name).to(torch.bfloat16)))
+    got = stepper_weights(packed)
+    assert got.keys() == reference.keys()
+    for k, t in got.items():
+        assert t.dtype == torch.bfloat16, k
+        torch.testing.assert_close(t, reference[k], rtol=0, atol=0, msg=k)
+    assert (packed.head is packed.embed) == model.config.tie_word_embeddings
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the policy is untouched
+    storages = {k: t.data_ptr() for k, t in got.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    packed.pack()
+    bf16 = _model(name).to(torch.bfloat16)
+    with torch.no_grad():
+        for p, q in zip(bf16.parameters(), model.parameters()):
+            p.copy_(q)
+    reference = stepper_weights(PackedModel(bf16))
+    for k, t in stepper_weights(packed).items():
+        assert t.data_ptr() == storages[k], k
+        torch.testing.assert_close(t, reference[k], rtol=0, atol=0, msg=k)
+
+
 def test_bad_inputs_raise():
     model = _model("mimo_gqa_bias")
     packed = PackedModel(model)

@@ -214,3 +214,21 @@ def test_admission_tells_the_step_it_is_a_prefill(draftable_model, monkeypatch):
     # the prompts' forward, then the commit of their positions (layer 1 a prefill, layer 2 from the scratch slot)
     assert seen[:3] == [("forward_step", True), ("mtp_step", True), ("mtp_step", False)]
     assert not any(p for _, p in seen[3:])
+
+
+def test_an_engine_in_bf16_over_an_fp32_policy_decodes_as_the_bf16_policy(model):
+    """Engine(dtype=bf16) over fp32 weights (build_engine's choice on CUDA): its packed copy and caches are bf16 and
+    it generates what an engine over a bf16 copy of the policy generates; the module path refuses the mix."""
+    import copy
+
+    eng = Engine(model, max_num_seqs=4, max_seq_len=32, dtype=torch.bfloat16)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, n=2)
+    got = eng.generate(PROMPTS[:3], params, generator=torch.Generator().manual_seed(0))
+    want = Engine(copy.deepcopy(model).to(torch.bfloat16), max_num_seqs=4, max_seq_len=32).generate(
+        PROMPTS[:3], params, generator=torch.Generator().manual_seed(0))
+    assert _same_tokens(got, want)
+    assert [c.logprobs for c in got] == [c.logprobs for c in want]
+    assert eng.current_stepper().head.dtype == eng._trunk_cache.k.dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="needs the packed path"):
+        Engine(model, dtype=torch.bfloat16, packed=False)
