@@ -56,7 +56,8 @@ class DemoSize:
     rl_steps: int = 40
     # 8 sequences per SFT forward, in order of length. Packing by tokens (sft.use_dynamic_bsz, 1536) made SFT
     # 0.89x as long, but its one demo run (same seed, other rounding) ended SFT at a higher validation loss
-    # (0.128 vs 0.097) and RL gained 7.0 points instead of 13.5: not adopted on one run (README, SFT section)
+    # (0.128 vs 0.097) and RL gained 7.0 points instead of 13.5: not adopted on one run (docs/rollout.md,
+    # "Tried and not kept")
     sft_micro_batch: int = 8
     hidden: int = 64
     layers: int = 16

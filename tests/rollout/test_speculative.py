@@ -224,7 +224,7 @@ def test_draft_temperature_draws_drafts_at_that_temperature(draftable_model, mon
     """speculative draft_temperature: drafts come from softmax(draft logits / tau) (what acceptance divides by),
     the sampling itself stays at the sampling temperature (exactness: test_spec_distribution.py); greedy ignores
     it. (Whether a colder draft is accepted more depends on the model: only where the draft is a flatter copy of
-    the target - measured on the demo policy in the README.)"""
+    the target - measured on the demo policy: docs/rollout.md.)"""
     import mtprl.rollout.engine as engine_mod
 
     model = draftable_model(num_mtp_layers=1, vocab=32, noise=0.3)
