@@ -440,7 +440,7 @@ class Engine:
         if run.spec is not None:
             depth = run.trees[-1][0].max_depth
             if run.adaptive is not None:
-                depth = run.adaptive.choose(b)
+                depth = run.adaptive.choose(b, sum(run.host_lengths[:b]) / b)
                 if depth == 0 and self._mtp_lag(run, b) >= run.hist_len - 2:
                     depth = 1  # keep the MTP lag inside the hidden-state ring (the step catches up first)
         if depth > 0 and run.adaptive is not None:

@@ -28,10 +28,10 @@ class TableCost:
     def _at(value, rows):
         return value[rows] if isinstance(value, dict) else value
 
-    def plain(self, rows):
+    def plain(self, rows, context=0.0):
         return self._at(self._plain, rows)
 
-    def speculative(self, depth, rows):
+    def speculative(self, depth, rows, context=0.0):
         return self._at(self._spec[depth], rows)
 
     def catch_up(self, rows):
@@ -146,33 +146,44 @@ def test_state_dict_continues_the_same_choices():
 
 
 def test_step_cost_by_hand():
-    """StepCost's arithmetic on a tiny config with unit rates (1 s an op, 1 flop/s... scaled to show each term)."""
+    """StepCost's arithmetic on a tiny config, one term at a time (the other rates made free)."""
     cfg = ModelConfig(model_type="mimo", vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, num_mtp_layers=1)
     chain = build_tree(3, 1, 4)
     cost = StepCost(cfg, chain, torch.float32, "cpu", threads=1)
     # block: q, o 8x8 each, k, v 8x4 each (head_dim 4) = 192; gate, up, down 3 x 8 x 16 = 384 -> 576; MTP + 2 x 8 x 8
     assert (cost.block_params, cost.mtp_params, cost.head_params) == (576, 704, 800)
-    cost.rates = DeviceRates(op_seconds=1.0, flops_per_s=1e12, bytes_per_s=1e12)  # ops dominate
+    # elements a token passes through a block: 4 x 8 (stream, norms, RoPE) + 4 x (2 + 2 + 1 + 1) (q, o, k, v)
+    # + 3 x 16 (gate, up, product) = 104; K and V per cached position: 2 x 1 head x 4 = 8
+    assert (cost.block_elements, cost.kv_elements) == (104, 8)
+    free = 1e30
+    cost.rates = DeviceRates(op_seconds=1.0, flops_per_s=free, element_seconds=0.0, bytes_per_s=free)  # ops
     ops = OP_COUNTS
     assert cost.plain(1) == pytest.approx(2 * ops["block"] + ops["plain"], rel=1e-6)
     assert cost.speculative(3, 1) == pytest.approx(2 * ops["block"] + ops["spec_chain"] + 2 * ops["level_chain"],
                                                     rel=1e-6)
-    cost.rates = DeviceRates(op_seconds=0.0, flops_per_s=1.0, bytes_per_s=1e30)  # flops dominate
+    cost.rates = DeviceRates(op_seconds=0.0, flops_per_s=1.0, element_seconds=0.0, bytes_per_s=free)  # flops
     assert cost.plain(5) == 2 * 5 * (576 * 2 + 800)
     # depth 2 over 5 rows: 3 verified nodes, MTP over 1 drafted node + the 3-token commit, heads over 3 verified
     # nodes + 2 draft distributions + the commit's
     assert cost.speculative(2, 5) == 2 * 5 * (576 * 2 * 3 + 704 * 4 + 800 * 6)
     assert cost.catch_up(5) == 2 * 5 * 704
-    cost.rates = DeviceRates(op_seconds=0.0, flops_per_s=1e30, bytes_per_s=1.0)  # bytes dominate
-    assert cost.plain(1) == 4 * (576 * 2 + 800) + 4 * 4 * 100
-    assert cost.speculative(2, 1) == 4 * (576 * 2 + 704 * 2 + 800 * 3) + 4 * 4 * 100 * 6
+    cost.rates = DeviceRates(op_seconds=0.0, flops_per_s=free, element_seconds=1.0, bytes_per_s=free)  # elements
+    # plain, 5 rows of mean length 10: 104 x 2 blocks + 4 passes x 100 vocabulary + 10 positions x 8 x 2 layers
+    assert cost.plain(5, context=10) == pytest.approx(5 * (104 * 2 + 4 * 100 + 10 * 8 * 2))
+    # depth 2: 104 x (2 blocks x 3 nodes + 4 MTP tokens) + 4 x 100 x 6 scored + 10 x 8 x (2 layers + 2 MTP forwards)
+    assert cost.speculative(2, 5, context=10) == pytest.approx(5 * (104 * 10 + 4 * 100 * 6 + 10 * 8 * 4))
+    cost.rates = DeviceRates(op_seconds=0.0, flops_per_s=free, element_seconds=0.0, bytes_per_s=1.0)  # weights
+    assert cost.plain(1) == pytest.approx(4 * (576 * 2 + 800))
+    assert cost.speculative(2, 1) == pytest.approx(4 * (576 * 2 + 704 * 2 + 800 * 3))  # 2 MTP forwards, 3 heads
     tree = build_tree(2, 2, 5)  # root, 2 children, 2 grandchildren under the first
     tcost = StepCost(cfg, tree, torch.float32, "cpu", threads=1)
-    tcost.rates = DeviceRates(op_seconds=1.0, flops_per_s=1e30, bytes_per_s=1e30)
+    tcost.rates = DeviceRates(op_seconds=1.0, flops_per_s=free, element_seconds=0.0, bytes_per_s=free)
     assert tcost.speculative(2, 1) == pytest.approx(2 * ops["block"] + ops["spec_tree"] + ops["level_tree"])
     assert StepCost(cfg, chain, torch.bfloat16, "cuda").rates == DEVICE_RATES["cuda"]
-    assert StepCost(cfg, chain, torch.float32, "cpu", threads=4).rates.flops_per_s == 4 * DEVICE_RATES["cpu"].flops_per_s
+    four = StepCost(cfg, chain, torch.float32, "cpu", threads=4).rates  # CPU rates are per thread
+    assert (four.flops_per_s, four.element_seconds) == (4 * DEVICE_RATES["cpu"].flops_per_s,
+                                                        DEVICE_RATES["cpu"].element_seconds / 4)
 
 
 class _CountOps(TorchDispatchMode):
@@ -222,7 +233,7 @@ def test_op_counts_match_live_steps(draftable_model, monkeypatch, layers, topk):
         eng.generate([list(range(1, 12))], params, SpeculativeConfig(num_steps=depth, eagle_topk=topk),
                      torch.Generator().manual_seed(0))
     cost = StepCost(cfg, tree, torch.float32, "cpu", threads=1)
-    cost.rates = DeviceRates(op_seconds=1.0, flops_per_s=1e30, bytes_per_s=1e30)  # seconds = the op count
+    cost.rates = DeviceRates(op_seconds=1.0, flops_per_s=1e30, element_seconds=0.0, bytes_per_s=1e30)  # the op count
     for depth in (0, 1, 2, 3):
         live = sorted(counts[depth])[len(counts[depth]) // 2]
         assert cost.step(depth, 4) == pytest.approx(live, rel=0.2), (depth, live)
@@ -243,7 +254,8 @@ def test_depth_choices_do_not_depend_on_the_clock(draftable_model, monkeypatch):
         eng = Engine(model, max_num_seqs=12, max_seq_len=64)
         depths = []
         original = AdaptiveDepth.choose
-        monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows: depths.append(original(self, rows)) or depths[-1])
+        monkeypatch.setattr(AdaptiveDepth, "choose",
+                            lambda self, rows, context=0.0: depths.append(original(self, rows, context)) or depths[-1])
         outs = [eng.generate(prompts, params, spec, torch.Generator().manual_seed(k)) for k in range(3)]
         monkeypatch.setattr(AdaptiveDepth, "choose", original)
         return [c.token_ids for o in outs for c in o], depths
@@ -292,7 +304,7 @@ def test_catch_up_after_plain_steps_restores_mtp_state(draftable_model, monkeypa
     monkeypatch.setattr(engine_mod, "commit_mtp", lambda *a, **k: commits.append(a[4].numel()) or original_commit(*a, **k))
     model = draftable_model(num_mtp_layers=2, vocab=32, noise=1.0)
     schedule = iter([3, 0, 0, 0, 2, 0, 1, 0, 0, 0, 0, 0, 3, 3, 0, 2] * 10)
-    monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows: next(schedule))
+    monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows, context=0.0: next(schedule))
     captured = {"checks": 0}
     original_spec_step = Engine._spec_step
     original_draft = engine_mod.draft_tree
@@ -340,8 +352,8 @@ def test_adaptive_state_is_kept_across_generate_calls(draftable_model, monkeypat
     chosen = []
     original = AdaptiveDepth.choose
 
-    def record(self, rows):
-        chosen.append(original(self, rows))
+    def record(self, rows, context=0.0):
+        chosen.append(original(self, rows, context))
         return chosen[-1]
 
     monkeypatch.setattr(AdaptiveDepth, "choose", record)
@@ -358,7 +370,7 @@ def test_adaptive_plain_steps_do_no_mtp_work_and_packing_is_skipped_when_weights
     from mtprl.model.packed import PackedModel
 
     model = draftable_model(num_mtp_layers=1, vocab=32, noise=0.1)
-    monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows: 0)
+    monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows, context=0.0: 0)
     packs = []
     original_pack = PackedModel.pack
     monkeypatch.setattr(PackedModel, "pack", lambda self: packs.append(1) or original_pack(self))
@@ -386,7 +398,7 @@ def test_long_plain_runs_need_no_catch_up_and_the_plan_counts_the_history(drafta
     from mtprl.rollout.kv_cache import kv_bytes_per_slot
 
     model = draftable_model(num_mtp_layers=1, vocab=32, noise=0.1)
-    monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows: 0)
+    monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows, context=0.0: 0)
     eng = Engine(model, max_num_seqs=2, max_seq_len=160)
     spec = SpeculativeConfig(num_steps=3, adaptive=True)
     out = eng.generate_with_metrics([[1, 2, 3], [4, 5]], SamplingParams(temperature=1.0, max_new_tokens=150),
