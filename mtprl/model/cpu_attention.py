@@ -114,16 +114,20 @@ def usable(rows: int, head_dim: int, dtype: torch.dtype, device: torch.device) -
             and kernel() is not None)
 
 
-# small_mm: at most this many rows, weights of at least this many elements (1 MB in fp32: below that the weights sit in
-# cache and torch's GEMM is as fast or faster; measured on this project's CPU, docs/performance.md)
+# small_mm: 2 to this many rows, weights of at least this many elements (1 MB in fp32: below that the weights sit in
+# cache and torch's GEMM is as fast or faster), one torch thread. Measured on the 97M model (docs/performance.md):
+# at one thread a 4-row verification step 1.19-1.36x as fast as through torch's GEMM, a one-row step 0.94x; at two
+# threads torch's GEMM uses both cores and small_mm (one) is slower everywhere (0.67x one row, 0.87x four rows).
 SMALL_MM_MAX_ROWS, SMALL_MM_MIN_WEIGHT = 16, 1 << 18
 
 
 def small_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the packed path should compute x @ w with the kernel's small_mm: at most SMALL_MM_MAX_ROWS float32
-    CPU rows against a weight of SMALL_MM_MIN_WEIGHT elements or more (streamed from memory), the kernel built."""
-    return (x.shape[0] <= SMALL_MM_MAX_ROWS and w.numel() >= SMALL_MM_MIN_WEIGHT and x.dtype == torch.float32
-            and w.dtype == torch.float32 and x.device.type == "cpu" and kernel() is not None)
+    """Whether the packed path should compute x @ w with the kernel's small_mm: 2 to SMALL_MM_MAX_ROWS float32 CPU
+    rows against a weight of SMALL_MM_MIN_WEIGHT elements or more (streamed from memory), torch on one thread, the
+    kernel built."""
+    return (2 <= x.shape[0] <= SMALL_MM_MAX_ROWS and w.numel() >= SMALL_MM_MIN_WEIGHT and x.dtype == torch.float32
+            and w.dtype == torch.float32 and x.device.type == "cpu" and torch.get_num_threads() == 1
+            and kernel() is not None)
 
 
 def small_mm(x: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:

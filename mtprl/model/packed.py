@@ -22,9 +22,9 @@ small batches on a GPU, a decode step costs per op, not per flop:
     the time of the masked call at 1-64 prompts of 32 tokens); per-layer cache views built once per step (the
     flat write views kept per cache);
   * K/V written with one `index_put_` each into the flattened cache layer (flat indices computed once a step);
-  * matmuls of up to 16 rows against weights of 1 MB or more (batch-1 decode and verification steps of a model
-    that does not fit in cache) through cpu_attention.small_mm: such a step streams every weight once, and the
-    kernel reads them 1.2-1.3x as fast as torch's one-row GEMM and 2x as fast for 2-16 rows on this CPU.
+  * at one torch thread, matmuls of 2-16 rows against weights of 1 MB or more (verification steps of a model that
+    does not fit in cache) through cpu_attention.small_mm, which streams every weight once (1.19-1.36x a 4-row
+    verification of a 97M model; one row, or two threads, go through torch's GEMM, which is as fast or faster).
 Measured on the benchmark's 24-layer model (benchmarks/rollout.py, docs/rollout.md): plain decoding runs 2.94x
 as fast as on the module path at batch 1 and 2.49x at batch 16. Tried and not kept: a hand-written
 baddbmm/softmax/bmm attention over K stored slot-minor (3% faster at batch 16, 3% slower at batch 1); the
@@ -155,8 +155,8 @@ def _norm(signed: torch.Tensor, weight2: torch.Tensor | None, eps: float) -> tor
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
-    """init + x @ w; a few float32 CPU rows against a large weight (batch-1 decoding and verification) through
-    cpu_attention.small_mm, which streams the weights once (torch's GEMM reads them slowly there, docs/performance.md)."""
+    """init + x @ w; 2-16 float32 CPU rows against a large weight at one thread (a verification) through
+    cpu_attention.small_mm, which streams the weights once (cpu_attention.small_mm_usable)."""
     if x.shape[0] <= cpu_attention.SMALL_MM_MAX_ROWS and cpu_attention.small_mm_usable(x, w):
         return cpu_attention.small_mm(x, w, init)
     return torch.mm(x, w) if init is None else torch.addmm(init, x, w)

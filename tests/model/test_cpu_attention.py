@@ -161,5 +161,13 @@ def test_small_mm_matches_addmm(kernel, m, k, n):
     strided = torch.randn(k, m, generator=g).t()
     torch.testing.assert_close(cpu_attention.small_mm(strided, w), strided @ w, **tol)
     big = torch.randn(512, 512, generator=g)
-    assert cpu_attention.small_mm_usable(torch.randn(m, 512), big) and not cpu_attention.small_mm_usable(x, w[:, :1])
-    assert not cpu_attention.small_mm_usable(torch.randn(17, 512), big)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu_attention.small_mm_usable(torch.randn(2, 512), big) and not cpu_attention.small_mm_usable(x, w[:, :1])
+        assert not cpu_attention.small_mm_usable(torch.randn(17, 512), big)
+        assert not cpu_attention.small_mm_usable(torch.randn(1, 512), big)  # one row: torch's GEMM is as fast
+        torch.set_num_threads(2)
+        assert not cpu_attention.small_mm_usable(torch.randn(4, 512), big)  # two threads: torch's GEMM uses both
+    finally:
+        torch.set_num_threads(threads)

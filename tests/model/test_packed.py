@@ -84,11 +84,13 @@ def test_prefill_decode_tree_and_mtp_match_module_path(name, signed):
 @pytest.mark.parametrize("signed", [True, False])
 @torch.no_grad()
 def test_batch_1_steps_match_module_path(signed, monkeypatch):
-    """One row: the packed path's matmuls go through cpu_attention.small_mm (when the kernel is built; the tiny
-    model's weights are below its size threshold, lowered here)."""
+    """One row: prefill, a one-token step, an MTP step and a three-token verification as the module path; the
+    verification's matmuls go through cpu_attention.small_mm when the kernel is built and torch runs one thread
+    (the tiny model's weights are below its size threshold, lowered here)."""
     from mtprl.model import cpu_attention
 
     monkeypatch.setattr(cpu_attention, "SMALL_MM_MIN_WEIGHT", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # (small_mm runs at one thread only)
     model = _model("mimo_gqa_bias")
     ids = torch.randint(128, (1, 6), generator=torch.Generator().manual_seed(5))
 
