@@ -1,7 +1,6 @@
 """One rank of the FSDP2 parity test: 3 DAPO updates (MTP loss on with a recursive depth, dynamic batch size on) of a tiny
 model on fixed global batches; the full parameters are written to argv[1] by rank 0."""
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -18,11 +17,14 @@ torch.set_num_threads(1)
 
 
 def load_batch_builder():
-    """tests/trainer/test_update.py's random TrainBatch builder (this file runs as a script, not under pytest)."""
-    spec = importlib.util.spec_from_file_location("test_update", Path(__file__).parents[1] / "trainer" / "test_update.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._batch
+    """tests/trainer/updates.py's random TrainBatch builder, the one the single-process update tests use (this file
+    runs as a script, not under pytest: the repository root goes on the path for ``tests.trainer``)."""
+    root = str(Path(__file__).resolve().parents[2])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.trainer.updates import train_batch
+
+    return train_batch
 
 
 def main(out_path: str, mode: str = "fp32") -> None:
