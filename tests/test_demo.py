@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from mtprl.cli import main
 
@@ -121,6 +122,8 @@ def test_speed_stage_measures_fixed_depth_next_to_adaptive(monkeypatch):
     seen = []
 
     class Engine:
+        device = torch.device("cpu")
+
         def generate_with_metrics(self, prompts, params, speculative=None, generator=None):
             seen.append(None if speculative is None else (speculative.num_steps, speculative.adaptive))
             metrics = SimpleNamespace(num_generated_tokens=10 * len(prompts), elapsed_s=0.01, mean_accept_length=2.0,
