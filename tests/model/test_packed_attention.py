@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from mtprl.model import CausalLM, ModelConfig, cpu_attention
 from mtprl.model.kv_cache import KVCache
 from mtprl.model.packed import PackedModel
-from tests.trainer.test_fake_cuda import FakeCudaIndexing, _to_device
+from tests.trainer.test_fake_cuda import _to_device, fake_cuda  # noqa: F401 (a fixture)
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -199,17 +199,6 @@ class _HostReads(TorchFunctionMode):
         if getattr(func, "__name__", None) in self.READS:
             raise AssertionError(f"a host read in the step: {func.__name__}")
         return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture
-def fake_cuda():
-    """A fake CUDA device, as tests/trainer/test_fake_cuda.py's fixture."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    if torch.version.cuda is not None and not torch.cuda.is_available():
-        pytest.skip("a CUDA build of torch without a GPU driver cannot make fake CUDA tensors (the CPU build can)")
-    with FakeTensorMode(allow_non_fake_inputs=False), FakeCudaIndexing():
-        yield torch.device("cuda", 0)
 
 
 def _fake_model(device):

@@ -15,6 +15,7 @@ from mtprl.model import ModelConfig
 from mtprl.rollout import Engine, SamplingParams, SpeculativeConfig
 from mtprl.rollout.adaptive import DEVICE_RATES, OP_COUNTS, AdaptiveDepth, DeviceRates, StepCost
 from mtprl.rollout.tree import build_tree
+from tests.rollout.mtp_state import watch_mtp_state
 
 
 class TableCost:
@@ -305,26 +306,7 @@ def test_catch_up_after_plain_steps_restores_mtp_state(draftable_model, monkeypa
     model = draftable_model(num_mtp_layers=2, vocab=32, noise=1.0)
     schedule = iter([3, 0, 0, 0, 2, 0, 1, 0, 0, 0, 0, 0, 3, 3, 0, 2] * 10)
     monkeypatch.setattr(AdaptiveDepth, "choose", lambda self, rows, context=0.0: next(schedule))
-    captured = {"checks": 0}
-    original_spec_step = Engine._spec_step
-    original_draft = engine_mod.draft_tree
-
-    def spec_step(self, run, b, depth):
-        captured["run"] = run
-        return original_spec_step(self, run, b, depth)
-
-    def draft(model_, tree, tt, mtp, lengths, root, spec_rows, b, *args):
-        rows = captured["run"].rows
-        for i in range(b):
-            L = int(lengths[i])
-            out = model(rows.tokens[i, :L][None])
-            torch.testing.assert_close(spec_rows.q_root_logits[i], out.mtp_logits[0][0, L - 2], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(spec_rows.stored_h[i, 1], out.mtp_hidden_states[1][0, L - 3], atol=1e-4, rtol=1e-4)
-            captured["checks"] += 1
-        return original_draft(model_, tree, tt, mtp, lengths, root, spec_rows, b, *args)
-
-    monkeypatch.setattr(Engine, "_spec_step", spec_step)
-    monkeypatch.setattr(engine_mod, "draft_tree", draft)
+    checks = watch_mtp_state(monkeypatch, model, num_mtp=2)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
     params = SamplingParams(temperature=0.0, max_new_tokens=30)
     eng = Engine(model, max_num_seqs=2, max_seq_len=64, max_num_batched_tokens=batched_tokens)
@@ -333,7 +315,7 @@ def test_catch_up_after_plain_steps_restores_mtp_state(draftable_model, monkeypa
     if batched_tokens == 4:
         assert max(commits) <= 4 * 3  # catch-ups in chunks (a spec step's commit: 2 rows x at most 4 tokens)
     assert [c.token_ids for c in out.completions] == [c.token_ids for c in plain]
-    assert captured["checks"] > 10
+    assert checks["rows"] > 10
     assert 0.5 < out.metrics.mean_draft_depth < 2.5
 
 

@@ -10,6 +10,7 @@ from mtprl.rollout import Engine, SamplingParams, SpeculativeConfig
 from mtprl.rollout.sampling import processed_logprobs, temperature_logprobs
 from mtprl.rollout.speculative import SpecRows, StepCounters, commit_mtp, draft_tree, verify_and_accept
 from mtprl.rollout.tree import build_tree
+from tests.rollout.mtp_state import watch_mtp_state
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13], [14, 15, 0, 1, 2], [3, 3, 3, 3]]
 
@@ -285,29 +286,7 @@ def test_prefill_commits_each_prompt_once_and_every_sample_row_matches_the_full_
     monkeypatch.setattr(engine_mod, "commit_mtp", lambda model_, mtp, l_old, hidden, new_tokens, *a, **k:
                         commit_rows.append(tuple(new_tokens.shape)) or original_commit(model_, mtp, l_old, hidden,
                                                                                       new_tokens, *a, **k))
-    checks = {"rows": 0}
-    original_draft = engine_mod.draft_tree
-    original_spec_step = Engine._spec_step
-
-    def spec_step(self, run, b, depth):
-        checks["run"] = run
-        return original_spec_step(self, run, b, depth)
-
-    def draft(model_, tree, tt, mtp, lengths, root, spec_rows, b, *args):
-        rows = checks["run"].rows
-        for i in range(b):
-            L = int(lengths[i])
-            out = model(rows.tokens[i, :L][None])
-            torch.testing.assert_close(spec_rows.q_root_logits[i], out.mtp_logits[0][0, L - 2], atol=1e-4, rtol=1e-4)
-            for k in range(1, num_mtp + 1):
-                if L - 1 - k >= 0:
-                    torch.testing.assert_close(spec_rows.stored_h[i, k - 1], out.mtp_hidden_states[k - 1][0, L - 1 - k],
-                                               atol=1e-4, rtol=1e-4)
-            checks["rows"] += 1
-        return original_draft(model_, tree, tt, mtp, lengths, root, spec_rows, b, *args)
-
-    monkeypatch.setattr(Engine, "_spec_step", spec_step)
-    monkeypatch.setattr(engine_mod, "draft_tree", draft)
+    checks = watch_mtp_state(monkeypatch, model, num_mtp)
     eng = Engine(model, max_num_seqs=12, max_seq_len=64)
     params = SamplingParams(n=n, temperature=1.0, max_new_tokens=6)
     out = eng.generate(prompts, params, SpeculativeConfig(num_steps=2), torch.Generator().manual_seed(0))
