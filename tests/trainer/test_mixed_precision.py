@@ -10,7 +10,6 @@ whose entries partly cancel) to 2.1%, the log-probs to 0.0014 absolute. The boun
 gives, far below what a wrong cast (a bf16 log-softmax, bf16 master weights) or a missing term would give.
 """
 
-import copy
 
 import pytest
 import torch
