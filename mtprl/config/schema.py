@@ -194,7 +194,7 @@ class RolloutConfig:
     # layers) may take; the engine keeps min(max_num_seqs, what fits) rows (fewer rows: less concurrency)
     gpu_memory_utilization: float = 0.5
     cpu_kv_cache_gb: float = 8.0  # ours: the same bound on the CPU, in GiB (2**30 bytes)
-    max_num_batched_tokens: int = 8192  # padded prompt tokens per prefill forward (with enable_chunked_prefill)
+    max_num_batched_tokens: int = 8192  # tokens per prefill forward (enable_chunked_prefill) and per MTP catch-up
     max_num_seqs: int = 1024  # live sequences at once
     enable_chunked_prefill: bool = True  # prefill admitted prompts in forwards of <= max_num_batched_tokens tokens
     # old-policy log-probs; None / False here -> the actor's ppo_micro_batch_size_per_gpu / use_dynamic_bsz

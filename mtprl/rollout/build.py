@@ -109,11 +109,13 @@ def build_engine(cfg: MtprlConfig, model: torch.nn.Module, *, console: Console |
                              reserve_bytes=reserve)
 
     plan = plan_now()
-    # without chunked prefill, every admitted prompt is prefilled in one forward
-    prefill_tokens = r.max_num_batched_tokens if r.enable_chunked_prefill else plan.rows * max_seq_len
+    # without chunked prefill, every admitted prompt is prefilled in one forward (the rows bound them; a re-plan may
+    # give more rows than the first plan, up to max_num_seqs); the adaptive MTP catch-up is chunked by the key itself
+    prefill_tokens = r.max_num_batched_tokens if r.enable_chunked_prefill else r.max_num_seqs * max_seq_len
     engine = Engine(model, max_num_seqs=r.max_num_seqs, max_num_batched_tokens=prefill_tokens, max_seq_len=max_seq_len,
                     kv_cache_bytes=plan.limit_bytes, dtype=dtype,
-                    kv_budget=(lambda: plan_now().limit_bytes) if cuda else None)
+                    kv_budget=(lambda: plan_now().limit_bytes) if cuda else None,
+                    catch_up_tokens=r.max_num_batched_tokens)
     line = f"rollout: {plan.describe()} (actor_rollout_ref.rollout.max_num_seqs={r.max_num_seqs})"
     (console or Console(stderr=True)).print(line, highlight=False)
     return engine

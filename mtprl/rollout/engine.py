@@ -119,6 +119,7 @@ class Engine:
         (build_engine gives a CUDA engine the compute dtype, bf16, for an fp32 policy).
     kv_budget: called for the bound (kv_cache_bytes) whenever the caches are allocated from nothing - the first
         generate call and the first after release() - instead of the figure given at construction.
+    catch_up_tokens: row-positions per MTP catch-up commit in adaptive mode (default max_num_batched_tokens).
     packed: run the trunk and MTP steps through mtprl.model.packed.PackedModel (fused weights, fewer ops per
         layer; the same maths and cache layout), re-packed at the start of a generate call whenever a parameter
         changed (version counter or storage), so in-place weight updates are always seen. Costs one copy of the
@@ -130,7 +131,7 @@ class Engine:
                  kv_token_budget: int | None = None, max_num_batched_tokens: int = 8192,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  packed: bool = True, kv_cache_bytes: int | None = None,
-                 kv_budget: Callable[[], int] | None = None) -> None:
+                 kv_budget: Callable[[], int] | None = None, catch_up_tokens: int | None = None) -> None:
         if max_num_seqs < 1 or max_seq_len < 2 or max_num_batched_tokens < 1:
             raise ValueError(f"need max_num_seqs >= 1, max_seq_len >= 2, max_num_batched_tokens >= 1; got "
                              f"{max_num_seqs}, {max_seq_len}, {max_num_batched_tokens}")
@@ -144,6 +145,7 @@ class Engine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kv_cache_bytes = kv_cache_bytes
         self.kv_budget = kv_budget
+        self.catch_up_tokens = catch_up_tokens or max_num_batched_tokens
         self.dtype = dtype or ref.dtype
         if self.dtype != ref.dtype and not packed:
             raise ValueError(f"an engine dtype ({self.dtype}) other than the model's ({ref.dtype}) needs the packed "
@@ -488,8 +490,8 @@ class Engine:
 
     def _catch_up_mtp(self, run: _Run, b: int) -> None:
         """Adaptive mode: run the MTP commit over positions decoded by plain steps since the last sync, in chunks of
-        at most max_num_batched_tokens row-positions (a long lag over a full batch would otherwise be one call
-        over b x lag positions, with masks and activations to match)."""
+        at most catch_up_tokens row-positions (a long lag over a full batch would otherwise be one call over
+        b x lag positions, with masks and activations to match)."""
         sr, r = run.spec_rows, run.rows
         width = self._mtp_lag(run, b)
         if width == 0:
@@ -497,7 +499,7 @@ class Engine:
         l_start = sr.mtp_lengths[:b].clone()
         lag = r.lengths[:b] - l_start
         low, high = min(run.host_mtp_lengths[:b]), max(run.host_mtp_lengths[:b])
-        chunk = max(1, self.max_num_batched_tokens // b)
+        chunk = max(1, self.catch_up_tokens // b)
         rows = self._rows_index(b)[:, None]
         for first in range(0, width, chunk):
             t = min(chunk, width - first)

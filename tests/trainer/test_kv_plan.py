@@ -88,6 +88,12 @@ def test_build_engine_on_cpu_keeps_the_rows_that_fit_and_generates_everything():
     engine = build_engine(cfg, model, console=Console(file=out, width=200))
     plan = engine.cache_plan()
     assert (plan.rows, plan.slots, plan.bytes) == (3, slots, 3 * row) == (3, 26, 27360)
+    # prefill forwards bounded by the key (chunked prefill, the default); adaptive MTP catch-ups always
+    assert engine.max_num_batched_tokens == engine.catch_up_tokens == cfg.actor_rollout_ref.rollout.max_num_batched_tokens
+    off = build_engine(load_config(None, PATHS[:3] + ["data.max_prompt_length=16", "data.max_response_length=8",
+                                                       "actor_rollout_ref.rollout.enable_chunked_prefill=False"]),
+                       model, console=Console(file=io.StringIO()))
+    assert (off.max_num_batched_tokens, off.catch_up_tokens) == (1024 * 24, 8192)  # max_num_seqs x max_seq_len
     assert out.getvalue().strip() == ("rollout: KV cache: 3 rows x 26 slots = 78 tokens, 26.72 KiB of 31.17 KiB "
                                       "allowed (actor_rollout_ref.rollout.max_num_seqs=8)")
     prompts, params = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]], SamplingParams(temperature=0.0, max_new_tokens=8, n=2)
