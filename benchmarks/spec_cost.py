@@ -10,7 +10,9 @@ reused for every draft) measures it exactly; E is the trained model's (`mtprl de
 final policy). Printed per shape and row count: ms per plain step and per speculative step (medians over
 --repeats interleaved calls of --new-tokens tokens per row, each call's wall time over its decode steps,
 prefill included), r, the cap (K+1) / r that perfect acceptance would give, and E / r at --tokens-per-step.
-The first call per shape and mode is an untimed warm-up. --threads 0 keeps torch's default (the demo's).
+The first call per shape and mode is an untimed warm-up. --threads 0 keeps torch's default (the demo's). Under
+each row, the r that adaptive speculation's cost model (mtprl.rollout.adaptive.StepCost) predicts for the same
+shape, rows and mean length: how far its depth choices' premise is from this machine.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 
 from mtprl.model import CausalLM, ModelConfig
 from mtprl.rollout import Engine, SamplingParams, SpeculativeConfig
+from mtprl.rollout.adaptive import StepCost
+from mtprl.rollout.tree import build_tree
 
 
 def step_ms(engine: Engine, rows: int, new_tokens: int, spec: SpeculativeConfig | None, seed: int) -> float:
@@ -58,6 +62,8 @@ def main() -> None:
                               num_mtp_layers=1)
             engine = Engine(CausalLM(cfg).eval(), max_num_seqs=max(int(x) for x in args.rows.split(",")),
                             max_seq_len=160)
+            cost = StepCost(cfg, build_tree(args.steps, 1, args.steps + 1), torch.float32, "cpu")
+            context = 32 + args.new_tokens / 2  # the rows' mean length over a call
             for rows in (int(x) for x in args.rows.split(",")):
                 times: dict[str, list[float]] = {"plain": [], "spec": []}
                 for rep in range(-1, args.repeats):  # -1: untimed warm-up (packing, cache allocation)
@@ -69,6 +75,8 @@ def main() -> None:
                 r = specd / plain
                 print(f"{hidden:>6} {layers:>6} {rows:>5} | {plain:8.2f} {specd:8.2f} | {r:5.2f} | "
                       f"{cap_tokens / r:10.2f}x | {e / r:4.2f}x", flush=True)
+                predicted = cost.speculative(args.steps, rows, context) / cost.plain(rows, context)
+                print(f"{'':>20} StepCost predicts r = {predicted:.2f}", flush=True)
 
 
 if __name__ == "__main__":

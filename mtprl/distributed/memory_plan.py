@@ -190,8 +190,7 @@ def _native_engine(add, terms, cfg, mc, model, params, world, dtype, usable, max
     its packed copy in the compute dtype and its KV cache as it plans it at its first allocation, see
     ``mtprl.rollout.build``); returns (KV rows, the engine's terms)."""
     from mtprl.rollout.build import packed_copy_bytes
-    from mtprl.rollout.engine import cache_slots, draft_nodes
-    from mtprl.rollout.kv_cache import plan_cache
+    from mtprl.rollout.kv_cache import plan_engine_cache
     from mtprl.trainer.samples import speculative_config
 
     ar = cfg.actor_rollout_ref
@@ -209,9 +208,8 @@ def _native_engine(add, terms, cfg, mc, model, params, world, dtype, usable, max
     master, pending = (0, 0) if offload else (4 * params / world, 8 * trainable / world)
     free = usable - master - terms["reference"].bytes - copy
     limit = int(free * rollout.gpu_memory_utilization - packed - pending)
-    kv = plan_cache(mc, max_num_seqs=rollout.max_num_seqs, num_slots=cache_slots(max_seq, spec), dtype=dtype,
-                    with_mtp=spec is not None, limit_bytes=limit, limit_name="rollout.gpu_memory_utilization",
-                    with_history=spec is not None and spec.adaptive, scored=draft_nodes(spec))
+    kv = plan_engine_cache(mc, spec, max_seq, max_num_seqs=rollout.max_num_seqs, dtype=dtype, limit_bytes=limit,
+                           limit_name="rollout.gpu_memory_utilization")
     add("kv cache", kv.bytes,
         f"{kv.rows} rows x ({kv.slots:,} slots x {kv.bytes_per_slot:,} B + {kv.row_bytes:,} B) "
         f"({rollout.gpu_memory_utilization} x {free / GiB:.2f} GiB free at the first allocation, less packed and "

@@ -192,6 +192,14 @@ class _Step:
     kernel: bool  # attention through cpu_attention.decode_attention (GQA folded)
 
 
+def weights_signature(params: list[torch.Tensor]) -> tuple:
+    """Changes whenever a parameter is modified in place (its version counter: optimizer steps, load_state_dict,
+    copy_) or given new storage (`p.data = ...`), so a packed copy is rebuilt only when the weights changed (the
+    engine keeps the signature of its last pack and the model's parameter objects from construction: replace a
+    submodule -> build a new Engine)."""
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
 class PackedModel:
     """Packed weights of a CausalLM plus `forward_step` / `mtp_step` with the module path's signatures.
 

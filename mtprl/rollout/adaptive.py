@@ -31,6 +31,7 @@ sample wrong, and never makes a run irreproducible.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -258,3 +259,38 @@ class AdaptiveDepth:
         self.acc, self.reach = [float(a) for a in state["acc"]], [float(r) for r in state["reach"]]
         self.steps = int(state["steps"])
         self.probes = {int(k): [int(b), int(g), int(n)] for k, b, g, n in state["probes"]}
+
+
+class AdaptiveStates:
+    """An engine's AdaptiveDepth per draft shape and sampling setting, kept across generate calls (an RL loop
+    calls generate every step with the same settings: acceptance rates carry over, and forget old steps, so a
+    policy that changes between calls is tracked), with the state a checkpoint keeps (plain numbers)."""
+
+    def __init__(self) -> None:
+        self._states: dict[tuple, AdaptiveDepth] = {}
+        self._pending: dict[tuple, dict] = {}  # restored states of settings not used since (load_state_dict)
+
+    def get(self, key: tuple, make: Callable[[], AdaptiveDepth]) -> AdaptiveDepth:
+        """The state of setting `key` (plain values), made by `make` (and given its restored state) on first use."""
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = make()
+            pending = self._pending.pop(key, None)
+            if pending is not None:
+                state.load_state_dict(pending)
+        return state
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def values(self):
+        return self._states.values()
+
+    def state_dict(self) -> dict:
+        states = {**self._pending, **{k: a.state_dict() for k, a in self._states.items()}}
+        return {"adaptive": [[list(k), v] for k, v in states.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict()'s output, applied to each setting when it is next used."""
+        self._states.clear()
+        self._pending = {tuple(k): v for k, v in state.get("adaptive", [])}

@@ -46,8 +46,7 @@ def plan_kv_cache(model_config, rollout_cfg, max_seq_len: int, device, *, dtype:
     torch.cuda.mem_get_info after emptying the caching allocator (so memory that loading freed counts as free).
     Each row counts its K/V slots and the engine's per-row state and step temporaries (kv_cache.engine_row_bytes).
     A ConfigError naming the key when not one row of max_seq_len (+ speculative slots) fits."""
-    from mtprl.rollout.engine import cache_slots, draft_nodes
-    from mtprl.rollout.kv_cache import GiB, plan_cache
+    from mtprl.rollout.kv_cache import GiB, plan_engine_cache
 
     r, device = rollout_cfg, torch.device(device)
     if device.type == "cuda":
@@ -65,10 +64,8 @@ def plan_kv_cache(model_config, rollout_cfg, max_seq_len: int, device, *, dtype:
         limit = int(r.cpu_kv_cache_gb * GiB)
         key = f"actor_rollout_ref.rollout.cpu_kv_cache_gb={r.cpu_kv_cache_gb}"
     try:
-        return plan_cache(model_config, max_num_seqs=r.max_num_seqs, num_slots=cache_slots(max_seq_len, speculative),
-                          dtype=dtype, with_mtp=speculative is not None, limit_bytes=limit, limit_name=key,
-                          with_history=speculative is not None and speculative.adaptive,
-                          scored=draft_nodes(speculative))
+        return plan_engine_cache(model_config, speculative, max_seq_len, max_num_seqs=r.max_num_seqs, dtype=dtype,
+                                 limit_bytes=limit, limit_name=key)
     except ValueError as e:
         raise ConfigError(f"{e} (max_seq_len = data.max_prompt_length + data.max_response_length = "
                           f"{max_seq_len})") from None

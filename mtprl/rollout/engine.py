@@ -24,10 +24,10 @@ from typing import Callable
 
 import torch
 
-from mtprl.rollout.kv_cache import (DecodeRows, KVBudget, KVCachePlan, compaction_moves, move_rows, plan_cache,
-                                    rows_view)
+from mtprl.rollout.kv_cache import (DecodeRows, KVBudget, KVCachePlan, cache_slots, compaction_moves, move_rows,
+                                    plan_cache, plan_engine_cache, rows_view)
 from mtprl.rollout.sampling import processed_logprobs, sample_from_probs, temperature_logprobs
-from mtprl.rollout.adaptive import AdaptiveDepth, StepCost
+from mtprl.rollout.adaptive import AdaptiveDepth, AdaptiveStates, StepCost
 from mtprl.rollout.speculative import (SpecRows, StepCounters, commit_mtp, draft_tree,
                                        verify_and_accept)
 from mtprl.rollout.tree import build_tree
@@ -46,26 +46,6 @@ class _Seq:
     sample_index: int
     prompt: list[int]
     limit: int  # max total length (prompt + generated)
-
-
-def cache_slots(max_seq_len: int, spec: SpeculativeConfig | None) -> int:
-    """Slots per cache row: max_seq_len + 2, and when speculating the draft tree's nodes + 1 more (verification
-    writes the tree's nodes at slots past a row's length)."""
-    if spec is None:
-        return max_seq_len + 2
-    return max_seq_len + 3 + build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens).num_nodes
-
-
-def draft_nodes(spec: SpeculativeConfig | None) -> int:
-    """Positions a decode step scores per row: the draft tree's nodes when speculating, else 1."""
-    return 1 if spec is None else build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens).num_nodes
-
-
-def _weights_signature(params: list[torch.Tensor]) -> tuple:
-    """Changes whenever a parameter is modified in place (its version counter: optimizer steps, load_state_dict,
-    copy_) or given new storage (`p.data = ...`), so the packed copy is rebuilt only when the weights changed.
-    (The engine keeps the model's parameter objects from construction: replace a submodule -> build a new Engine.)"""
-    return tuple((p.data_ptr(), p._version) for p in params)
 
 
 @dataclass
@@ -157,13 +137,12 @@ class Engine:
         self._scored = 1  # positions a step scores per row, for the plan's per-row temporaries (_ensure_caches)
         self.packed = packed
         self._stepper = None  # what runs forward_step / mtp_step: the model or its PackedModel
-        self._packed_signature = None  # _weights_signature of the model when last packed
+        self._packed_signature = None  # packed.weights_signature of the model when last packed
         self._params = list(model.parameters())  # (walking the module tree costs ~1 ms a call)
         self._spec_rows = None  # (shape, SpecRows) reused across calls
         self._aranges = None  # see _rows_index
         self._trees: dict[tuple, list] = {}  # draft shape -> [(DraftTree, TreeTensors) per depth]
-        self._adaptive: dict[tuple, AdaptiveDepth] = {}  # adaptive speculation state per setting (_adaptive_state)
-        self._adaptive_pending: dict[tuple, dict] = {}  # restored states of settings not used since (load_state_dict)
+        self._adaptive = AdaptiveStates()  # adaptive speculation state per setting (_adaptive_state)
 
     # ----- public API -----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, speculative: SpeculativeConfig | None = None,
@@ -189,8 +168,8 @@ class Engine:
 
     def cache_plan(self, speculative: SpeculativeConfig | None = None) -> KVCachePlan:
         """The cache a generate call with this speculative setting allocates (computed, nothing allocated)."""
-        return self._plan(cache_slots(self.max_seq_len, speculative), speculative is not None,
-                          speculative is not None and speculative.adaptive, draft_nodes(speculative))
+        return plan_engine_cache(self.model.config, speculative, self.max_seq_len, max_num_seqs=self.max_num_seqs,
+                                 dtype=self.dtype, limit_bytes=self.kv_cache_bytes)
 
     def release(self) -> None:
         """Free the KV caches and the packed weight copy (``rollout.free_cache_engine`` during the update); the
@@ -215,9 +194,9 @@ class Engine:
                           scored=scored)
 
     def _packed_model(self):
-        from mtprl.model.packed import PackedModel
+        from mtprl.model.packed import PackedModel, weights_signature
 
-        signature = _weights_signature(self._params)
+        signature = weights_signature(self._params)
         if self._stepper is None or self._stepper is self.model:
             stepper = PackedModel(self.model, dtype=self.dtype)
         else:
@@ -248,7 +227,8 @@ class Engine:
             raise ValueError("speculative decoding needs MTP layers; this model has num_mtp_layers=0")
         tree = None if spec is None else build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
         self._ensure_caches(cache_slots(self.max_seq_len, spec), with_mtp=spec is not None,
-                            with_history=spec is not None and spec.adaptive, scored=draft_nodes(spec))
+                            with_history=spec is not None and spec.adaptive,
+                            scored=1 if tree is None else tree.num_nodes)
         num_rows, num_slots = self._trunk_cache.num_rows, self._trunk_cache.max_seq_len
         rows = DecodeRows.empty(num_rows, num_slots, self.device)
         spec_rows = None
@@ -279,30 +259,21 @@ class Engine:
         return run
 
     def _adaptive_state(self, spec: SpeculativeConfig, params: SamplingParams, tree) -> AdaptiveDepth:
-        """The AdaptiveDepth for this draft shape and sampling setting, kept across generate calls: acceptance
-        rates carry over (an RL loop calls generate every step with the same settings) and forget old steps, so a
-        policy that changes between calls is tracked. Its costs are predicted from the model's shapes
-        (adaptive.StepCost), so its choices never depend on timings."""
-        key = _adaptive_key(spec, params)
-        state = self._adaptive.get(key)
-        if state is None:
-            cost = StepCost(self.model.config, tree, self.dtype, self.device)
-            state = self._adaptive[key] = AdaptiveDepth(tree.max_depth, cost)
-            pending = self._adaptive_pending.pop(key, None)
-            if pending is not None:
-                state.load_state_dict(pending)
-        return state
+        """The AdaptiveDepth for this draft shape and sampling setting (adaptive.AdaptiveStates), its costs
+        predicted from the model's shapes (adaptive.StepCost), so its choices never depend on timings."""
+        key = (spec.num_steps, spec.eagle_topk, spec.num_draft_tokens, spec.draft_temperature, params.greedy,
+               params.temperature, params.top_k, params.top_p)
+        return self._adaptive.get(key, lambda: AdaptiveDepth(tree.max_depth, StepCost(self.model.config, tree,
+                                                                                      self.dtype, self.device)))
 
     def state_dict(self) -> dict:
         """What a resumed run needs for its rollouts to continue the uninterrupted run's: the adaptive
         speculation state of every setting used (acceptance counts, step counts; plain numbers)."""
-        states = {**self._adaptive_pending, **{k: a.state_dict() for k, a in self._adaptive.items()}}
-        return {"adaptive": [[list(k), v] for k, v in states.items()]}
+        return self._adaptive.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s output (applied when each setting is next used)."""
-        self._adaptive.clear()
-        self._adaptive_pending = {tuple(k): v for k, v in state.get("adaptive", [])}
+        self._adaptive.load_state_dict(state)
 
     def _ensure_caches(self, num_slots: int, with_mtp: bool, with_history: bool = False, scored: int = 1) -> None:
         """Allocate (once, or re-allocate for more slots or the MTP layers' share of the bound) the trunk cache
@@ -403,9 +374,8 @@ class Engine:
         r.limits[sl] = torch.tensor([s.limit for s in seqs], device=dev)
         r.seq_ids[sl] = torch.tensor(taken, device=dev)
         run.done[sl] = self._is_stop(tokens, run) | (prompt_lens + 1 >= r.limits[sl])
-        run.host_lengths[b0:] = [len(s.prompt) + 1 for s in seqs]
+        run.host_lengths[b0:] = run.host_mtp_lengths[b0:] = [len(s.prompt) + 1 for s in seqs]
         run.host_seq_ids[b0:] = taken
-        run.host_mtp_lengths[b0:] = [len(s.prompt) + 1 for s in seqs]
         if run.spec_rows is not None:  # MTP prefill = a commit of the prompt from committed length 1
             sr = run.spec_rows
             sr.stored_h[sl] = 0
@@ -620,12 +590,6 @@ class Engine:
             accept_rate_per_depth=rates,
             mean_draft_depth=run.depth_sum / steps, num_row_steps=run.row_steps,
             num_drafts_reached=reached, num_drafts_accepted=accepted)
-
-
-def _adaptive_key(spec: SpeculativeConfig, params: SamplingParams) -> tuple:
-    """The settings one AdaptiveDepth serves (plain values: the key is saved in checkpoints)."""
-    return (spec.num_steps, spec.eagle_topk, spec.num_draft_tokens, spec.draft_temperature, params.greedy,
-            params.temperature, params.top_k, params.top_p)
 
 
 class _RowsView:

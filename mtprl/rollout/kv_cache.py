@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from mtprl.model import KVCache, ModelConfig
+from mtprl.rollout.tree import build_tree
+from mtprl.rollout.types import SpeculativeConfig
 
 GiB = 2 ** 30
 
@@ -204,4 +206,27 @@ def plan_cache(config: ModelConfig, *, max_num_seqs: int, num_slots: int, dtype:
                 f"{limit_name}: one KV cache row of {num_slots} slots "
                 f"({(num_slots * per_slot + row_bytes) / GiB:.3f} GiB) does not fit the {limit_bytes / GiB:.3f} GiB "
                 "allowed; allow more memory or lower max_seq_len")
-    return KVCachePlan(rows=rows, slots=num_slots, bytes_per_slot=per_slot, limit_bytes=limit_bytes, row_bytes=row_bytes)
+    return KVCachePlan(rows=rows, slots=num_slots, bytes_per_slot=per_slot, limit_bytes=limit_bytes,
+                       row_bytes=row_bytes)
+
+
+def cache_slots(max_seq_len: int, spec: SpeculativeConfig | None) -> int:
+    """Slots per cache row: max_seq_len + 2, and when speculating the draft tree's nodes + 1 more (verification
+    writes the tree's nodes at slots past a row's length)."""
+    if spec is None:
+        return max_seq_len + 2
+    return max_seq_len + 3 + build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens).num_nodes
+
+
+def draft_nodes(spec: SpeculativeConfig | None) -> int:
+    """Positions a decode step scores per row: the draft tree's nodes when speculating, else 1."""
+    return 1 if spec is None else build_tree(spec.num_steps, spec.eagle_topk, spec.num_draft_tokens).num_nodes
+
+
+def plan_engine_cache(config: ModelConfig, spec: SpeculativeConfig | None, max_seq_len: int, *, max_num_seqs: int,
+                      dtype: torch.dtype, limit_bytes: int | None, limit_name: str = "kv_cache_bytes") -> KVCachePlan:
+    """plan_cache for an engine generating with `spec` (None: plain decoding): its slots (cache_slots), the MTP
+    layers' cache and adaptive speculation's history when speculating, and the rows' scored positions."""
+    return plan_cache(config, max_num_seqs=max_num_seqs, num_slots=cache_slots(max_seq_len, spec), dtype=dtype,
+                      with_mtp=spec is not None, limit_bytes=limit_bytes, limit_name=limit_name,
+                      with_history=spec is not None and spec.adaptive, scored=draft_nodes(spec))

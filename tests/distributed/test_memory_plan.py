@@ -23,7 +23,7 @@ VLLM = ["actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.model.mtp.spec
 P = 7_833_409_536  # docs/distributed.md section 1: 36 blocks of 177,223,680 + embedding, head, norm + MTP layer
 ROOT_UNIT, MTP_LAYER = 1_242_566_656, 210_790_400
 KV_PER_SLOT = 2 * 37 * 8 * 128 * 2  # K and V x (36 + 1 MTP) layers x 8 kv heads x 128 x bf16
-SLOTS = 2048 + 8192 + 3 + 4  # max_seq_len + 3 + the tree's 4 draft nodes (rollout.engine.cache_slots)
+SLOTS = 2048 + 8192 + 3 + 4  # max_seq_len + 3 + the tree's 4 draft nodes (rollout.kv_cache.cache_slots)
 # a row beside its slots: token ids and logprobs (16 B a slot), the draft logits and MTP hidden state in bf16, and
 # the step's temporaries for 4 scored nodes (bf16 logits + three fp32 rows each): rollout.kv_cache.engine_row_bytes
 ROW = 16 * SLOTS + (151680 + 4096) * 2 + 4 * 151680 * (2 + 12)

@@ -13,6 +13,7 @@ from mtprl.model import CausalLM, ModelConfig, tiny_config
 from mtprl.rollout import Engine, SamplingParams
 from mtprl.rollout.build import build_engine, plan_kv_cache
 from mtprl.trainer.samples import speculative_config
+from tests.trainer.test_fake_cuda import fake_cuda  # noqa: F401 (a fixture)
 
 GiB = 2 ** 30
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -103,28 +104,23 @@ def test_build_engine_on_cpu_keeps_the_rows_that_fit_and_generates_everything():
     assert len(got.completions) == 8 and got.metrics.num_decode_steps > want.metrics.num_decode_steps
 
 
-def test_build_engine_on_cuda_decodes_in_the_compute_dtype_and_plans_again_at_each_allocation(monkeypatch):
+def test_build_engine_on_cuda_decodes_in_the_compute_dtype_and_plans_again_at_each_allocation(monkeypatch, fake_cuda):
     """On a (fake) CUDA device, MiMo-7B shapes with fp32 weights: the engine computes in bf16 (model.dtype), and
     its cache bound is free memory (measured after emptying the caching allocator) x gpu_memory_utilization, less
     its bf16 packed copy and the optimizer moments not yet allocated - measured again at every allocation from
     nothing (after free_cache_engine released the cache, what the update left free counts)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from mtprl.rollout.build import packed_copy_bytes
     from tests.trainer.test_fake_cuda import _to_device
 
-    if torch.version.cuda is not None and not torch.cuda.is_available():
-        pytest.skip("a CUDA build of torch without a GPU driver cannot make fake CUDA tensors (the CPU build can)")
     calls, free = [], [60 * GiB]
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (calls.append("info") or free[0], 80 * GiB))
     cfg = load_config("dapo_mimo_7b", PATHS + ["actor_rollout_ref.rollout.max_num_seqs=1024"])
     pending = [8 * GiB]  # AdamW's moments (8 B a parameter) of a 1e9-parameter shard, before the first step
-    with FakeTensorMode(allow_non_fake_inputs=False):
-        with torch.device("meta"):
-            model = CausalLM(MIMO_7B)
-        model = _to_device(model, "cuda")
-        engine = build_engine(cfg, model, console=Console(file=io.StringIO()), pending_bytes=lambda: pending[0])
+    with torch.device("meta"):
+        model = CausalLM(MIMO_7B)
+    model = _to_device(model, fake_cuda)
+    engine = build_engine(cfg, model, console=Console(file=io.StringIO()), pending_bytes=lambda: pending[0])
     assert engine.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
     assert calls == ["empty", "info"]  # emptied before measuring
     packed = packed_copy_bytes(MIMO_7B, torch.bfloat16)
